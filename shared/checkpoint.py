@@ -1,0 +1,158 @@
+"""Checkpoints: safetensors weights + optimizer state + a manifest of hashes, written atomically.
+
+Layout of one checkpoint (a folder `checkpoints/step_XXXXXXXX/` inside a run directory):
+    model.safetensors   raw weights            ema.safetensors   EMA weights (when EMA is on)
+    optimizer.pt        optimizer state dict, loaded with `weights_only=True` (no code runs)
+    trainer.json        step and trainer bookkeeping
+    manifest.json       sha256 and size of every file above, checked before anything is loaded
+The folder is written under a temporary name and renamed into place; `checkpoints/latest`
+(also replaced atomically) names the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that readers see either the old or the new content, never a torn one."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write bytes through a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of a model's tensors (shared storage is split for safetensors)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, trainer_state: dict[str, Any] | None = None,
+                    keep: int = 2) -> Path:
+    """Write `ckpt_root/step_<step>/` atomically, point `latest` at it and prune old checkpoints."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if ema is not None:
+            save_file(state_dict_for_saving(ema), str(tmp / "ema.safetensors"), metadata={"step": str(step)})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint folder named by `latest`, or None when the run has none yet."""
+    root = Path(ckpt_root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist: the run directory is incomplete")
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; return the manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not a flowdistill checkpoint") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err}); the checkpoint is corrupt") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is truncated or corrupt ({size} bytes, manifest says {info['bytes']})")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 differs from the manifest)")
+    return manifest
+
+
+def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> None:
+    """Load safetensors weights into `model`, with a clear error for a bad file or a shape mismatch."""
+    path = Path(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read weights {path}: {err} (file corrupt or truncated?)") from None
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights {path} do not fit the model built from the run's config: {err}") from None
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify then load a checkpoint into the given objects; returns the trainer state (with `step`)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    load_weights(path / "model.safetensors", model)
+    if ema is not None:
+        load_weights(path / ("ema.safetensors" if (path / "ema.safetensors").is_file() else "model.safetensors"), ema)
+    if optimizer is not None:
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+    return json.loads((path / "trainer.json").read_text())

@@ -1,0 +1,228 @@
+"""Dataclass configs, YAML recipes and dotted `key=value` overrides: the project's one config system.
+
+A recipe is a YAML mapping whose top-level keys are the fields of `RunConfig`. The `model` and
+`method` sections are polymorphic: their `name` picks a dataclass from the model / method registry
+(`shared.registry`), and every other key must be a field of that dataclass. Unknown keys are
+rejected with the valid choices listed, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+@dataclass
+class DataConfig:
+    """Which data set to train and evaluate on (see `shared.data.DATASETS`)."""
+
+    name: str = "8gaussians"  # data set name; `flowdistill data --list` style errors list the choices
+    path: str = ""  # file or folder for `cifar10` (root), `imagefolder`, `tabular`
+    download: bool = False  # allow torchvision to download CIFAR-10 into `path`
+    n_train: int = 20000  # samples generated for 2D toy sets
+    n_test: int = 5000  # held-out samples generated for 2D toy sets
+    test_fraction: float = 0.2  # share of a finite data set kept as the test split
+    image_size: int = 0  # resize ImageFolder images to this side (0: keep, all must agree)
+    seed: int = 0  # seed of the toy generator and of the train/test split
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method (one trainer for all)."""
+
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 256  # per-process batch size
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100  # linear warmup steps before the cosine decay
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of `lr`
+    grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
+    ema_decay: float = 0.999  # EMA of weights used for evaluation (0 disables EMA)
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (passed to Accelerate)
+    log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
+    ckpt_every: int = 500  # steps between checkpoints (a final one is always written)
+    keep_checkpoints: int = 2  # how many checkpoints to keep on disk
+    progress: bool = True  # tqdm bar on the main process
+    sample_grid: bool = True  # write a sample grid / scatter at the end of training
+
+
+@dataclass
+class EvalConfig:
+    """Defaults for `sample`, `eval` and `nll` on a run (each can be overridden on the CLI)."""
+
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # step counts compared by `eval`
+    solver: str = "euler"  # fixed-step solver: euler or heun
+    grid: str = "linear"  # time grid: linear or quadratic (t^2, dense near the data)
+    n_samples: int = 2000  # samples drawn per row of the `eval` table
+    nll_samples: int = 500  # test points scored by `nll`
+    divergence: str = "auto"  # exact, hutchinson, or auto (exact up to 64 dims)
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to re-create a run; saved as `config.yaml` in the run directory."""
+
+    name: str = "run"  # run name; the run directory is `<out_dir>/<name>`
+    out_dir: str = "runs"  # parent folder of run directories
+    seed: int = 0  # seed of model init, batches, noise and times
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None  # a model config dataclass chosen by `model.name`
+    method: Any = None  # a method (loss) config dataclass chosen by `method.name`
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-serialisable form of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation and convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, str):
+        if isinstance(value, annotation) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the valid ones listed."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys here: {', '.join(names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, annotation = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{f.name}: expected a mapping, got {value!r}")
+            kwargs[f.name] = from_dict(annotation, value, f"{where}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, annotation, where + f.name)
+    return cls(**kwargs)
+
+
+def _build_choice(section: str, data: dict[str, Any] | None, choices: dict[str, type]) -> Any:
+    """Build a polymorphic section (`model`, `method`) whose `name` selects a dataclass."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError(f"{section}: a `name` is required; choices: {', '.join(sorted(choices))}")
+    name = data["name"]
+    if name not in choices:
+        raise ConfigError(f"{section}.name: unknown {section} {name!r}; choices: {', '.join(sorted(choices))}")
+    return from_dict(choices[name], data, f"{section}.")
+
+
+def build_run_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a full recipe mapping into a `RunConfig`."""
+    from shared import registry
+
+    data = dict(data)
+    model = _build_choice("model", data.pop("model", None), registry.model_configs())
+    method = _build_choice("method", data.pop("method", None), registry.method_configs())
+    cfg = from_dict(RunConfig, data)
+    cfg.model, cfg.method = model, method
+    return cfg
+
+
+# ---------------------------------------------------------------- recipes and overrides
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse `a.b=value` strings; values are read as YAML scalars/lists (`steps=[1,2]`, `lr=1e-3`)."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=2000)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        parsed.append((key.split("."), yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of a recipe mapping with dotted overrides set (validation happens on build)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for keys, value in parse_overrides(overrides):
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(keys)}: {k!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found (expected a YAML file such as recipes/toy2d/fm_independent.yaml)")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping, got {type(data).__name__}")
+    data.setdefault("name", f"{path.parent.name}-{path.stem}")
+    return build_run_config(apply_overrides(data, overrides or []))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (what `config.yaml` in a run directory holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

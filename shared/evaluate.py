@@ -1,0 +1,109 @@
+"""Evaluation of any run: batched sampling with timing, quality vs steps, reference NLL on a split."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from shared.checkpoint import atomic_write_text
+from shared.data import bits_per_dim, dequantize
+from shared.likelihood import choose_divergence
+from shared.metrics import FeatureExtractor, feature_extractor, sample_quality
+from shared.run import Run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Samples:
+    """Generated samples with the NFE per sample and the wall time spent producing them."""
+
+    x: Tensor
+    nfe: int
+    seconds: float
+
+
+@torch.no_grad()
+def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0, batch_size: int = 500) -> Samples:
+    """Draw `n` samples from a run's model in batches; noise is seeded so every setting sees the same noise."""
+    device = next(run.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, nfe, seconds = [], 0, 0.0
+    for start in range(0, n, batch_size):
+        noise = run.method.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
+        _sync(device)
+        t0 = time.perf_counter()
+        result = run.method.sample(run.model, noise, steps=steps, solver=solver, grid=grid)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        out.append(result.samples.float().cpu())
+        nfe = result.nfe
+    return Samples(torch.cat(out), nfe, seconds)
+
+
+def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n: int, seed: int = 0,
+                     extractor: FeatureExtractor | None = None) -> list[dict[str, Any]]:
+    """One row per step count: metric (W2 or Fréchet distance), extractor, NFE, wall time, samples/s."""
+    if run.dataset.kind == "image" and extractor is None:
+        extractor = feature_extractor(run.dataset, device=str(next(run.model.parameters()).device))
+    rows = []
+    for steps in tqdm(steps_list, desc="eval", leave=False, disable=None):
+        s = generate(run, n, steps, solver, grid, seed)
+        q = sample_quality(s.x, run.dataset, extractor)
+        rows.append({"steps": steps, "solver": solver, "grid": grid, "nfe": s.nfe, **q,
+                     "seconds": s.seconds, "samples_per_s": n / max(s.seconds, 1e-9), "n": n})
+    return rows
+
+
+@torch.no_grad()
+def reference_nll(run: Run, split: str = "test", n: int = 500, divergence: str = "auto", seed: int = 0,
+                  batch_size: int = 250) -> dict[str, Any]:
+    """Mean NLL (nats per sample, and bits/dim for images) of `n` points of a split under the run's model."""
+    data = {"test": run.dataset.test, "train": run.dataset.train}.get(split)
+    if data is None:
+        raise ValueError(f"unknown split {split!r}; choices: train, test")
+    device = next(run.model.parameters()).device
+    x = data[:n].to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if run.dataset.levels is not None:
+        x = dequantize(x, run.dataset.levels, gen)
+    div = choose_divergence(divergence, run.dataset.dim)
+    nll, nfe, t0 = [], [], time.perf_counter()
+    for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
+        res = run.method.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
+        nll.append(-res.logp.double().cpu())
+        nfe.append(res.nfe)
+    _sync(device)
+    nll_t = torch.cat(nll)
+    out = {"split": split, "n": len(nll_t), "divergence": div, "nll_nats": nll_t.mean().item(),
+           "nll_nats_stderr": (nll_t.std() / math.sqrt(len(nll_t))).item() if len(nll_t) > 1 else 0.0,
+           "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
+    if run.dataset.levels is not None:
+        out["bits_per_dim"] = bits_per_dim(nll_t, run.dataset.dim, run.dataset.levels).mean().item()
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of the given columns (floats to 4 significant digits)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return Path(path)

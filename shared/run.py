@@ -1,0 +1,115 @@
+"""The run directory: one format for every model, rebuilt from the config saved next to its weights.
+
+    <out_dir>/<name>/
+        config.yaml          resolved config, written before the first step
+        metrics.jsonl        one line per log interval
+        checkpoints/         see shared.checkpoint (latest -> step_XXXXXXXX/)
+        samples/, eval.json, nll.json   outputs of `flowdistill sample / eval / nll`
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from shared import registry
+from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
+from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, load_recipe, to_dict
+from shared.data import Dataset, load_dataset
+from shared.method import Method
+from shared.trainer import CHECKPOINTS
+
+CONFIG = "config.yaml"
+RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
+
+
+@dataclass
+class Run:
+    """A trained (or training) run: its directory, config, data, model and method."""
+
+    dir: Path
+    config: RunConfig
+    dataset: Dataset
+    model: nn.Module
+    method: Method
+    step: int
+
+
+def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
+    """Instantiate the model named by `cfg.model.name` for the data's per-sample shape (seeded)."""
+    registry.load_plugins()
+    torch.manual_seed(cfg.seed)
+    return registry.MODELS[cfg.model.name].build(cfg.model, dataset.shape)
+
+
+def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
+    """Instantiate the loss object named by `cfg.method.name`."""
+    registry.load_plugins()
+    return registry.METHODS[cfg.method.name].build(cfg.method, cfg, dataset)
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    """Where a config's run lives."""
+    return Path(cfg.out_dir) / cfg.name
+
+
+def resolve_config(source: str | Path, overrides: list[str]) -> RunConfig:
+    """A config from a recipe file or from an existing run directory's `config.yaml`."""
+    source = Path(source)
+    return load_recipe(source / CONFIG if source.is_dir() else source, overrides)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Path:
+    """Create the run directory and write `config.yaml`; refuse to mix two different runs in one folder."""
+    run_dir = run_dir_of(cfg)
+    saved_path = run_dir / CONFIG
+    if saved_path.is_file() and not overwrite:
+        if not resume:
+            raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                              f"--overwrite to start over, or name=<new name> for a new run")
+        saved = _flatten(yaml.safe_load(saved_path.read_text()))
+        new = _flatten(to_dict(cfg))
+        changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
+                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)")
+    elif overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved_path, dump_yaml(cfg))
+    return run_dir
+
+
+def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model from its saved config and load its latest checkpoint (`ema` or `model` weights)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG}); pass the folder `flowdistill train` created")
+    cfg = build_run_config(yaml.safe_load((run_dir / CONFIG).read_text()))
+    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
+    if ckpt is None:
+        raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
+    manifest = verify_checkpoint(ckpt)
+    dataset = load_dataset(cfg.data)
+    model = build_model(cfg, dataset)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    name = "ema.safetensors" if weights == "ema" and (ckpt / "ema.safetensors").is_file() else "model.safetensors"
+    load_weights(ckpt / name, model)
+    model.to(device).eval()
+    return Run(run_dir, cfg, dataset, model, build_method(cfg, dataset), manifest["step"])

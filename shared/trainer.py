@@ -1,0 +1,259 @@
+"""The one training loop of flowdistill, built on Accelerate; every method plugs in as a loss object.
+
+Reproducibility by construction: the batch of step k and every random number the loss draws come
+from generators seeded by (seed, step, process), so a resumed run repeats the uninterrupted run's
+losses exactly without any saved RNG state. Host syncs happen only every `log_every` steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from shared.config import TrainConfig
+from shared.method import Method
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a parameter) became NaN/inf; the last good checkpoint is kept."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `cfg.lr`, then cosine decay to `cfg.min_lr_ratio * cfg.lr` at `cfg.steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """A distinct 63-bit seed for each (run seed, step, process, stream)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
+
+    @staticmethod
+    def _floats(model: nn.Module) -> list[Tensor]:
+        return [p for p in model.state_dict().values() if p.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Move the averaged weights towards the current ones (decay ramps up early in training)."""
+        if self._pairs is None:
+            self._pairs = (self._floats(self.model), self._floats(model))
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1 - decay)
+
+
+class EpochSampler:
+    """Deterministic batches from an in-memory tensor: a fresh permutation per epoch, sharded over processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+        if n < batch_size * world:
+            raise ValueError(f"train split has {n} items, fewer than one global batch "
+                             f"({batch_size} x {world} processes); lower train.batch_size")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = n // (batch_size * world)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> Tensor:
+        """Row indices of this process's batch at `step` (a pure function of step)."""
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0, stream=1))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        start = (pos * self.world + self.rank) * self.batch
+        return self._perm[start:start + self.batch]
+
+
+class Trainer:
+    """Runs `method` on `model` over `data` with AdamW, warmup+cosine LR, clipping, EMA and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, method: Method, data: tuple[Tensor, ...],
+                 run_dir: str | Path, accelerator: Accelerator | None = None):
+        self.cfg, self.seed, self.method = cfg, seed, method
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        acc = self.accelerator
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.ema is not None:
+            self.ema.model.to(acc.device)
+        self.data = tuple(d.to(acc.device) for d in data)
+        self.sampler = EpochSampler(len(self.data[0]), cfg.batch_size, seed, acc.process_index, acc.num_processes)
+        self.generator = torch.Generator(device=acc.device)
+        self.step = 0
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The model without Accelerate/DDP wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def resume(self) -> bool:
+        """Load the run's latest checkpoint if there is one; returns whether it did."""
+        path = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.raw_model, self.ema.model if self.ema else None, self.optimizer)
+        self.step = state["step"]
+        self._count = state.get("interval_count", 0)
+        self._sums = {k: torch.tensor(v, device=self.accelerator.device) for k, v in state.get("interval_sums", {}).items()}
+        self._truncate_metrics(self.step)
+        return True
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (main process writes; all processes wait)."""
+        acc = self.accelerator
+        finite = torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all()
+        if not bool(acc.reduce(finite.float(), reduction="mean") == 1):
+            raise TrainingDiverged(f"parameters became non-finite by step {self.step}; not saving over "
+                                   f"the last good checkpoint {latest_checkpoint(self.run_dir / CHECKPOINTS)}")
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            sums = {k: v.item() for k, v in self._sums.items()}
+            path = save_checkpoint(self.run_dir / CHECKPOINTS, self.step, self.raw_model,
+                                   self.ema.model if self.ema else None, self.optimizer,
+                                   {"interval_count": self._count, "interval_sums": sums},
+                                   keep=self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after `step` (they belong to work that a resume repeats)."""
+        path = self.run_dir / METRICS
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+    # ------------------------------------------------------------------ loop
+
+    def _train_step(self) -> None:
+        """One optimizer step; accumulates diagnostics on the device without syncing."""
+        acc, cfg = self.accelerator, self.cfg
+        idx = self.sampler.indices(self.step).to(acc.device, non_blocking=True)
+        batch = tuple(d[idx] for d in self.data)
+        self.generator.manual_seed(step_seed(self.seed, self.step, acc.process_index))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        with acc.autocast():
+            loss, logs = self.method(self.model, batch, self.generator)
+        acc.backward(loss)
+        logs = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in logs.items()}}
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).detach().float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model, self.step)
+        for k, v in logs.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._count += 1
+        self.step += 1
+
+    def _flush_logs(self, t_start: float, step_start: int) -> dict[str, Any]:
+        """Average the interval's diagnostics over steps and processes, check them, append to the JSONL log."""
+        acc = self.accelerator
+        keys = sorted(self._sums)
+        stacked = acc.reduce(torch.stack([self._sums[k] for k in keys]), reduction="mean")
+        values = (stacked / max(self._count, 1)).tolist()
+        record = {"step": self.step, **dict(zip(keys, values)), "lr": lr_at(self.step - 1, self.cfg)}
+        elapsed = time.perf_counter() - t_start
+        record["samples_per_s"] = (self.step - step_start) * self.cfg.batch_size * acc.num_processes / max(elapsed, 1e-9)
+        self._sums, self._count = {}, 0
+        if not all(math.isfinite(v) for v in values):
+            last = latest_checkpoint(self.run_dir / CHECKPOINTS)
+            raise TrainingDiverged(
+                f"non-finite training diagnostics at step {self.step} ({dict(zip(keys, values))}); "
+                f"stopped without saving. Last good checkpoint: {last or 'none yet'}. "
+                "Try a lower train.lr, train.grad_clip>0, or train.mixed_precision=no.")
+        if acc.is_main_process:
+            with open(self.run_dir / METRICS, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        return record
+
+    def fit(self) -> dict[str, Any]:
+        """Train until `cfg.steps`, logging and checkpointing; Ctrl-C saves a checkpoint to resume from."""
+        acc, cfg = self.accelerator, self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process),
+                   dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        record: dict[str, Any] = {}
+        t_start, step_start = time.perf_counter(), self.step
+        with _deferred_interrupt() as interrupted:
+            while self.step < cfg.steps:
+                self._train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = self._flush_logs(t_start, step_start)
+                    t_start, step_start = time.perf_counter(), self.step
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                if interrupted():
+                    bar.close()
+                    self.save()
+                    acc.print(f"interrupted at step {self.step}; checkpoint saved, continue with --resume")
+                    raise KeyboardInterrupt
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+        bar.close()
+        self.save()
+        return record
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps (a second one stops at once)."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(hit)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
