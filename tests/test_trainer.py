@@ -1,0 +1,136 @@
+"""Trainer: LR schedule, deterministic batches, exact resume after an interruption, NaN handling, EMA."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
+from shared.backbones import MLPConfig, build_mlp
+from shared.checkpoint import latest_checkpoint, load_checkpoint
+from shared.config import TrainConfig
+from shared.trainer import EMA, EpochSampler, Trainer, TrainingDiverged, lr_at
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, log_every=5, ckpt_every=1000, progress=False,
+                ema_decay=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _data() -> tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(256, 2, generator=g) * 0.5 + 1.0,)
+
+
+def _trainer(run_dir, method=None, **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = build_mlp(MLPConfig(hidden=32, depth=2, time_dim=16), (2,))
+    method = method or FlowMatchingLoss(FlowMatchingConfig())
+    return Trainer(_cfg(**kw), 0, model, method, _data(), run_dir, Accelerator(cpu=True))
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = _cfg(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_epoch_sampler_is_a_sharded_permutation_and_a_function_of_step():
+    world = 2
+    samplers = [EpochSampler(100, 10, seed=3, rank=r, world=world) for r in range(world)]
+    epoch = torch.cat([s.indices(step) for step in range(5) for s in samplers])
+    assert len(set(epoch.tolist())) == 100
+    again = EpochSampler(100, 10, seed=3, rank=1, world=world)
+    assert torch.equal(again.indices(7), samplers[1].indices(7))
+    assert not torch.equal(samplers[0].indices(5), samplers[0].indices(0))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochSampler(15, 10, seed=0, rank=0, world=2)
+
+
+class _InterruptAt:
+    """Wraps a method and sends SIGINT to this process during one chosen step."""
+
+    def __init__(self, inner, at_call: int):
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __call__(self, model, batch, generator):
+        self.calls += 1
+        if self.calls == self.at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(model, batch, generator)
+
+
+def test_interrupted_then_resumed_run_repeats_uninterrupted_losses(tmp_path):
+    full = _trainer(tmp_path / "full")
+    full.fit()
+    part = _trainer(tmp_path / "part", method=_InterruptAt(FlowMatchingLoss(FlowMatchingConfig()), at_call=23))
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step_00000023"
+    resumed = _trainer(tmp_path / "part")
+    assert resumed.resume() and resumed.step == 23
+    resumed.fit()
+    def without_timing(run):
+        return [{k: v for k, v in m.items() if k != "samples_per_s"} for m in _metrics(run)]
+
+    assert without_timing(tmp_path / "part") == without_timing(tmp_path / "full")
+    assert len(without_timing(tmp_path / "full")) == 8
+    for p, q in zip(full.raw_model.parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q)
+
+
+class _NaNAfter:
+    """A loss that turns NaN from a given step on."""
+
+    def __init__(self, inner, start: int):
+        self.inner, self.start, self.calls = inner, start, 0
+
+    def __call__(self, model, batch, generator):
+        self.calls += 1
+        loss, logs = self.inner(model, batch, generator)
+        return (loss * float("nan") if self.calls > self.start else loss), logs
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, method=_NaNAfter(FlowMatchingLoss(FlowMatchingConfig()), 12), ckpt_every=10)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit()
+    assert "step 15" in str(err.value) and "step_00000010" in str(err.value)
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last.name == "step_00000010"
+    model = build_mlp(MLPConfig(hidden=32, depth=2, time_dim=16), (2,))
+    load_checkpoint(last, model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_lowers_the_loss_and_ema_tracks_the_model(tmp_path):
+    trainer = _trainer(tmp_path, steps=60)
+    trainer.fit()
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert losses[-1] < losses[0]
+    ema, model = trainer.ema.model, trainer.raw_model
+    diffs = [(e - p).abs().max().item() for e, p in zip(ema.parameters(), model.parameters())]
+    assert 0 < max(diffs) < 1.0
+
+
+def test_ema_update_is_a_lerp_with_ramped_decay():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        before = ema.model.weight.clone()
+        model.weight.add_(1.0)
+    ema.update(model, step=0)
+    decay = min(0.99, 1 / 10)
+    assert torch.allclose(ema.model.weight, decay * before + (1 - decay) * model.weight)
