@@ -179,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     from shared.data import DataError
     from shared.trainer import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may also follow options: `train RUN --resume train.steps=3000`
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as err:

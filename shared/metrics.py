@@ -72,7 +72,11 @@ class FeatureExtractor(Protocol):
 
 
 class ClassifierFeatures(nn.Module):
-    """Small CNN classifier for small grey images; its 128-d penultimate activations are the FD features."""
+    """Small CNN classifier for small grey images; its 128-d penultimate activations are the FD features.
+
+    The last maps are average-pooled to a 2x2 grid rather than globally: on MNIST a global pool
+    kept the net at ~88% test accuracy (receptive field too small), the 2x2 grid reaches ~96%.
+    """
 
     def __init__(self, in_channels: int, n_classes: int, name: str = "classifier"):
         super().__init__()
@@ -82,8 +86,8 @@ class ClassifierFeatures(nn.Module):
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.GELU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, 128), nn.GELU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(256, 128), nn.GELU(),
         )
         self.head = nn.Linear(128, n_classes)
 

@@ -21,7 +21,7 @@ class Entry:
 
 MODELS: dict[str, Entry] = {}
 METHODS: dict[str, Entry] = {}
-_PLUGIN_MODULES = ("shared.backbones", "nfm.losses", "f2d2")
+_PLUGIN_MODULES = ("shared.backbones", "nfm.losses", "nfm.teacher", "f2d2")
 
 
 def register_model(name: str, config_cls: type) -> Callable:

@@ -42,7 +42,7 @@ def vector_dataset(n: int = 300) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def trained():
     data = halves_dataset()
-    model, acc = metrics.train_classifier(data, steps=200)
+    model, acc = metrics.train_classifier(data, steps=100, batch_size=64)
     return data, model, acc
 
 

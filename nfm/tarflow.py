@@ -1,0 +1,309 @@
+"""TarFlow: a transformer autoregressive normalizing flow for images and vectors (Zhai et al., 2024).
+
+Data x (B, *shape) is cut into N tokens of d values: p x p patches of C channels for images
+(d = C p^2), `token_dim` consecutive coordinates for vectors. Each of T blocks reverses the token
+order on odd blocks (identity on even ones), runs K causal pre-LN transformer layers and applies
+    z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),    log|det dz/dx| = -sum_i alpha_i,
+with (alpha, mu) the transformer outputs shifted one token right. Token 0, which sees no earlier
+token, gets a learned per-block (alpha, mu). The output projection and those token-0 parameters
+start at zero, so every block starts as the identity. Encoding (data -> noise) is one parallel
+pass; decoding inverts the blocks in reverse order, one token at a time, with a key/value cache.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from shared.registry import register_model
+
+
+@dataclass
+class TarFlowConfig:
+    """Architecture, conditioning and training-noise level of a TarFlow."""
+
+    name: str = "tarflow"
+    patch: int = 2  # image patch side p: a token holds C*p*p values (images only)
+    token_dim: int = 1  # values per token for vector data of shape (D,); must divide D
+    width: int = 128  # transformer width W
+    blocks: int = 4  # flow blocks T (token order alternates identity / reversal)
+    layers: int = 2  # causal transformer layers K per block
+    head_dim: int = 64  # channels per attention head; must divide width
+    mlp_ratio: int = 4  # MLP hidden width as a multiple of width
+    dropout: float = 0.0  # dropout on attention weights and residual branches while training
+    num_classes: int = 0  # number of class labels for conditioning (0: unconditional)
+    label_dropout: float = 0.1  # training probability of replacing a label by the learned null class
+    eta: float = 0.05  # std of the Gaussian noise added to training data; 0 for dequantized likelihood runs
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far: one (B, heads, N, head_dim) buffer pair per layer."""
+
+    def __init__(self, layers: int, length: int):
+        self.length = length
+        self.keys: list[Tensor | None] = [None] * layers
+        self.values: list[Tensor | None] = [None] * layers
+
+    def append(self, layer: int, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new token's k, v (B, heads, 1, head_dim) at `pos`; return keys and values of tokens 0..pos."""
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.length, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, pos] = k[:, :, 0]
+        values[:, :, pos] = v[:, :, 0]
+        return keys[:, :, :pos + 1], values[:, :, :pos + 1]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention over tokens (B, L, W)."""
+
+    def __init__(self, width: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = width // head_dim, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def _qkv(self, h: Tensor) -> list[Tensor]:
+        return list(rearrange(self.qkv(h), "b l (n h d) -> n b h l d", n=3, h=self.heads))
+
+    def forward(self, h: Tensor) -> Tensor:
+        """All tokens in parallel: token i attends to tokens 0..i."""
+        q, k, v = self._qkv(h)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int) -> Tensor:
+        """One new token h (B, 1, W) at position `pos`, attending to the cached tokens and itself."""
+        q, k, v = self._qkv(h)
+        keys, values = cache.append(layer, pos, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class Layer(nn.Module):
+    """Pre-LN transformer layer: causal attention then a GELU MLP, each on a residual branch."""
+
+    def __init__(self, cfg: TarFlowConfig):
+        super().__init__()
+        w = cfg.width
+        self.norm1, self.norm2 = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.attn = Attention(w, cfg.head_dim, cfg.dropout)
+        self.mlp = nn.Sequential(nn.Linear(w, cfg.mlp_ratio * w), nn.GELU(), nn.Linear(cfg.mlp_ratio * w, w))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.drop(self.attn(self.norm1(h)))
+        return h + self.drop(self.mlp(self.norm2(h)))
+
+    def step(self, h: Tensor, pos: int, cache: KVCache, layer: int) -> Tensor:
+        """The same layer on one new token with cached keys and values."""
+        h = h + self.attn.step(self.norm1(h), pos, cache, layer)
+        return h + self.mlp(self.norm2(h))
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive affine block on tokens (B, N, d), permuting them first when `flip` is set."""
+
+    def __init__(self, cfg: TarFlowConfig, n_tokens: int, token_dim: int, flip: bool):
+        super().__init__()
+        self.flip, self.num_classes = flip, cfg.num_classes
+        self.inp = nn.Linear(token_dim, cfg.width)
+        self.pos = nn.Parameter(0.01 * torch.randn(n_tokens, cfg.width))
+        self.label = nn.Embedding(cfg.num_classes + 1, cfg.width) if cfg.num_classes else None
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.out = nn.Linear(cfg.width, 2 * token_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.first = nn.Parameter(torch.zeros(2 * token_dim))  # (alpha, mu) of token 0
+
+    def _permute(self, tokens: Tensor) -> Tensor:
+        return tokens.flip(1) if self.flip else tokens
+
+    def _inputs(self, x: Tensor, y: Tensor | None, guidance: float, start: int) -> Tensor:
+        """Embedded tokens x (B, L, d) from position `start`; doubled to [cond; null] under guidance."""
+        h = self.inp(x) + self.pos[start:start + x.shape[1]]
+        if self.label is None:
+            return h
+        if guidance:
+            h = torch.cat([h, h])
+            y = torch.cat([y, torch.full_like(y, self.num_classes)])
+        return h + self.label(y)[:, None]
+
+    @staticmethod
+    def _guide(out: Tensor, guidance: float) -> Tensor:
+        """(1 + w) * conditional - w * unconditional outputs (alpha and mu alike)."""
+        if not guidance:
+            return out
+        cond, uncond = out.chunk(2)
+        return (1 + guidance) * cond - guidance * uncond
+
+    def outputs(self, x: Tensor, y: Tensor | None, guidance: float = 0.0) -> Tensor:
+        """Unshifted (alpha, mu) predictions (B, L, 2d): position i predicts token i + 1 from tokens 0..i."""
+        h = self._inputs(x, y, guidance, 0)
+        for layer in self.layers:
+            h = layer(h)
+        return self._guide(self.out(self.norm(h)), guidance)
+
+    def step(self, x: Tensor, pos: int, cache: KVCache, y: Tensor | None, guidance: float) -> Tensor:
+        """`outputs` of one new token x (B, 1, d) at position `pos`, with the earlier tokens cached."""
+        h = self._inputs(x, y, guidance, pos)
+        for i, layer in enumerate(self.layers):
+            h = layer.step(h, pos, cache, i)
+        return self._guide(self.out(self.norm(h)), guidance)
+
+    def forward(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Tokens x (B, N, d) -> z (B, N, d) and log|det dz/dx| (B,) in nats per sample."""
+        x = self._permute(x)
+        out = self.outputs(x, y, guidance).to(x.dtype)
+        params = torch.cat([self.first.to(x.dtype).expand(x.shape[0], 1, -1), out[:, :-1]], 1)
+        alpha, mu = params.chunk(2, -1)
+        z = (x - mu) * torch.exp(-alpha)
+        return self._permute(z), -alpha.sum((1, 2))
+
+    def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
+        """Invert `forward` token by token: x_i = z_i * exp(alpha_i) + mu_i, N - 1 sequential passes."""
+        z = self._permute(z)
+        n = z.shape[1]
+        x = torch.empty_like(z)
+        alpha, mu = self.first.to(z.dtype).chunk(2)
+        x[:, 0] = z[:, 0] * torch.exp(alpha) + mu
+        cache = KVCache(len(self.layers), n) if use_cache else None
+        for i in range(n - 1):
+            if cache is not None:
+                out = self.step(x[:, i:i + 1], i, cache, y, guidance)[:, 0]
+            else:
+                out = self.outputs(x[:, :i + 1], y, guidance)[:, -1]
+            alpha, mu = out.to(z.dtype).chunk(2, -1)
+            x[:, i + 1] = z[:, i + 1] * torch.exp(alpha) + mu
+        return self._permute(x)
+
+
+class TarFlow(nn.Module):
+    """A stack of T autoregressive flow blocks on patch tokens (images) or coordinate tokens (vectors)."""
+
+    def __init__(self, cfg: TarFlowConfig, data_shape: tuple[int, ...]):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg, self.data_shape = cfg, tuple(int(s) for s in data_shape)
+        self.eta, self.num_classes = cfg.eta, cfg.num_classes
+        if len(self.data_shape) == 3:
+            c, h, w = self.data_shape
+            p = cfg.patch
+            if h % p or w % p:
+                raise ValueError(f"tarflow patch {p} must divide the image height {h} and width {w}")
+            self.n_tokens, self.token_dim = (h // p) * (w // p), c * p * p
+        elif len(self.data_shape) == 1:
+            (d,) = self.data_shape
+            if d % cfg.token_dim:
+                raise ValueError(f"tarflow token_dim {cfg.token_dim} must divide the vector size {d}")
+            self.n_tokens, self.token_dim = d // cfg.token_dim, cfg.token_dim
+        else:
+            raise ValueError(f"tarflow takes images (C, H, W) or vectors (D,), got data shape {self.data_shape}")
+        self.blocks = nn.ModuleList(
+            FlowBlock(cfg, self.n_tokens, self.token_dim, flip=t % 2 == 1) for t in range(cfg.blocks))
+
+    @property
+    def decode_passes(self) -> int:
+        """Sequential transformer passes of one decode: T * (N - 1)."""
+        return len(self.blocks) * (self.n_tokens - 1)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        """Data (B, *data_shape) -> tokens (B, N, d)."""
+        if len(self.data_shape) == 3:
+            return rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=self.cfg.patch, q=self.cfg.patch)
+        return x.reshape(x.shape[0], self.n_tokens, self.token_dim)
+
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, N, d) -> data (B, *data_shape)."""
+        if len(self.data_shape) == 3:
+            c, h, _ = self.data_shape
+            p = self.cfg.patch
+            return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=h // p, c=c, p=p, q=p)
+        return tokens.reshape(tokens.shape[0], *self.data_shape)
+
+    def _labels(self, y: Tensor | None, batch: int, device: torch.device, guidance: float) -> Tensor | None:
+        """Labels (B,) for a conditional model (None -> the null class); None for an unconditional one."""
+        if not self.num_classes:
+            if guidance:
+                raise ValueError("classifier-free guidance needs a class-conditional tarflow (model.num_classes > 0)")
+            return None
+        if y is None:
+            if guidance:
+                raise ValueError("classifier-free guidance needs class labels y")
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return y.to(device=device, dtype=torch.long)
+
+    def encode(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Data x (B, *shape) -> noise z (same shape) and log|det dz/dx| (B,) in nats per sample (fp32 or fp64).
+
+        y (B,) are class labels in [0, num_classes] (num_classes is the null class, also used for
+        y=None); unconditional models ignore y. `guidance` w encodes with the guided (alpha, mu).
+        """
+        y = self._labels(y, x.shape[0], x.device, guidance)
+        tokens = self.to_tokens(x if x.dtype == torch.float64 else x.float())
+        logdet = torch.zeros(x.shape[0], dtype=tokens.dtype, device=x.device)
+        for block in self.blocks:
+            tokens, ld = block(tokens, y, guidance)
+            logdet = logdet + ld
+        return self.from_tokens(tokens), logdet
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, y: Tensor | None = None, use_cache: bool = True, guidance: float = 0.0) -> Tensor:
+        """Noise z (B, *shape) -> data x: blocks in reverse order, tokens one at a time (inverse of `encode`)."""
+        y = self._labels(y, z.shape[0], z.device, guidance)
+        tokens = self.to_tokens(z if z.dtype == torch.float64 else z.float())
+        for block in reversed(self.blocks):
+            tokens = block.inverse(tokens, y, guidance, use_cache)
+        return self.from_tokens(tokens)
+
+    def forward(self, x: Tensor, *, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The training pass, `encode(x, y)`: (z, log|det dz/dx| (B,) nats per sample)."""
+        return self.encode(x, y)
+
+
+def _check_config(cfg: TarFlowConfig) -> None:
+    """Raise ValueError for sizes and rates a TarFlow cannot be built with."""
+    if min(cfg.patch, cfg.token_dim, cfg.width, cfg.blocks, cfg.layers, cfg.head_dim, cfg.mlp_ratio) < 1:
+        raise ValueError("tarflow patch, token_dim, width, blocks, layers, head_dim and mlp_ratio must be >= 1")
+    if cfg.width % cfg.head_dim:
+        raise ValueError(f"tarflow head_dim {cfg.head_dim} must divide width {cfg.width}")
+    if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"tarflow dropout {cfg.dropout} and label_dropout {cfg.label_dropout} must lie in [0, 1)")
+    if cfg.eta < 0 or cfg.num_classes < 0:
+        raise ValueError(f"tarflow eta {cfg.eta} and num_classes {cfg.num_classes} must be >= 0")
+
+
+@torch.no_grad()
+def encode_batched(flow: TarFlow, x: Tensor, y: Tensor | None = None, batch_size: int = 256,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Inference encode of any number of points in batches on the flow's device: z (fp32, on x's device), logdet (B,) nats.
+
+    `dtype=torch.bfloat16` runs the transformers under bf16 autocast; the affine maps and the
+    log-determinant stay in fp32.
+    """
+    device = next(flow.parameters()).device
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"encode dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    zs, logdets = [], []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = None if y is None else y[start:start + batch_size].to(device)
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        with ctx:
+            z, logdet = flow.encode(xb, yb)
+        zs.append(z.float().to(x.device))
+        logdets.append(logdet.float().to(x.device))
+    return torch.cat(zs), torch.cat(logdets)
+
+
+@register_model("tarflow", TarFlowConfig)
+def build_tarflow(cfg: TarFlowConfig, data_shape: tuple[int, ...]) -> TarFlow:
+    """Registry builder for `model.name: tarflow` on images (C, H, W) or vectors (D,)."""
+    return TarFlow(cfg, data_shape)

@@ -1,0 +1,122 @@
+"""End to end through the command line: train, sample, eval, nll, resume, errors, and 2-process Accelerate."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "recipes" / "toy2d" / "fm_independent.yaml")
+DIGITS = str(ROOT / "recipes" / "digits" / "fm_independent.yaml")
+# Student on two moons for the W2 check. Reference points on this data: two independent
+# 2000-point draws of the data are ~0.09 apart in W2, N(0, I) noise is ~0.66 away.
+MOONS = ["data.name=moons", "train.steps=3000", "train.batch_size=256", "train.warmup_steps=50", "train.lr=0.003",
+         "model.hidden=128", "train.log_every=100", "train.progress=false"]
+W2_BOUND_AT_32_STEPS = 0.2
+
+
+def _train(tmp_path: Path, recipe: str, *overrides: str) -> Path:
+    assert main(["train", recipe, f"out_dir={tmp_path}", "name=run", "train.progress=false", *overrides]) == 0
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("moons"), TOY, *MOONS)
+
+
+def test_toy_student_reaches_stated_w2_and_files_exist(moons_run, capsys):
+    assert (moons_run / "config.yaml").is_file() and (moons_run / "checkpoints" / "latest").is_file()
+    assert main(["eval", str(moons_run), "--steps", "1,4,32", "--n", "2000", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| steps |" in table and "w2" in table
+    rows = json.loads((moons_run / "eval.json").read_text())["rows"]
+    w2 = {r["steps"]: r["value"] for r in rows}
+    assert [r["nfe"] for r in rows] == [1, 4, 32]
+    assert w2[32] < W2_BOUND_AT_32_STEPS, w2
+    assert w2[1] > w2[32]
+    assert (moons_run / "eval.png").stat().st_size > 1000
+
+
+def test_sample_writes_png_and_npz_with_nfe(moons_run, tmp_path):
+    out = tmp_path / "s.png"
+    assert main(["sample", str(moons_run), "--steps", "3", "--solver", "heun", "--n", "50", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    saved = np.load(out.with_suffix(".npz"))
+    assert saved["samples"].shape == (50, 2) and int(saved["nfe"]) == 6
+    assert out.stat().st_size > 1000
+
+
+def test_nll_reports_finite_nats_and_writes_json(moons_run, capsys):
+    assert main(["nll", str(moons_run), "--n", "64", "--device", "cpu"]) == 0
+    res = json.loads((moons_run / "nll-test.json").read_text())
+    assert res["divergence"] == "exact" and res["n"] == 64 and np.isfinite(res["nll_nats"])
+    assert res["nfe_mean"] > 10
+    assert "nats/sample" in capsys.readouterr().out
+
+
+def test_digits_student_end_to_end_with_classifier_features(tmp_path, capsys):
+    run = _train(tmp_path, DIGITS, "train.steps=30", "train.log_every=10", "train.batch_size=64")
+    grid = run / "samples" / "steps32-euler-linear.png"
+    assert grid.is_file()
+    assert main(["eval", str(run), "--steps", "2", "--n", "200", "--device", "cpu"]) == 0
+    row = json.loads((run / "eval.json").read_text())["rows"][0]
+    assert row["metric"] == "fd" and row["extractor"] == "classifier-digits" and row["value"] > 0
+    assert main(["nll", str(run), "--n", "8", "--divergence", "hutchinson", "--device", "cpu"]) == 0
+    res = json.loads((run / "nll-test.json").read_text())
+    assert 0 < res["bits_per_dim"] < 20
+
+
+def test_resume_continues_and_extends(tmp_path, capsys):
+    run = _train(tmp_path, TOY, "train.steps=20", "train.log_every=10", "model.hidden=16")
+    assert main(["train", str(run), "--resume", "train.steps=30"]) == 0
+    assert "resumed from step 20" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", TOY, "train.stepz=3"], "valid keys"),
+    (["train", "recipes/none.yaml"], "not found"),
+    (["train", TOY, "data.name=cifar100"], "choices"),
+    (["eval", "no/such/run"], "not a run directory"),
+])
+def test_bad_input_gets_a_clear_error(argv, message, capsys, tmp_path):
+    assert main(argv + ([f"out_dir={tmp_path}"] if argv[0] == "train" else [])) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten_without_flag(tmp_path, capsys):
+    _train(tmp_path, TOY, "train.steps=5", "model.hidden=16", "train.sample_grid=false")
+    assert main(["train", TOY, f"out_dir={tmp_path}", "name=run", "train.steps=5"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", TOY, f"out_dir={tmp_path}", "name=run", "--resume", "model.hidden=32"]) == 2
+    assert "model.hidden" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "flowdistill", "eval", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "--steps" in out.stdout
+
+
+def test_two_process_accelerate_launch_trains(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "flowdistill", "train", TOY,
+           f"out_dir={tmp_path}", "name=ddp", "train.steps=20", "train.log_every=10", "train.batch_size=64",
+           "model.hidden=32", "train.progress=false", "train.sample_grid=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es)" in out.stdout
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [10, 20]
+    assert json.loads(lines[-1])["samples_per_s"] > 0
+    assert (tmp_path / "ddp" / "checkpoints" / "step_00000020" / "model.safetensors").is_file()

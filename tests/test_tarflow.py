@@ -1,0 +1,176 @@
+"""TarFlow against independent references: brute-force Jacobians, inversion, causality, normalisation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from nfm.tarflow import KVCache, TarFlow, TarFlowConfig, encode_batched
+from shared import registry
+from shared.paths import standard_normal_logprob
+
+INVERSE_ATOL = 1e-4  # max |decode(encode(x)) - x| in fp32
+CACHE_ATOL = 1e-5  # max |cached - uncached decode| in fp32
+
+CASES = [  # (data shape, config overrides): vectors of scalar and pair tokens, grey and colour patches
+    ((3,), dict(token_dim=1)),
+    ((4,), dict(token_dim=2)),
+    ((1, 4, 4), dict(patch=2)),
+    ((2, 4, 6), dict(patch=2, num_classes=3)),
+]
+
+
+def make(shape: tuple[int, ...], scale: float = 0.3, seed: int = 0, **kw) -> TarFlow:
+    """A small TarFlow in eval mode whose zero-initialised outputs are replaced by random ones (not the identity)."""
+    torch.manual_seed(seed)
+    base = dict(width=16, head_dim=8, blocks=3, layers=2, mlp_ratio=2, eta=0.0)
+    base.update(kw)
+    flow = TarFlow(TarFlowConfig(**base), shape).eval()
+    with torch.no_grad():
+        for block in flow.blocks:
+            block.out.weight.normal_(0, scale)
+            block.out.bias.normal_(0, scale)
+            block.first.normal_(0, scale)
+    return flow
+
+
+def labels_for(flow: TarFlow, n: int) -> torch.Tensor | None:
+    return torch.arange(n) % flow.num_classes if flow.num_classes else None
+
+
+def test_fresh_model_is_identity_and_registered():
+    registry.load_plugins()
+    flow = registry.MODELS["tarflow"].build(TarFlowConfig(width=32, head_dim=16), (1, 8, 8))
+    x = torch.randn(5, 1, 8, 8)
+    z, logdet = flow(x)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(5))
+    assert flow.n_tokens == 16 and flow.token_dim == 4 and flow.decode_passes == 4 * 15
+
+
+@pytest.mark.parametrize("shape,kw", CASES)
+def test_logdet_matches_bruteforce_jacobian(shape, kw):
+    flow = make(shape, **kw).double()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    y = labels_for(flow, 2)
+    z, logdet = flow.encode(x, y)
+    assert z.shape == x.shape and logdet.shape == (2,) and logdet.dtype == torch.float64
+    assert logdet.abs().max() > 0.1  # the test is not about an identity map
+    for i in range(2):
+        yi = None if y is None else y[i:i + 1]
+        jac = jacobian(lambda v: flow.encode(v[None], yi)[0][0], x[i]).reshape(x[i].numel(), -1)
+        torch.testing.assert_close(logdet[i], torch.linalg.slogdet(jac)[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape,kw", CASES)
+def test_decode_inverts_encode_and_cache_matches_uncached(shape, kw):
+    flow = make(shape, **kw)
+    x = torch.randn(8, *shape)
+    y = labels_for(flow, 8)
+    z, _ = flow.encode(x, y)
+    cached, uncached = flow.decode(z, y), flow.decode(z, y, use_cache=False)
+    assert (cached - x).abs().max() < INVERSE_ATOL
+    assert (cached - uncached).abs().max() < CACHE_ATOL
+
+
+def test_one_block_is_causal_and_triangular():
+    flow = make((6,), token_dim=1, blocks=2).double()
+    for block in flow.blocks:
+        x = torch.randn(1, 6, 1, dtype=torch.float64)
+        order = torch.arange(6).flip(0) if block.flip else torch.arange(6)
+        jac = jacobian(lambda v: block(v)[0], x).reshape(6, 6)[order][:, order]  # in the block's token order
+        assert torch.equal(jac.triu(1), torch.zeros_like(jac)), "z_i depends on a later token"
+        assert jac.tril(-1).abs().min() > 0, "z_i ignores an earlier token"
+        torch.testing.assert_close(jac.diagonal().log().sum(), block(x)[1][0])
+        for j in range(6):  # perturb the j-th token of the block's order: outputs before it stay put
+            x2 = x.clone()
+            x2[0, order[j]] += 1.0
+            dz = (block(x2)[0] - block(x)[0]).abs()[0, order, 0]
+            assert torch.equal(dz[:j], torch.zeros(j, dtype=dz.dtype))
+            assert (dz[j:] > 0).all()
+
+
+def test_attention_is_causal_in_the_parallel_pass():
+    flow = make((1, 8, 8), patch=2)
+    block = flow.blocks[0]
+    x = torch.randn(2, 16, 4)
+    out = block.outputs(x, None)
+    for j in (0, 5, 15):
+        x2 = x.clone()
+        x2[:, j] += 1.0
+        out2 = block.outputs(x2, None)
+        assert torch.equal(out2[:, :j], out[:, :j])
+        assert (out2[:, j:] - out[:, j:]).abs().amax(-1).min() > 0
+
+
+def test_kv_cache_step_equals_parallel_outputs():
+    flow = make((1, 4, 4), patch=2, num_classes=2)
+    block, x, y = flow.blocks[1], torch.randn(3, 4, 4), torch.tensor([0, 1, 2])
+    cache = KVCache(len(block.layers), 4)
+    steps = torch.cat([block.step(x[:, i:i + 1], i, cache, y, 0.0) for i in range(4)], 1)
+    torch.testing.assert_close(steps, block.outputs(x, y), rtol=0, atol=1e-6)
+
+
+def test_2d_density_integrates_to_one():
+    flow = make((2,), token_dim=1, scale=0.5, blocks=4, width=32)
+    x = torch.randn(4000, 2)
+    z, _ = flow.encode(x)
+    assert not torch.allclose(z, x, atol=0.1)  # a non-trivial, non-Gaussian density
+    side, n = 12.0, 801
+    grid = torch.linspace(-side, side, n)
+    pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        z, logdet = flow.encode(pts)
+        density = (standard_normal_logprob(z) + logdet).double().exp()
+    cell = (2 * side / (n - 1)) ** 2
+    assert abs(density.sum().item() * cell - 1) < 0.02
+
+
+def test_guidance_zero_matches_conditional_and_guided_decode_inverts_guided_encode():
+    flow = make((1, 4, 4), patch=2, num_classes=3)
+    z, y = torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = flow.decode(z, y)
+    guided_zero = flow.decode(z, y, guidance=1e-30)  # runs the two-branch [conditional; null] path with weight ~0
+    torch.testing.assert_close(guided_zero, plain, rtol=0, atol=1e-6)
+    x = torch.randn(6, 1, 4, 4)
+    zg, _ = flow.encode(x, y, guidance=2.0)
+    z0, _ = flow.encode(x, y)
+    assert (zg - z0).abs().max() > 1e-3  # guidance changes the map
+    assert (flow.decode(zg, y, guidance=2.0) - x).abs().max() < INVERSE_ATOL
+    assert (flow.decode(zg, y, guidance=2.0, use_cache=False) - x).abs().max() < INVERSE_ATOL
+
+
+def test_guidance_and_null_labels_validation():
+    flow = make((1, 4, 4), patch=2)
+    with pytest.raises(ValueError, match="class-conditional"):
+        flow.decode(torch.randn(2, 1, 4, 4), guidance=1.0)
+    cond = make((1, 4, 4), patch=2, num_classes=3)
+    x = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(cond.encode(x)[0], cond.encode(x, torch.tensor([3, 3]))[0])  # y=None is the null class
+    with pytest.raises(TypeError):
+        cond(x, torch.rand(2))  # models are not called with a time: labels are keyword-only
+
+
+@pytest.mark.parametrize("shape,kw,match", [
+    ((1, 8, 6), dict(patch=4), "patch 4 must divide the image height 8 and width 6"),
+    ((5,), dict(token_dim=2), "token_dim 2 must divide the vector size 5"),
+    ((4,), dict(width=24, head_dim=16), "head_dim 16 must divide width 24"),
+    ((2, 3), dict(), "images .* or vectors"),
+])
+def test_bad_shapes_are_rejected(shape, kw, match):
+    with pytest.raises(ValueError, match=match):
+        TarFlow(TarFlowConfig(**kw), shape)
+
+
+def test_encode_batched_fp32_and_bf16():
+    flow = make((1, 8, 8), patch=2, scale=0.05)
+    x = torch.randn(70, 1, 8, 8)
+    z, logdet = flow.encode(x)
+    zb, logdet_b = encode_batched(flow, x, batch_size=32)
+    torch.testing.assert_close(zb, z.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logdet_b, logdet.detach(), rtol=0, atol=1e-4)
+    z16, logdet16 = encode_batched(flow, x, batch_size=32, dtype=torch.bfloat16)
+    assert z16.dtype == torch.float32 and logdet16.dtype == torch.float32
+    assert (z16 - zb).abs().max() < 0.1 and (logdet16 - logdet_b).abs().max() < 0.05 * 64
+    assert math.isfinite(logdet16.sum().item())
