@@ -39,7 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         prepare_run_dir(cfg, resume=args.resume, overwrite=args.overwrite)
     accelerator.wait_for_everyone()

@@ -14,6 +14,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("FLOWDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def pytest_configure(config):
+    """One intra-op thread: the tests' models are tiny, and extra threads only contend on small CI machines."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` when no CUDA device is present."""
     if torch.cuda.is_available():

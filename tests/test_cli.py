@@ -107,10 +107,11 @@ def test_python_dash_m_entry_point():
     assert "--steps" in out.stdout
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU (gloo) multi-process path")
 def test_two_process_accelerate_launch_trains(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "flowdistill", "train", TOY,
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "flowdistill", "train", TOY,
            f"out_dir={tmp_path}", "name=ddp", "train.steps=20", "train.log_every=10", "train.batch_size=64",
            "model.hidden=32", "train.progress=false", "train.sample_grid=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
