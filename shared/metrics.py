@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -31,6 +32,7 @@ INCEPTION_ENV = "FLOWDISTILL_INCEPTION"  # clean-fid's Inception torchscript fil
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the file name clean-fid loads
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 EXTRACTORS = ("auto", "classifier", "inception")
+_REFERENCE_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> {fingerprint: features}
 
 
 def _points(x: Tensor, max_points: int, generator: torch.Generator | None) -> np.ndarray:
@@ -42,7 +44,7 @@ def _points(x: Tensor, max_points: int, generator: torch.Generator | None) -> np
 
 
 def wasserstein2(a: Tensor, b: Tensor, max_points: int = 2000, generator: torch.Generator | None = None) -> float:
-    """Exact W2 between the uniform empirical measures on a (N,D) and b (M,D); larger clouds are subsampled since the solver is cubic."""
+    """Exact W2 between uniform empirical measures on a (N,D) and b (M,D); big clouds are subsampled (cubic solver)."""
     xa, xb = _points(a, max_points, generator), _points(b, max_points, generator)
     cost = ot.dist(xa, xb)  # squared Euclidean
     w2_sq = ot.emd2(ot.unif(len(xa)), ot.unif(len(xb)), cost, numItermax=10_000_000)
@@ -60,7 +62,8 @@ def _numpy_features(x: np.ndarray | Tensor) -> np.ndarray:
 def frechet_distance(feat_a: np.ndarray | Tensor, feat_b: np.ndarray | Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two (N,F) feature sets, with clean-fid's own formula."""
     a, b = _numpy_features(feat_a), _numpy_features(feat_b)
-    return float(cleanfid_fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return float(cleanfid_fid.frechet_distance(*stats))
 
 
 class FeatureExtractor(Protocol):
@@ -105,7 +108,8 @@ def _labels(dataset: Any) -> tuple[Tensor, Tensor]:
     if dataset.train_labels is None or dataset.test_labels is None:
         raise ValueError(f"data set {dataset.name!r} has no labels: the classifier feature extractor needs "
                          f"labels (for unlabelled RGB images set {INCEPTION_ENV} to use Inception features)")
-    return torch.as_tensor(dataset.train_labels, dtype=torch.int64), torch.as_tensor(dataset.test_labels, dtype=torch.int64)
+    return (torch.as_tensor(dataset.train_labels, dtype=torch.int64),
+            torch.as_tensor(dataset.test_labels, dtype=torch.int64))
 
 
 @torch.no_grad()
@@ -118,7 +122,7 @@ def _accuracy(model: ClassifierFeatures, images: Tensor, labels: Tensor, batch_s
 
 def train_classifier(dataset: Any, steps: int = 600, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      device: torch.device | str = "cpu") -> tuple[ClassifierFeatures, float]:
-    """Train the feature classifier on the train split (AdamW, cosine decay); returns it in eval mode and its test accuracy."""
+    """Train the feature classifier on the train split (AdamW, cosine LR); returns it (eval mode) and test accuracy."""
     train_y, test_y = _labels(dataset)
     train_x = torch.as_tensor(dataset.train, dtype=torch.float32)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -171,7 +175,7 @@ def _load_classifier(weights: Path, meta_path: Path, dataset: Any, device: torch
 
 
 def classifier_features(dataset: Any, device: torch.device | str = "cpu") -> ClassifierFeatures:
-    """The data set's feature classifier, trained once per data fingerprint and cached, so every FD on it uses the same network."""
+    """The data set's feature classifier, trained once per data fingerprint and cached, so all its FDs share one net."""
     _labels(dataset)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset.name}-{dataset.fingerprint}")
     weights = cache_dir() / "classifiers" / f"{stem}.safetensors"
@@ -251,17 +255,25 @@ def _features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256
     return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
+def _reference_features(extractor: FeatureExtractor, dataset: Any) -> Tensor:
+    """Test-split features, computed once per extractor object and data fingerprint (evaluations repeat them)."""
+    per_data = _REFERENCE_FEATURES.setdefault(extractor, {})
+    if dataset.fingerprint not in per_data:
+        per_data[dataset.fingerprint] = _features(extractor, torch.as_tensor(dataset.test, dtype=torch.float32))
+    return per_data[dataset.fingerprint]
+
+
 def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | None = None,
                    max_points: int = 2000) -> dict[str, Any]:
-    """Score samples against the test split: W2 for vectors, FD on extractor features for images (clamped to [-1, 1])."""
+    """Score samples against the test split: W2 for vectors, FD on extractor features for images clamped to [-1, 1]."""
     if tuple(samples.shape[1:]) != tuple(dataset.shape):
-        raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, data set {dataset.name!r} has {tuple(dataset.shape)}")
-    test = torch.as_tensor(dataset.test, dtype=torch.float32)
+        raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, "
+                         f"data set {dataset.name!r} has {tuple(dataset.shape)}")
     if dataset.kind == "vector":
         if extractor is not None:
             raise ValueError("vector data is scored with wasserstein2; a feature extractor does not apply")
-        value = wasserstein2(samples, test, max_points, torch.Generator().manual_seed(0))
+        value = wasserstein2(samples, dataset.test, max_points, torch.Generator().manual_seed(0))
         return {"metric": "w2", "value": value, "extractor": None}
     extractor = extractor if extractor is not None else feature_extractor(dataset)
-    value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _features(extractor, test))
+    value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset))
     return {"metric": "fd", "value": value, "extractor": extractor.name}

@@ -57,7 +57,8 @@ def test_w2_of_a_shift_is_its_length():
 
 def test_w2_matches_brute_force_assignment():
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(50, 4, generator=g, dtype=torch.float64), 0.5 + torch.rand(50, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    b = 0.5 + torch.rand(50, 4, generator=g, dtype=torch.float64)
     cost = torch.cdist(a, b).pow(2).numpy()
     rows, cols = linear_sum_assignment(cost)
     assert metrics.wasserstein2(a, b) == pytest.approx(math.sqrt(cost[rows, cols].mean()), rel=1e-9)
@@ -161,6 +162,24 @@ def test_fd_on_classifier_features_ranks_real_above_noise(trained):
                                    data, extractor=model)
     assert subset["metric"] == "fd" and subset["extractor"] == "classifier-halves"
     assert 0 <= subset["value"] < noise["value"]
+
+
+def test_reference_features_are_computed_once_per_extractor(trained):
+    data, model, _ = trained
+    seen = []
+
+    class Counting:
+        name = "counting"
+
+        def __call__(self, images: torch.Tensor) -> torch.Tensor:
+            seen.append(len(images))
+            return model(images)
+
+    extractor = Counting()
+    first = metrics.sample_quality(data.test[:200], data, extractor=extractor)
+    second = metrics.sample_quality(data.test[:200], data, extractor=extractor)
+    assert first == second and first["extractor"] == "counting"
+    assert sum(seen) == 200 + len(data.test) + 200
 
 
 # --- Inception extractor and the choice of extractor ----------------------------------------------
