@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from shared.config import dump_yaml
     from shared.data import load_dataset
-    from shared.run import build_method, build_model, prepare_run_dir, resolve_config, run_dir_of
+    from shared.run import build_method, build_model, init_from_run, prepare_run_dir, resolve_config, run_dir_of
     from shared.trainer import Trainer
 
     cfg = resolve_config(args.recipe, args.overrides)
@@ -47,6 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = run_dir_of(cfg)
     dataset = load_dataset(cfg.data)
     model = build_model(cfg, dataset)
+    if cfg.train.init_from and not args.resume:
+        fresh = init_from_run(model, cfg.train.init_from)
+        accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
     method = build_method(cfg, dataset)
     accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
@@ -170,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="", help="linear or quadratic (default: the run's eval.grid)")
     p.add_argument("--n", type=int, default=0, help="samples per row (default: the run's eval.n_samples)")
     p.set_defaults(func=cmd_eval)
+
+    from shared import registry
+
+    registry.load_plugins()
+    for name, entry in sorted(registry.COMMANDS.items()):
+        entry.build(sub.add_parser(name, help=entry.config_cls, description=entry.config_cls))
     return parser
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep on disk
     progress: bool = True  # tqdm bar on the main process
     sample_grid: bool = True  # write a sample grid / scatter at the end of training
+    init_from: str = ""  # run directory whose latest EMA weights initialise the model (staged training)
 
 
 @dataclass

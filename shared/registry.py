@@ -21,6 +21,7 @@ class Entry:
 
 MODELS: dict[str, Entry] = {}
 METHODS: dict[str, Entry] = {}
+COMMANDS: dict[str, Entry] = {}  # extra CLI subcommands: config_cls holds the help text
 _PLUGIN_MODULES = ("shared.backbones", "nfm.losses", "nfm.teacher", "f2d2")
 
 
@@ -40,6 +41,16 @@ def register_method(name: str, config_cls: type) -> Callable:
     def wrap(build: Callable) -> Callable:
         METHODS[name] = Entry(config_cls, build)
         return build
+
+    return wrap
+
+
+def register_command(name: str, help: str) -> Callable:
+    """Decorator: `configure(parser)` adds arguments and `set_defaults(func=...)` for `flowdistill <name>`."""
+
+    def wrap(configure: Callable) -> Callable:
+        COMMANDS[name] = Entry(help, configure)
+        return configure
 
     return wrap
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from shared import registry
@@ -43,6 +44,26 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
     registry.load_plugins()
     torch.manual_seed(cfg.seed)
     return registry.MODELS[cfg.model.name].build(cfg.model, dataset.shape)
+
+
+def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
+    """Copy the matching weights of another run's latest checkpoint (EMA if present) into `model`.
+
+    Used for staged training (e.g. a flow map started from a flow-matching teacher). Tensors whose
+    name and shape match are copied; the names left at their fresh initialisation are returned.
+    """
+    ckpt = latest_checkpoint(Path(source) / CHECKPOINTS)
+    if ckpt is None:
+        raise CheckpointError(f"train.init_from={source}: no checkpoint found there (is it a finished run directory?)")
+    verify_checkpoint(ckpt)
+    name = "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else "model.safetensors"
+    source_state = load_file(str(ckpt / name))
+    target = model.state_dict()
+    matched = {k: v for k, v in source_state.items() if k in target and target[k].shape == v.shape}
+    if not matched:
+        raise CheckpointError(f"train.init_from={source}: no tensor of that run fits this model")
+    model.load_state_dict(matched, strict=False)
+    return sorted(set(target) - set(matched))
 
 
 def build_method(cfg: RunConfig, dataset: Dataset) -> Method:

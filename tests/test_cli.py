@@ -121,3 +121,18 @@ def test_two_process_accelerate_launch_trains(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [10, 20]
     assert json.loads(lines[-1])["samples_per_s"] > 0
     assert (tmp_path / "ddp" / "checkpoints" / "step_00000020" / "model.safetensors").is_file()
+
+
+def test_init_from_copies_matching_weights_and_reports_new_ones(tmp_path, capsys):
+    import torch
+
+    from shared.run import init_from_run, load_run
+
+    source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
+    assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=0", "model.hidden=16",
+                 "model.second_time=true", f"train.init_from={source}", "train.sample_grid=false"]) == 0
+    assert "newly initialised: body.0.weight" in capsys.readouterr().out
+    parent, child = load_run(source).model, load_run(tmp_path / "child").model
+    assert torch.equal(parent.out.weight, child.out.weight)
+    with pytest.raises(Exception, match="no checkpoint"):
+        init_from_run(child, tmp_path / "nothing")
