@@ -49,7 +49,7 @@ def save_samples_figure(samples: Tensor, path: str | Path, levels: int | None = 
     path = Path(path)
     if samples.dim() == 4:
         grid = image_grid(samples, levels or 256)
-        side = max(3.0, min(10.0, grid.shape[1] / 40))
+        side = max(4.0, min(10.0, grid.shape[1] / 40))
         fig, ax = plt.subplots(figsize=(side, side * grid.shape[0] / grid.shape[1]))
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
     else:
