@@ -36,6 +36,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def default_file_mode() -> int:
+    """Permissions a plain `open(..., "w")` would give (mkstemp's files are private by default)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write bytes through a temporary file in the same folder and rename it into place."""
     path = Path(path)
@@ -46,6 +53,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from shared.checkpoint import default_file_mode  # noqa: E402
 from shared.data import model_to_image  # noqa: E402
 
 
@@ -23,6 +24,7 @@ def _atomic_savefig(fig: plt.Figure, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)
