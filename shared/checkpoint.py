@@ -90,6 +90,9 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        for f in tmp.iterdir():
+            os.chmod(f, default_file_mode())
+        os.chmod(tmp, default_file_mode() | 0o111)
         final = root / name
         if final.exists():
             shutil.rmtree(final)
