@@ -109,6 +109,10 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self._raw_model = acc.unwrap_model(self.model)
+        self._params = [p for p in self._raw_model.parameters() if p.requires_grad]
+        # Accelerate's wrappers cost ~0.1 ms of Python per step; bypass them when they add nothing.
+        self._plain = acc.scaler is None and acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
         if self.ema is not None:
             self.ema.model.to(acc.device)
         self.data = tuple(d.to(acc.device) for d in data)
@@ -123,7 +127,7 @@ class Trainer:
     @property
     def raw_model(self) -> nn.Module:
         """The model without Accelerate/DDP wrappers."""
-        return self.accelerator.unwrap_model(self.model)
+        return self._raw_model
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint if there is one; returns whether it did."""
@@ -177,10 +181,12 @@ class Trainer:
             loss, logs = self.method(self.model, batch, self.generator)
         acc.backward(loss)
         logs = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in logs.items()}}
+        optimizer = self.optimizer.optimizer if self._plain else self.optimizer
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).detach().float()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            clip = torch.nn.utils.clip_grad_norm_ if self._plain else acc.clip_grad_norm_
+            logs["grad_norm"] = clip(self._params, cfg.grad_clip).detach().float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.raw_model, self.step)
         for k, v in logs.items():

@@ -1,0 +1,165 @@
+"""Helpers shared by the benchmarks: device and thread flags, a synchronising timer, the benchmark cases,
+a machine description, a Markdown table and atomic JSON output."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from nfm.losses import FlowMatchingConfig
+from shared.backbones import MLPConfig, UNetConfig
+from shared.checkpoint import atomic_write_text
+from shared.config import DataConfig, RunConfig, TrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """A data set, a backbone and the batch sizes a benchmark uses for it."""
+
+    note: str  # one-line description for the output
+    data: str  # data set name (shared.data.DATASETS)
+    model: Any  # backbone config (MLPConfig or UNetConfig)
+    train_batch: int  # training batch size
+    sample_batch: int  # sampling batch size
+    cuda_only: bool = False  # too slow for the default CPU run
+
+    def run_config(self, train: TrainConfig | None = None, seed: int = 0) -> RunConfig:
+        """A flow-matching run config for this case (independent coupling, uniform times)."""
+        return RunConfig(name="bench", seed=seed, data=DataConfig(name=self.data), model=self.model,
+                         method=FlowMatchingConfig(), train=train or TrainConfig(batch_size=self.train_batch))
+
+
+CASES: dict[str, BenchCase] = {
+    "toy": BenchCase("MLP 256x3 on 8gaussians", "8gaussians", MLPConfig(hidden=256, depth=3, time_dim=32), 512, 1000),
+    "digits": BenchCase("UNet (32,64) attn (F,T) on digits 8x8", "digits",
+                        UNetConfig(channels=(32, 64), attention=(False, True), norm_groups=8), 128, 256),
+    "mnist": BenchCase("UNet (32,64,64) attn (F,F,T) on MNIST 28x28", "mnist",
+                       UNetConfig(channels=(32, 64, 64), attention=(False, False, True), norm_groups=8), 256, 256,
+                       cuda_only=True),
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """Add --device, --threads, --repeats, --batch, --cases and --out to a benchmark's parser."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats; medians are reported")
+    parser.add_argument("--batch", type=int, default=0, help="batch size for every case (0: each case's own)")
+    parser.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(CASES)} "
+                                                    "(default: all; mnist only on cuda)")
+    parser.add_argument("--out", default="", help="JSON output (default: bench/results/<bench>-<device>.json)")
+
+
+def pick_device(name: str) -> torch.device:
+    """The device named by --device; `auto` prefers CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and return the benchmark's device."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
+def selected_cases(text: str, device: torch.device) -> dict[str, BenchCase]:
+    """The cases named in --cases, or every case that fits the device."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choices: {', '.join(CASES)}")
+    if not names:
+        names = [n for n, c in CASES.items() if device.type == "cuda" or not c.cuda_only]
+    return {n: CASES[n] for n in names}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of `fn()` including the device work it queued, and its result."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of repeated measurements."""
+    return float(statistics.median(list(values)))
+
+
+def _cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, falling back to `platform`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, threads, load, torch and GPU."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "python": platform.python_version(),
+        "torch": torch.__version__, "device": str(device),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _fmt(value: Any) -> str:
+    """Numbers rounded for a table cell."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    """A Markdown table of `rows` with the given key -> header columns."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(k, "")) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(bench: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
+           columns: dict[str, str], notes: list[str], tag: str = "") -> dict[str, Any]:
+    """Print the machine, a Markdown table and notes; write everything as JSON to --out; return it."""
+    payload = {"bench": bench, "machine": machine(device), "settings": vars(args), "notes": notes, "rows": rows}
+    info = payload["machine"]
+    print(f"\n{bench} on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
+    print(markdown_table(rows, columns))
+    for note in notes:
+        print(f"- {note}")
+    out = Path(args.out) if args.out else RESULTS / f"{bench}-{device.type}{tag}.json"
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+    return payload

@@ -1,0 +1,77 @@
+"""Benchmarks: each script runs end to end with tiny settings on CPU and writes its JSON (no timing checks)."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from shared.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Run `bench.<module>.main` on CPU with one repeat, importing `bench` from the repository root."""
+    monkeypatch.syspath_prepend(str(ROOT))
+
+    def run(module: str, out: Path, *args: str) -> dict:
+        payload = importlib.import_module(f"bench.{module}").main(
+            ["--device", "cpu", "--repeats", "1", "--out", str(out), *args])
+        assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+        return payload
+
+    return run
+
+
+def _positive(row: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+
+
+def _check_machine(payload: dict) -> None:
+    for key in ("cpu", "cores", "torch_threads", "torch", "device"):
+        assert key in payload["machine"]
+    assert payload["machine"]["device"] == "cpu"
+
+
+def test_bench_train_writes_rates_and_overhead_for_each_case_and_ema_setting(tmp_path, bench):
+    payload = bench("bench_train", tmp_path / "train.json", "--cases", "toy,digits", "--steps", "2",
+                     "--log-every", "1", "--batch", "8")
+    assert payload["bench"] == "train"
+    _check_machine(payload)
+    rows = payload["rows"]
+    expected = [("toy", 0.999), ("toy", 0.0), ("digits", 0.999), ("digits", 0.0)]
+    assert [(r["case"], r["ema_decay"]) for r in rows] == expected
+    for row in rows:
+        _positive(row, ["bare_steps_per_s", "trainer_steps_per_s", "bare_samples_per_s", "trainer_samples_per_s"])
+        assert math.isfinite(row["overhead_pct"]) and len(row["overhead_pct_per_repeat"]) == 1
+        assert row["batch"] == 8 and row["timed_steps"] == 2
+
+
+def test_bench_sample_reports_samples_and_nfe_per_second_with_the_solvers_nfe(tmp_path, bench):
+    payload = bench("bench_sample", tmp_path / "sample.json", "--cases", "toy,digits", "--steps", "1,2",
+                     "--batch", "4")
+    _check_machine(payload)
+    rows = payload["rows"]
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        _positive(row, ["samples_per_s", "nfe_per_s", "ms_per_batch"])
+        assert row["nfe"] == row["steps"] * (2 if row["solver"] == "heun" else 1)
+        assert math.isclose(row["nfe_per_s"], row["nfe"] * row["samples_per_s"])
+    assert any("NFE/s" in note for note in payload["notes"])
+
+
+def test_bench_sample_benchmarks_a_trained_run(tmp_path, bench):
+    overrides = [f"out_dir={tmp_path}", "name=tiny", "data.n_train=128", "data.n_test=32", "model.hidden=16",
+                 "model.depth=1", "train.steps=2", "train.batch_size=32", "train.progress=false",
+                 "train.sample_grid=false"]
+    assert cli_main(["train", str(ROOT / "recipes/toy2d/fm_independent.yaml"), *overrides]) == 0
+    payload = bench("bench_sample", tmp_path / "run.json", "--run", str(tmp_path / "tiny"), "--solvers", "euler",
+                     "--steps", "2", "--batch", "16")
+    [row] = payload["rows"]
+    assert row["case"] == "tiny" and row["nfe"] == 2 and row["batch"] == 16
+    _positive(row, ["samples_per_s", "nfe_per_s"])
