@@ -102,7 +102,7 @@ class Layer(nn.Module):
         return h + self.drop(self.mlp(self.norm2(h)))
 
     def step(self, h: Tensor, pos: int, cache: KVCache, layer: int) -> Tensor:
-        """The same layer on one new token with cached keys and values."""
+        """The same layer on one new token with cached keys and values (inference: no dropout)."""
         h = h + self.attn.step(self.norm1(h), pos, cache, layer)
         return h + self.mlp(self.norm2(h))
 
@@ -161,8 +161,8 @@ class FlowBlock(nn.Module):
     def forward(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
         """Tokens x (B, N, d) -> z (B, N, d) and log|det dz/dx| (B,) in nats per sample."""
         x = self._permute(x)
-        out = self.outputs(x, y, guidance).to(x.dtype)
-        params = torch.cat([self.first.to(x.dtype).expand(x.shape[0], 1, -1), out[:, :-1]], 1)
+        out = self.outputs(x[:, :-1], y, guidance).to(x.dtype)  # the last token predicts nothing
+        params = torch.cat([self.first.to(x.dtype).expand(x.shape[0], 1, -1), out], 1)
         alpha, mu = params.chunk(2, -1)
         z = (x - mu) * torch.exp(-alpha)
         return self._permute(z), -alpha.sum((1, 2))

@@ -18,11 +18,12 @@ CASES = [  # (data shape, config overrides): vectors of scalar and pair tokens, 
     ((3,), dict(token_dim=1)),
     ((4,), dict(token_dim=2)),
     ((1, 4, 4), dict(patch=2)),
+    ((1, 8, 8), dict(patch=2, blocks=4)),
     ((2, 4, 6), dict(patch=2, num_classes=3)),
 ]
 
 
-def make(shape: tuple[int, ...], scale: float = 0.3, seed: int = 0, **kw) -> TarFlow:
+def make(shape: tuple[int, ...], scale: float = 0.1, seed: int = 0, **kw) -> TarFlow:
     """A small TarFlow in eval mode whose zero-initialised outputs are replaced by random ones (not the identity)."""
     torch.manual_seed(seed)
     base = dict(width=16, head_dim=8, blocks=3, layers=2, mlp_ratio=2, eta=0.0)
@@ -80,8 +81,9 @@ def test_one_block_is_causal_and_triangular():
         x = torch.randn(1, 6, 1, dtype=torch.float64)
         order = torch.arange(6).flip(0) if block.flip else torch.arange(6)
         jac = jacobian(lambda v: block(v)[0], x).reshape(6, 6)[order][:, order]  # in the block's token order
+        below = torch.tril_indices(6, 6, -1)
         assert torch.equal(jac.triu(1), torch.zeros_like(jac)), "z_i depends on a later token"
-        assert jac.tril(-1).abs().min() > 0, "z_i ignores an earlier token"
+        assert jac[below[0], below[1]].abs().min() > 0, "z_i ignores an earlier token"
         torch.testing.assert_close(jac.diagonal().log().sum(), block(x)[1][0])
         for j in range(6):  # perturb the j-th token of the block's order: outputs before it stay put
             x2 = x.clone()
@@ -113,18 +115,21 @@ def test_kv_cache_step_equals_parallel_outputs():
 
 
 def test_2d_density_integrates_to_one():
-    flow = make((2,), token_dim=1, scale=0.5, blocks=4, width=32)
-    x = torch.randn(4000, 2)
-    z, _ = flow.encode(x)
-    assert not torch.allclose(z, x, atol=0.1)  # a non-trivial, non-Gaussian density
-    side, n = 12.0, 801
-    grid = torch.linspace(-side, side, n)
-    pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    torch.manual_seed(0)
+    flow = TarFlow(TarFlowConfig(width=16, head_dim=8, blocks=4, layers=1, mlp_ratio=2, eta=0.0), (2,)).eval()
     with torch.no_grad():
+        for block in flow.blocks:
+            block.out.weight.normal_(0, 0.075)
+        x = torch.randn(2000, 2)
+        z, logdet = flow.encode(x)
+        assert (z - x).abs().mean() > 0.2 and logdet.std() > 0.1  # a non-trivial, non-Gaussian density
+        side, n = 6.0, 301
+        grid = torch.linspace(-side, side, n)
+        pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
         z, logdet = flow.encode(pts)
         density = (standard_normal_logprob(z) + logdet).double().exp()
-    cell = (2 * side / (n - 1)) ** 2
-    assert abs(density.sum().item() * cell - 1) < 0.02
+    mass = density.sum().item() * (2 * side / (n - 1)) ** 2
+    assert abs(mass - 1) < 0.02
 
 
 def test_guidance_zero_matches_conditional_and_guided_decode_inverts_guided_encode():
@@ -134,11 +139,11 @@ def test_guidance_zero_matches_conditional_and_guided_decode_inverts_guided_enco
     guided_zero = flow.decode(z, y, guidance=1e-30)  # runs the two-branch [conditional; null] path with weight ~0
     torch.testing.assert_close(guided_zero, plain, rtol=0, atol=1e-6)
     x = torch.randn(6, 1, 4, 4)
-    zg, _ = flow.encode(x, y, guidance=2.0)
+    zg, _ = flow.encode(x, y, guidance=1.5)
     z0, _ = flow.encode(x, y)
-    assert (zg - z0).abs().max() > 1e-3  # guidance changes the map
-    assert (flow.decode(zg, y, guidance=2.0) - x).abs().max() < INVERSE_ATOL
-    assert (flow.decode(zg, y, guidance=2.0, use_cache=False) - x).abs().max() < INVERSE_ATOL
+    assert (zg - z0).abs().max() > 1e-2  # guidance changes the map
+    assert (flow.decode(zg, y, guidance=1.5) - x).abs().max() < INVERSE_ATOL
+    assert (flow.decode(zg, y, guidance=1.5, use_cache=False) - x).abs().max() < INVERSE_ATOL
 
 
 def test_guidance_and_null_labels_validation():
