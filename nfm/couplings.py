@@ -1,12 +1,36 @@
 """Couplings: given a data batch, return the noise each data point is paired with.
 
 Every flow-matching student in flowdistill trains on pairs (x, z) produced here; the path
-(`shared.paths`) receives them already coupled. Sources are chosen by name from `COUPLINGS`.
+(`shared.paths`) receives them already coupled. Sources are chosen by name from `COUPLINGS`, and each
+is built by `Coupling.from_config(method_cfg, dataset, run_cfg)`:
+
+    independent      z ~ N(0, I), drawn without looking at x (plain flow matching)
+    minibatch_ot     the batch's noise permuted by exact OT on |x_i - z_j|^2 (POT `ot.emd`), or sampled
+                     from an entropic plan (`ot.sinkhorn`) when `ot_reg > 0`
+    semidiscrete_ot  SD-FM: fresh noise x0 paired with the data point argmax_k g_k + <x0, y_k> of a
+                     fitted dual potential g (`nfm.semidiscrete_ot`); it picks the data for the noise
+
+The loss asks for `coupling.pairs(x, generator) -> (x, z)`; couplings that choose the data (SD-FM)
+override it, the others only implement `coupling(x, generator) -> z`. Randomness comes from the
+given generator only, so a resumed run repeats its pairs.
 """
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ot
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from nfm.semidiscrete_ot import fit_potential, load_potential, mips, save_potential
+from shared.run import run_dir_of
+
+SDOT_FILE = Path("couplings") / "sdot_potential.safetensors"  # default potential location inside a run directory
 
 
 class Coupling:
@@ -14,8 +38,17 @@ class Coupling:
 
     name = "base"
 
+    @classmethod
+    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "Coupling":
+        """Build from the method config (its coupling options), the training data set and the run config."""
+        return cls()
+
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def pairs(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The training pairs (data, noise) for a data batch x (B, ...): by default (x, coupling(x))."""
+        return x, self(x, generator)
 
 
 class IndependentCoupling(Coupling):
@@ -27,11 +60,138 @@ class IndependentCoupling(Coupling):
         return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
-COUPLINGS: dict[str, type[Coupling]] = {"independent": IndependentCoupling}
+def squared_costs(x: Tensor, z: Tensor) -> np.ndarray:
+    """Cost matrix M_ij = |x_i - z_j|^2 of flattened batches x, z (B, ...), float64 (B, B) on the CPU."""
+    return ot.dist(x.detach().reshape(len(x), -1).double().cpu().numpy(),
+                   z.detach().reshape(len(z), -1).double().cpu().numpy())
 
 
-def build_coupling(name: str) -> Coupling:
-    """Instantiate a coupling by name, listing the choices when the name is unknown."""
+def exact_assignment(cost: np.ndarray) -> np.ndarray:
+    """The permutation sigma minimising sum_i M_{i, sigma(i)}: `ot.emd` with uniform weights (a permutation plan).
+
+    Falls back to scipy's `linear_sum_assignment` if the plan is not a permutation matrix (solver stopped early).
+    """
+    n = cost.shape[0]
+    uniform = np.full(n, 1.0 / n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = ot.emd(uniform, uniform, cost, numItermax=max(100_000, 50 * n * n))
+    perm = plan.argmax(1)
+    if np.unique(perm).size == n and np.allclose(plan[np.arange(n), perm], 1.0 / n):
+        return perm
+    return linear_sum_assignment(cost)[1]
+
+
+class MinibatchOTCoupling(Coupling):
+    """OT-FM: z ~ N(0, I) for the batch, then re-paired by OT on the squared Euclidean cost of flattened rows.
+
+    `reg = 0`: the exact plan (`ot.emd`), a permutation, so z is the drawn noise re-ordered.
+    `reg > 0`: the entropic plan (`ot.sinkhorn`, stabilised variant, reg relative to the mean cost) and, for each
+    x_i, a noise row sampled from plan row i with the generator: rows may repeat, so z is then not a permutation.
+    """
+
+    name = "minibatch_ot"
+
+    def __init__(self, reg: float = 0.0):
+        if reg < 0:
+            raise ValueError(f"method.ot_reg must be >= 0, got {reg}")
+        self.reg = reg
+
+    @classmethod
+    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "MinibatchOTCoupling":
+        return cls(reg=cfg.ot_reg)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return z[self.assign(x, z, generator)]
+
+    def assign(self, x: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Index (B,) int64 on x's device of the noise row paired with each data row."""
+        cost = squared_costs(x, z)
+        if self.reg == 0:
+            return torch.from_numpy(exact_assignment(cost)).to(x.device)
+        n = len(cost)
+        uniform = np.full(n, 1.0 / n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            plan = ot.sinkhorn(uniform, uniform, cost / cost.mean(), self.reg, method="sinkhorn_stabilized",
+                               numItermax=5_000)
+        rows = torch.from_numpy(plan).to(x.device).clamp_min(0)
+        return torch.multinomial(rows, 1, generator=generator).squeeze(1)
+
+
+class SemidiscreteOTCoupling(Coupling):
+    """SD-FM: pairs fresh noise x0 (B, ...) with the data points y_{k*}, k* = argmax_k g_k + <x0, y_k>.
+
+    The potential g is fitted once (`nfm.semidiscrete_ot.fit_potential`) on the first call, on the training
+    device, unless `path` already holds one for the same data (checked by fingerprint); a fitted potential is
+    saved to `path`. The data moves to the training device on the first call.
+    """
+
+    name = "semidiscrete_ot"
+
+    def __init__(self, data: Tensor, fingerprint: str, path: str | Path | None = None, iters: int = 2000,
+                 batch: int = 4096, lr: float = 0.01, chunk: int = 8192, seed: int = 0, progress: bool = True):
+        self.data, self.fingerprint = data, fingerprint
+        self.path = Path(path) if path else None
+        self.fit_options = dict(iters=iters, batch=batch, lr=lr, seed=seed, chunk=chunk, progress=progress)
+        self.chunk = chunk
+        self.potential = None  # SemidiscretePotential once loaded or fitted
+        self._g: Tensor | None = None
+        self._flat: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "SemidiscreteOTCoupling":
+        if dataset is None:
+            raise ValueError("coupling semidiscrete_ot needs the training data set to fit its potential")
+        path = cfg.sdot_potential or None
+        if path is None and run_cfg is not None:
+            path = run_dir_of(run_cfg) / SDOT_FILE
+        return cls(dataset.train, dataset.fingerprint, path, cfg.sdot_iters, cfg.sdot_batch, cfg.sdot_lr,
+                   cfg.sdot_chunk, run_cfg.seed if run_cfg is not None else 0,
+                   run_cfg.train.progress if run_cfg is not None else True)
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Load (or fit and save) the potential and move it and the data to `device`."""
+        device = torch.device(device)
+        if self._g is not None and self._g.device == device:
+            return
+        if self.potential is None:
+            if self.path is not None and self.path.is_file():
+                self.potential = load_potential(self.path, self.fingerprint, len(self.data))
+            else:
+                self.potential = fit_potential(self.data.to(device), self.fingerprint, **self.fit_options)
+                if self.path is not None:
+                    save_potential(self.path, self.potential)
+                info = self.potential.info
+                tqdm.write(f"sdot potential over {int(info['n'])} points: chi2={info['chi2']:.4g}, "
+                           f"dual={info['dual']:.6g}, W2^2/2={info['w2_half']:.6g}, {info['fit_seconds']:.1f} s"
+                           + (f", saved to {self.path}" if self.path is not None else ""))
+        self.data = self.data.to(device)
+        self._flat = self.data.reshape(len(self.data), -1)
+        self._g = self.potential.g.to(device)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError("semidiscrete_ot chooses the data for each noise sample: call pairs(x, generator)")
+
+    @torch.no_grad()
+    def pairs(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(y_{k*}, x0) for B = len(x) fresh noise samples; x gives only the batch size, device and dtype."""
+        self.prepare(x.device)
+        x0 = torch.randn(len(x), self._flat.shape[1], device=x.device, generator=generator)
+        _, k = mips(x0, self._flat, self._g, self.chunk)
+        return self.data[k].to(x.dtype), x0.reshape(len(x), *self.data.shape[1:]).to(x.dtype)
+
+
+COUPLINGS: dict[str, type[Coupling]] = {
+    "independent": IndependentCoupling,
+    "minibatch_ot": MinibatchOTCoupling,
+    "semidiscrete_ot": SemidiscreteOTCoupling,
+}
+
+
+def build_coupling(name: str, cfg: Any = None, dataset: Any = None, run_cfg: Any = None) -> Coupling:
+    """Instantiate a coupling by name from the method config, data set and run config; lists the choices."""
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; choices: {', '.join(sorted(COUPLINGS))}")
-    return COUPLINGS[name]()
+    return COUPLINGS[name].from_config(cfg, dataset, run_cfg)

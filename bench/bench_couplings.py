@@ -1,0 +1,142 @@
+"""Coupling cost per training batch for each source, against the student's own training step, and SD-FM fit cost.
+
+For each recipe family (toy2d, digits, mnist; data, student and batch size from its fm_independent.yaml) and for
+batch sizes {recipe batch, 256, 1024}, the median wall time of:
+    independent      z ~ N(0, I)
+    minibatch_ot     exact OT (ot.emd on the CPU), and its entropic variant (ot_reg below)
+    semidiscrete_ot  fresh noise + chunked MIPS against the N train points (throughput in queries/s)
+    student step     FM loss forward + backward + AdamW step of the recipe's model (independent coupling)
+The SD-FM fit is timed per iteration at the recipe's sdot_batch and extrapolated to its sdot_iters.
+
+Run from the repository root:  python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.common import RESULTS, add_common_args, machine, markdown_table, median, setup, timed
+from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
+from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
+from nfm.semidiscrete_ot import SemidiscretePotential, dual_step
+from shared.checkpoint import atomic_write_text
+from shared.config import load_recipe
+from shared.data import load_dataset
+from shared.run import build_model
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+CASES = {"toy": "toy2d", "digits": "digits", "mnist": "mnist"}  # case -> recipe folder
+EXTRA_BATCHES = (256, 1024)  # scaling batch sizes besides each recipe's own
+OT_REG = 0.05  # entropic minibatch OT regularisation (relative to the mean cost)
+FIT_ITERS = 10  # timed SD-FM fit iterations per case
+COLUMNS = {"case": "case", "batch": "batch", "n_data": "N", "dim": "dim", "independent_ms": "independent ms",
+           "ot_exact_ms": "OT exact ms", "ot_sinkhorn_ms": f"OT sinkhorn({OT_REG}) ms", "sdot_ms": "SD-FM ms",
+           "step_ms": "student step ms", "ot_pct_of_step": "OT exact / step %", "sdot_pct_of_step": "SD-FM / step %",
+           "sdot_queries_per_s": "SD-FM MIPS queries/s"}
+FIT_COLUMNS = {"case": "case", "n_data": "N", "dim": "dim", "sdot_batch": "fit batch", "ms_per_iter": "ms / iter",
+               "sdot_iters": "recipe iters", "est_fit_s": "est. fit s", "mips_pairs_per_s": "MIPS scores/s"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, repeats=5)
+    return parser.parse_args(argv)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of `fn()` after one warm-up call."""
+    fn()
+    return 1000 * median(timed(fn, device)[0] for _ in range(repeats))
+
+
+def student_step(cfg: Any, dataset: Any, device: torch.device, batch: int) -> Callable[[], None]:
+    """One FM training step of the recipe's model on a fixed batch (forward, backward, AdamW)."""
+    model = build_model(cfg, dataset).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    loss_fn = FlowMatchingLoss(FlowMatchingConfig())
+    x = dataset.train[torch.arange(batch) % len(dataset.train)].to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        loss, _ = loss_fn(model, (x,), generator)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_case(name: str, device: torch.device, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the coupling table for one recipe family, and its fit-cost row."""
+    cfg = load_recipe(RECIPES / CASES[name] / "fm_independent.yaml")
+    sd_cfg = load_recipe(RECIPES / CASES[name] / "fm_semidiscrete_ot.yaml").method
+    dataset = load_dataset(cfg.data)
+    n, dim = len(dataset.train), dataset.dim
+    generator = torch.Generator(device=device).manual_seed(0)
+    sdot = SemidiscreteOTCoupling(dataset.train, dataset.fingerprint, chunk=sd_cfg.sdot_chunk)
+    sdot.potential = SemidiscretePotential(torch.randn(n, generator=torch.Generator().manual_seed(0)),
+                                           dataset.fingerprint)
+    sdot.prepare(device)
+    rows = []
+    for batch in sorted({cfg.train.batch_size, *EXTRA_BATCHES}):
+        x = dataset.train[torch.arange(batch) % n].to(device)
+        row = {"case": name, "batch": batch, "n_data": n, "dim": dim}
+        row["independent_ms"] = time_ms(lambda: IndependentCoupling()(x, generator), device, repeats)
+        row["ot_exact_ms"] = time_ms(lambda: MinibatchOTCoupling()(x, generator), device, repeats)
+        row["ot_sinkhorn_ms"] = time_ms(lambda: MinibatchOTCoupling(OT_REG)(x, generator), device, max(repeats // 2, 1))
+        row["sdot_ms"] = time_ms(lambda: sdot.pairs(x, generator), device, repeats)
+        row["step_ms"] = time_ms(student_step(cfg, dataset, device, batch), device, max(repeats // 2, 1))
+        row["ot_pct_of_step"] = 100 * row["ot_exact_ms"] / row["step_ms"]
+        row["sdot_pct_of_step"] = 100 * row["sdot_ms"] / row["step_ms"]
+        row["sdot_queries_per_s"] = batch / (row["sdot_ms"] / 1000)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    y = dataset.train.reshape(n, -1).to(device)
+    g = sdot.potential.g.to(device)
+    ms = time_ms(lambda: dual_step(g, y, sd_cfg.sdot_batch, generator, sd_cfg.sdot_chunk), device, FIT_ITERS)
+    fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.sdot_batch, "ms_per_iter": ms,
+           "sdot_iters": sd_cfg.sdot_iters, "est_fit_s": ms * sd_cfg.sdot_iters / 1000,
+           "mips_pairs_per_s": sd_cfg.sdot_batch * n / (ms / 1000)}
+    print(json.dumps(fit), flush=True)
+    return rows, fit
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print two Markdown tables and write JSON."""
+    args = parse_args(argv)
+    device = setup(args)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()] or (
+        list(CASES) if device.type == "cuda" else ["toy", "digits"])
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choices: {', '.join(CASES)}")
+    rows, fits = [], []
+    for name in names:
+        case_rows, fit = bench_case(name, device, args.repeats)
+        rows += case_rows
+        fits.append(fit)
+    notes = [f"medians of {args.repeats} timed calls after a warm-up (half as many for sinkhorn and the student step); "
+             "minibatch OT solves on the CPU whatever the device",
+             "student step: FM loss forward + backward + AdamW on the recipe's model (independent coupling)",
+             f"fit: {FIT_ITERS} timed SD-FM dual iterations, extrapolated to the recipe's sdot_iters (plus a final "
+             "evaluation of about 10 N noise draws, not included)"]
+    payload = {"bench": "bench_couplings", "machine": machine(device), "settings": vars(args), "notes": notes,
+               "rows": rows, "fit_rows": fits}
+    info = payload["machine"]
+    print(f"\nbench_couplings on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
+    print(markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(fits, FIT_COLUMNS))
+    for note in notes:
+        print(f"- {note}")
+    out = Path(args.out) if args.out else RESULTS / f"bench_couplings-{device.type}.json"
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
