@@ -1,0 +1,210 @@
+"""The joint flow map of the coupled ODE (x, log p): model, few-step sampler and few-step likelihood.
+
+Sign and scale of D, defined here once and used by training, sampling, likelihood and guidance:
+
+    X(x, t, s)            = x + (s - t) u(x, t, s)
+    log p_s(X(x, t, s))   = log p_t(x) + (s - t) D(x, t, s)
+
+With dx/dt = v(x, t) and d log p_t(x_t)/dt = -div v(x_t, t) (shared.likelihood), u is the average
+velocity and D(x, t, s) = 1/(s - t) * integral_t^s -div v(x_tau, tau) dtau the average of -div v
+along the trajectory, in nats per unit time per sample; on the diagonal u(x, t, t) = v(x, t) and
+D(x, t, t) = -div v(x, t). The scalar head outputs D / div_scale (div_scale = data dimension
+unless the model config sets it), so the head is O(1) while `forward` returns D itself.
+
+The backbones embed t * 1000 with frequencies up to 1 rad, so their outputs wiggle in t with a
+period near 0.006: harmless for flow matching and Shortcut jumps on a dyadic grid, but MeanFlow's
+target (s - t) du/dt amplifies such wiggles by |s - t| * 1000 and feeds them back. `time_scale` < 1
+slows every time feature down (0.01: at most 10 rad per unit time), at the price of a teacher init.
+
+Times follow shared.paths (t = 0 data, t = 1 noise): a jump with s < t moves towards the data
+(sampling), s > t towards the noise (likelihood). Models are trained for both orders of (t, s).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from shared.backbones import MLPConfig, TimeMLP, TimeUNet, UNetConfig, timestep_embedding
+from shared.likelihood import LikelihoodResult, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
+from shared.paths import standard_normal_logprob
+from shared.registry import register_model
+from shared.sampling import SampleResult, time_grid
+
+BACKBONES = ("mlp", "unet")
+FlowMapFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class FlowMapConfig:
+    """A backbone taking (x, t, s) with an average-velocity output u and a scalar average-divergence head D."""
+
+    name: str = "flowmap"
+    backbone: str = "mlp"  # mlp (vectors) or unet (square images)
+    hidden: int = 256  # mlp: width of hidden layers
+    depth: int = 4  # mlp: number of hidden layers
+    time_dim: int = 64  # sinusoidal embedding size of t and s (mlp input, D head input)
+    layer_norm: bool = False  # mlp: LayerNorm before each hidden activation
+    channels: tuple[int, ...] = (64, 128, 128)  # unet: output channels per resolution level
+    layers_per_block: int = 1  # unet: resnet layers per down block
+    attention: tuple[bool, ...] = (False, False, True)  # unet: which levels use self-attention
+    attention_head_dim: int = 32  # unet: channels per attention head (few large heads keep jvp memory low)
+    norm_groups: int = 16  # unet: GroupNorm groups
+    dropout: float = 0.0  # unet: dropout inside resnet blocks
+    time_scale: float = 1.0  # times enter as time_scale * t: 1 keeps the backbone embedding; MeanFlow: ~0.01
+    head_hidden: int = 128  # width of the two hidden layers of the D head
+    div_scale: float = 0.0  # D = div_scale * head output (nats per unit time); 0 means the data dimension
+
+
+class DivergenceHead(nn.Module):
+    """Scalar head on backbone features and the embeddings of t and s: (B, F), (B,), (B,) -> (B,); zero at init."""
+
+    def __init__(self, feature_dim: int, time_dim: int, hidden: int):
+        super().__init__()
+        self.time_dim = time_dim
+        self.net = nn.Sequential(nn.Linear(feature_dim + 2 * time_dim, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        emb = [timestep_embedding(t, self.time_dim), timestep_embedding(s, self.time_dim)]
+        return self.net(torch.cat([features] + [e.to(features.dtype) for e in emb], dim=-1)).squeeze(-1)
+
+
+class FlowMapMLP(TimeMLP):
+    """TimeMLP whose first layer also reads emb(s) through a zero-initialised projection.
+
+    Parameter names equal those of a flow-matching `mlp` of the same size, so `train.init_from` copies a
+    teacher completely and the fresh map starts as u(x, t, s) = v_teacher(x, t), D = 0.
+    """
+
+    def __init__(self, cfg: FlowMapConfig, dim: int, div_scale: float):
+        super().__init__(MLPConfig(hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim,
+                                   layer_norm=cfg.layer_norm), dim)
+        self.s_embed = nn.Linear(cfg.time_dim, cfg.hidden)
+        nn.init.zeros_(self.s_embed.weight)
+        nn.init.zeros_(self.s_embed.bias)
+        self.div_head = DivergenceHead(self.feature_dim, cfg.time_dim, cfg.head_hidden)
+        self.div_scale, self.time_scale = div_scale, cfg.time_scale
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D), t (B,), s (B,) -> u (B, D), D (B,) in nats per unit time."""
+        t, s = t * self.time_scale, s * self.time_scale
+        emb_t = timestep_embedding(t, self.cfg.time_dim).to(x.dtype)
+        emb_s = timestep_embedding(s, self.cfg.time_dim).to(x.dtype)
+        h = self.body[0](torch.cat([x, emb_t], dim=-1)) + self.s_embed(emb_s)
+        h = self.body[1:](h)
+        return self.out(h), self.div_scale * self.div_head(h, t, s)
+
+
+class FlowMapUNet(TimeUNet):
+    """TimeUNet with the second time s (its embedding zero-initialised) and a D head on the pooled mid block."""
+
+    def __init__(self, cfg: FlowMapConfig, data_shape: tuple[int, ...], div_scale: float):
+        super().__init__(UNetConfig(channels=cfg.channels, layers_per_block=cfg.layers_per_block,
+                                    attention=cfg.attention, attention_head_dim=cfg.attention_head_dim,
+                                    norm_groups=cfg.norm_groups, dropout=cfg.dropout, second_time=True), data_shape)
+        nn.init.zeros_(self.unet.class_embedding.linear_2.weight)
+        nn.init.zeros_(self.unet.class_embedding.linear_2.bias)
+        self.div_head = DivergenceHead(self.feature_dim, cfg.time_dim, cfg.head_hidden)
+        self.div_scale, self.time_scale = div_scale, cfg.time_scale
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, H), t (B,), s (B,) -> u (B, C, H, H), D (B,) in nats per unit time."""
+        t, s = t * self.time_scale, s * self.time_scale
+        u, features = super().forward(x, t, s, return_features=True)
+        return u, self.div_scale * self.div_head(features, t, s)
+
+
+@register_model("flowmap", FlowMapConfig)
+def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    """Flow map for vectors (backbone mlp) or square images (backbone unet)."""
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choices: {', '.join(BACKBONES)}")
+    if cfg.head_hidden < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
+        raise ValueError(f"model.head_hidden must be >= 1, model.div_scale >= 0 and model.time_scale > 0, "
+                         f"got {cfg.head_hidden}, {cfg.div_scale} and {cfg.time_scale}")
+    dim = 1
+    for n in data_shape:
+        dim *= int(n)
+    scale = cfg.div_scale or float(dim)
+    if cfg.backbone == "mlp":
+        if len(data_shape) != 1:
+            raise ValueError(f"flowmap backbone mlp takes vectors (D,), got data shape {tuple(data_shape)}; "
+                             "use backbone: unet")
+        return FlowMapMLP(cfg, dim, scale)
+    return FlowMapUNet(cfg, data_shape, scale)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The flow map inside DDP / Accelerate wrappers (torch.func.jvp cannot trace through DDP)."""
+    while hasattr(model, "module") and not hasattr(model, "div_scale"):
+        model = model.module
+    return model
+
+
+def _pairs(steps: int, grid: str, device: torch.device, dtype: torch.dtype,
+           towards_noise: bool) -> list[tuple[Tensor, Tensor]]:
+    """Consecutive (t, s) of the shared time grid: 1 -> 0 for sampling, reversed for likelihood."""
+    times = time_grid(steps, grid, device=device, dtype=dtype)
+    if towards_noise:
+        times = times.flip(0)
+    return list(zip(times[:-1], times[1:]))
+
+
+def jump(model: FlowMapFn, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """One map evaluation: X(x, t, s) and the log-density change (s - t) D = log p_s(X) - log p_t(x) (B,)."""
+    t, s = t.expand(x.shape[0]), s.expand(x.shape[0])
+    u, d = model(x, t, s)
+    dt = (s - t).to(x.dtype)
+    return x + dt.reshape(-1, *([1] * (x.dim() - 1))) * u, dt * d
+
+
+@torch.no_grad()
+def few_step_sample(model: FlowMapFn, noise: Tensor, steps: int, grid: str = "linear") -> tuple[SampleResult, Tensor]:
+    """K jumps from noise (B, *shape) at t = 1 to samples at t = 0 (NFE = K) and the samples' model log p_0 (B,)."""
+    x, logp = noise, standard_normal_logprob(noise)
+    for t, s in _pairs(steps, grid, noise.device, noise.dtype, towards_noise=False):
+        x, dlogp = jump(model, x, t, s)
+        logp = logp + dlogp
+    return SampleResult(x, steps), logp
+
+
+@torch.no_grad()
+def few_step_log_likelihood(model: FlowMapFn, x: Tensor, steps: int, grid: str = "linear") -> LikelihoodResult:
+    """log p_0(x) (B,) in nats per sample from K jumps data -> noise, no Jacobian (NFE = K).
+
+    log p_0(x) = log N(x_1; 0, I) - sum_k (s_k - t_k) D(x_k, t_k, s_k) with t_0 = 0 < ... < t_K = 1.
+    """
+    delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for t, s in _pairs(steps, grid, x.device, x.dtype, towards_noise=True):
+        x, dlogp = jump(model, x, t, s)
+        delta = delta + dlogp
+    return LikelihoodResult(standard_normal_logprob(x) - delta, steps, x)
+
+
+@torch.no_grad()
+def naive_log_likelihood(model: FlowMapFn, x: Tensor, steps: int, grid: str = "linear", divergence: str = "auto",
+                         probe: str = "rademacher", generator: torch.Generator | None = None) -> LikelihoodResult:
+    """The invalid baseline without D: K Euler steps of the coupled ODE with the map's u in place of v.
+
+    Along the same K jumps, log p_0(x) ~ log N(x_1) + sum_k (s_k - t_k) div_x u(x_k, t_k, s_k): the
+    average velocity treated as instantaneous, its divergence taken at the K start points only. Costs
+    K NFE plus K Jacobian traces (exact, or Hutchinson with one probe fixed for the solve).
+    """
+    kind = choose_divergence(divergence, x[0].numel())
+    eps = make_probe(x, probe, generator) if kind == "hutchinson" else None
+    delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for t, s in _pairs(steps, grid, x.device, x.dtype, towards_noise=True):
+        tv, sv = t.expand(x.shape[0]), s.expand(x.shape[0])
+
+        def field(y: Tensor, tt: Tensor) -> Tensor:
+            return model(y, tt, sv)[0]
+
+        u, div = divergence_exact(field, x, tv) if eps is None else divergence_hutchinson(field, x, tv, eps)
+        x = x + (s - t) * u
+        delta = delta + (s - t) * div
+    return LikelihoodResult(standard_normal_logprob(x) + delta, steps, x)

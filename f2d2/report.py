@@ -1,0 +1,211 @@
+"""`flowdistill f2d2-eval RUN`: few-step sampling and likelihood of an F2D2 run against its references.
+
+For each K: sample quality (W2 / feature FD) with and without self-guidance, the few-step NLL
+(K NFE, no Jacobian), the naive estimate without D (f2d2.flowmap.naive_log_likelihood), the
+teacher's reference NLL (adaptive ODE, exact or Hutchinson divergence), the per-sample absolute
+error between them, NFE and wall time. Every estimate scores the same test points, dequantized
+once with the seeded generator exactly as shared.evaluate.reference_nll does, and bits/dim come
+from shared.data.bits_per_dim. With an NF teacher (method.nf_teacher or --nf-teacher), its exact
+log p on the same points is reported next to the ODE-reference gap.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+
+from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
+from f2d2.guidance import guided_sample
+from shared.data import bits_per_dim, dequantize
+from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
+from shared.registry import register_command
+
+if TYPE_CHECKING:
+    from shared.run import Run
+
+LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def test_points(run: Run, n: int, seed: int) -> tuple[Tensor, torch.Generator]:
+    """The first n test points, dequantized for image data, and the generator that then draws the probes."""
+    device = next(run.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = run.dataset.test[:n].to(device)
+    return (dequantize(x, run.dataset.levels, gen) if run.dataset.levels is not None else x), gen
+
+
+def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[str, Any]:
+    """Per-sample log p (N,) float64 on the CPU, NFE per batch and wall seconds of `fn` over x in batches."""
+    logps, nfe, seconds = [], 0, 0.0
+    for start in range(0, len(x), batch_size):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        res = fn(x[start:start + batch_size], gen)
+        _sync(x.device)
+        seconds += time.perf_counter() - t0
+        logps.append(res.logp.detach().double().cpu())
+        nfe = res.nfe
+    return {"logp": torch.cat(logps), "nfe": nfe, "seconds": seconds}
+
+
+def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
+    """The ODE reference: the teacher run's likelihood, or the map's own tangent u(x, t, t) without a teacher."""
+    from shared.run import load_run
+
+    teacher = run.config.method.teacher
+    if teacher:
+        ref = load_run(teacher, device=next(run.model.parameters()).device)
+        return f"teacher {ref.config.name}", lambda x, g: ref.method.log_likelihood(ref.model, x, divergence, g)
+    return "tangent u(x,t,t)", lambda x, g: log_likelihood(lambda y, t: run.model(y, t, t)[0], x, divergence,
+                                                            generator=g)
+
+
+def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iterations: int, extractor: Any,
+                    batch_size: int) -> tuple[float, int, float]:
+    """Sample quality, NFE and seconds of self-guided sampling on the same seeded noise as `generate`."""
+    from shared.metrics import sample_quality
+
+    device = next(run.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, nfe, seconds = [], 0, 0.0
+    for start in range(0, n, batch_size):
+        noise = run.method.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
+        _sync(device)
+        t0 = time.perf_counter()
+        res = guided_sample(run.model, noise, steps, lr, iterations)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        out.append(res.samples.float().cpu())
+        nfe = res.nfe
+    return sample_quality(torch.cat(out), run.dataset, extractor)["value"], nfe, seconds
+
+
+def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence: str, seed: int = 0,
+             guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500
+             ) -> dict[str, Any]:
+    """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost."""
+    from shared.evaluate import generate
+    from shared.metrics import feature_extractor, sample_quality
+    from shared.run import load_run
+
+    data, model = run.dataset, run.model
+    div = choose_divergence(divergence, data.dim)
+    x, gen = test_points(run, n_nll, seed)
+    ref_name, ref_fn = reference_fn(run, div)
+    ref = score(ref_fn, x, gen, batch_size)
+    nf = None
+    if nf_teacher:
+        nf_run = load_run(nf_teacher, device=x.device)
+        if nf_run.dataset.fingerprint != data.fingerprint:
+            raise ValueError(f"--nf-teacher {nf_teacher} was trained on other data ({nf_run.dataset.name})")
+        nf = score(lambda y, g: nf_run.method.log_likelihood(nf_run.model, y), x, gen, batch_size)
+    extractor = feature_extractor(data, device=str(x.device)) if data.kind == "image" else None
+    analytic = data.meta.get("log_density")
+
+    def nll_stats(logp: Tensor, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}nll": -logp.mean().item()}
+        if data.levels is not None:
+            out[f"{prefix}bpd"] = bits_per_dim(-logp, data.dim, data.levels).mean().item()
+        return out
+
+    rows = []
+    for k in steps:
+        few = score(lambda y, g: few_step_log_likelihood(model, y, k), x, gen, batch_size)
+        naive = score(lambda y, g: naive_log_likelihood(model, y, k, divergence=div, generator=g), x, gen, batch_size)
+        row: dict[str, Any] = {"K": k, "nfe": few["nfe"], **nll_stats(few["logp"], ""),
+                               **nll_stats(ref["logp"], "ref_")}
+        row["mae"] = (few["logp"] - ref["logp"]).abs().mean().item()
+        row.update(nll_stats(naive["logp"], "naive_"))
+        row["naive_mae"] = (naive["logp"] - ref["logp"]).abs().mean().item()
+        if nf is not None:
+            row["nf_nll"] = -nf["logp"].mean().item()
+            row["nf_mae"] = (few["logp"] - nf["logp"]).abs().mean().item()
+            row["ref_nf_mae"] = (ref["logp"] - nf["logp"]).abs().mean().item()
+        if analytic is not None:
+            row["analytic_mae"] = (few["logp"] - analytic).abs().mean().item()
+            row["ref_analytic_mae"] = (ref["logp"] - analytic).abs().mean().item()
+        row.update(seconds=few["seconds"], ref_seconds=ref["seconds"], ref_nfe=ref["nfe"],
+                   speedup=ref["seconds"] / max(few["seconds"], 1e-9))
+        s = generate(run, n_samples, k, "euler", "linear", seed, batch_size)
+        q = sample_quality(s.x, data, extractor)
+        row.update(metric=q["metric"], quality=q["value"], extractor=q["extractor"], sample_seconds=s.seconds)
+        if guidance_steps:
+            row["guided_quality"], row["guided_nfe"], row["guided_seconds"] = _guided_quality(
+                run, k, n_samples, seed, guidance_lr, guidance_steps, extractor, batch_size)
+        rows.append(row)
+    return {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x),
+            "nf_teacher": nf_teacher or None, "analytic_log_density": analytic, "guidance_lr": guidance_lr,
+            "guidance_steps": guidance_steps, "rows": rows}
+
+
+COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nll", "nf_mae", "ref_nf_mae",
+           "analytic_mae", "ref_analytic_mae", "bpd", "ref_bpd", "naive_bpd", "seconds", "ref_seconds", "ref_nfe",
+           "speedup", "metric", "quality", "guided_quality", "guided_nfe"]
+
+
+def cmd_f2d2_eval(args: argparse.Namespace) -> int:
+    """Print the Markdown table; write f2d2-eval.json and f2d2-eval.png into the run directory."""
+    from shared.evaluate import format_table, write_json
+    from shared.plots import save_curves
+    from shared.run import load_run
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    run = load_run(args.run, weights=args.weights, device=device)
+    if run.config.method.name != "f2d2":
+        raise ValueError(f"{args.run} is a {run.config.method.name!r} run; f2d2-eval needs an f2d2 run")
+    ev = run.config.eval
+    result = evaluate(run, args.steps, args.n or ev.nll_samples, args.n_samples or ev.n_samples,
+                      args.divergence or ev.divergence, args.seed, args.guidance_steps, args.guidance_lr,
+                      args.nf_teacher or run.config.method.nf_teacher, args.batch_size)
+    rows = result["rows"]
+    print(f"{result['run']} (step {result['step']}): reference {result['reference']}, {result['divergence']} "
+          f"divergence, {result['n']} test points; log p in nats per sample, NLL = -mean log p")
+    print(format_table(rows, [c for c in COLUMNS if c in rows[0]]))
+    out = Path(args.run)
+    write_json(out / "f2d2-eval.json", result)
+    ks = [r["K"] for r in rows]
+    curves = {"F2D2 (D head)": (ks, [r["mae"] for r in rows]), "naive (no D)": (ks, [r["naive_mae"] for r in rows])}
+    if "nf_mae" in rows[0]:
+        curves["F2D2 vs NF teacher"] = (ks, [r["nf_mae"] for r in rows])
+    save_curves(curves, out / "f2d2-eval.png", "K (NFE)", "mean |log p_K - log p_ref| (nats)", result["run"])
+    print(f"wrote {out / 'f2d2-eval.json'} and {out / 'f2d2-eval.png'}")
+    return 0
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    return values
+
+
+@register_command("f2d2-eval", "F2D2 run: few-step NLL vs the teacher's ODE reference, naive baseline, sample "
+                               "quality (optionally self-guided) at K = 1, 2, 4, 8; writes f2d2-eval.json/png")
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `flowdistill f2d2-eval`."""
+    parser.add_argument("run", help="run directory of an f2d2 run")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to load")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
+    parser.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
+    parser.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
+    parser.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
+    parser.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")
+    parser.add_argument("--guidance-steps", type=int, default=0, help="Adam steps of self-guidance (0: none)")
+    parser.add_argument("--guidance-lr", type=float, default=0.1, help="Adam learning rate of self-guidance")
+    parser.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
+                                                          "(default: the run's method.nf_teacher)")
+    parser.add_argument("--batch-size", type=int, default=500, help="batch of scoring and sampling")
+    parser.set_defaults(func=cmd_f2d2_eval)

@@ -1,0 +1,78 @@
+"""End to end on the checkerboard: teacher FM -> joint F2D2 through the CLI, then few-step likelihood and f2d2-eval.
+
+Tolerances (CI budget: a 128-wide teacher trained 1500 steps, the map 800 steps; about 35 s of CPU):
+- distillation: mean per-sample |log p_4 - log p_ref| < 0.15 nats against the teacher's ODE likelihood
+  (measured 0.08; with the recipes' budget 0.06);
+- analytic density 1/8 on the support: mean |log p_4 - log(1/8)| < 0.6 nats on points at least 0.2 from
+  every square edge (measured 0.44; recipes 0.24) and < 0.8 nats on all test points (measured 0.63; recipes
+  0.54). A smooth teacher cannot follow the density's jumps, so the error grows towards the edges and
+  the teacher's own reference is off by as much (measured 0.43 on the same interior points).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from f2d2.flowmap import few_step_log_likelihood
+from f2d2.report import reference_fn, score
+from shared.cli import main
+from shared.run import load_run
+
+ROOT = Path(__file__).resolve().parents[1] / "recipes" / "toy2d"
+COMMON = ["data.n_train=8000", "data.n_test=1000", "model.hidden=128", "train.batch_size=256", "train.progress=false",
+          "train.sample_grid=false", "train.log_every=100"]
+DISTILL_TOL, INTERIOR_TOL, ALL_TOL = 0.15, 0.6, 0.8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("f2d2")
+    teacher = out / "teacher"
+    assert main(["train", str(ROOT / "fm_teacher_checkerboard.yaml"), f"out_dir={out}", "name=teacher",
+                 "train.steps=1500", "train.lr=0.003", *COMMON]) == 0
+    assert main(["train", str(ROOT / "f2d2_joint_checkerboard.yaml"), f"out_dir={out}", "name=f2d2", "train.steps=800",
+                 f"method.teacher={teacher}", f"train.init_from={teacher}", *COMMON]) == 0
+    return teacher, out / "f2d2"
+
+
+def test_checkerboard_k_step_likelihood_matches_teacher_and_approaches_analytic(runs):
+    run = load_run(runs[1])
+    x = run.dataset.test[:300]
+    _, ref_fn = reference_fn(run, "exact")
+    ref = score(ref_fn, x, torch.Generator(), 300)["logp"]
+    logp = few_step_log_likelihood(run.model, x, 4).logp.double()
+    assert (logp - ref).abs().mean().item() < DISTILL_TOL
+    analytic = run.dataset.meta["log_density"]
+    assert analytic == pytest.approx(-math.log(8))
+    edge = torch.minimum(x - x.floor(), x.ceil() - x).min(1).values
+    interior = edge >= 0.2
+    assert interior.sum() > 50
+    assert (logp[interior] - analytic).abs().mean().item() < INTERIOR_TOL
+    assert (logp - analytic).abs().mean().item() < ALL_TOL
+
+
+def test_f2d2_eval_prints_and_writes_the_table(runs, capsys):
+    teacher, run = runs
+    assert main(["f2d2-eval", str(run), "--steps", "1,4", "--n", "200", "--n-samples", "500", "--guidance-steps", "1",
+                 "--nf-teacher", str(teacher), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| K | nfe | nll | ref_nll | mae |" in out and "guided_quality" in out
+    result = json.loads((run / "f2d2-eval.json").read_text())
+    rows = result["rows"]
+    assert [r["K"] for r in rows] == [1, 4] and [r["nfe"] for r in rows] == [1, 4]
+    assert [r["guided_nfe"] for r in rows] == [3, 6]
+    assert result["reference"] == "teacher teacher" and result["divergence"] == "exact" and result["n"] == 200
+    for r in rows:
+        assert r["mae"] < r["naive_mae"] and r["speedup"] > 10 and r["metric"] == "w2"
+        # the same ODE likelihood passed as the "NF teacher" reproduces the reference gap exactly
+        assert r["nf_mae"] == pytest.approx(r["mae"], abs=1e-6) and r["ref_nf_mae"] < 1e-6
+    assert (run / "f2d2-eval.png").stat().st_size > 1000
+
+
+def test_f2d2_eval_rejects_other_runs(runs, capsys):
+    assert main(["f2d2-eval", str(runs[0]), "--device", "cpu"]) == 2
+    assert "needs an f2d2 run" in capsys.readouterr().err
