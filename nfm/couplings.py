@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nfm.semidiscrete_ot import fit_potential, load_potential, mips, save_potential
+from nfm.semidiscrete_ot import SemidiscretePotential, fit_potential, load_potential, mips, save_potential
 from shared.run import run_dir_of
 
 SDOT_FILE = Path("couplings") / "sdot_potential.safetensors"  # default potential location inside a run directory
@@ -69,15 +69,16 @@ def squared_costs(x: Tensor, z: Tensor) -> np.ndarray:
 def exact_assignment(cost: np.ndarray) -> np.ndarray:
     """The permutation sigma minimising sum_i M_{i, sigma(i)}: `ot.emd` with uniform weights (a permutation plan).
 
-    Falls back to scipy's `linear_sum_assignment` if the plan is not a permutation matrix (solver stopped early).
+    Falls back to scipy's `linear_sum_assignment` when the network simplex stops short of optimality or its plan is
+    not a permutation matrix.
     """
     n = cost.shape[0]
     uniform = np.full(n, 1.0 / n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        plan = ot.emd(uniform, uniform, cost, numItermax=max(100_000, 50 * n * n))
+        plan, log = ot.emd(uniform, uniform, cost, numItermax=max(100_000, 50 * n * n), log=True)
     perm = plan.argmax(1)
-    if np.unique(perm).size == n and np.allclose(plan[np.arange(n), perm], 1.0 / n):
+    if log["result_code"] == 1 and np.unique(perm).size == n and np.allclose(plan[np.arange(n), perm], 1.0 / n):
         return perm
     return linear_sum_assignment(cost)[1]
 
@@ -136,7 +137,7 @@ class SemidiscreteOTCoupling(Coupling):
         self.path = Path(path) if path else None
         self.fit_options = dict(iters=iters, batch=batch, lr=lr, seed=seed, chunk=chunk, progress=progress)
         self.chunk = chunk
-        self.potential = None  # SemidiscretePotential once loaded or fitted
+        self.potential: SemidiscretePotential | None = None  # set once loaded or fitted
         self._g: Tensor | None = None
         self._flat: Tensor | None = None
 

@@ -59,11 +59,13 @@ def test_exact_assignment_matches_scipy_linear_sum_assignment(n):
 
 
 def test_exact_assignment_falls_back_when_the_plan_is_not_a_permutation(monkeypatch):
+    assert sorted(exact_assignment(np.ones((5, 5))).tolist()) == list(range(5))  # all costs tied
     cost = squared_costs(batch((6, 2), 0), torch.randn(6, 2, generator=gen(0)))
-    monkeypatch.setattr(couplings.ot, "emd", lambda a, b, m, **kw: np.full(m.shape, 1.0 / m.size))
-    assert np.array_equal(exact_assignment(cost), linear_sum_assignment(cost)[1])
-    ties = np.ones((5, 5))
-    assert sorted(exact_assignment(ties).tolist()) == list(range(5))
+    reference = linear_sum_assignment(cost)[1]
+    stopped = (np.eye(6)[np.roll(reference, 1)] / 6, {"result_code": 2})  # a permutation, but not optimal
+    for plan in [(np.full(cost.shape, 1.0 / cost.size), {"result_code": 1}), stopped]:
+        monkeypatch.setattr(couplings.ot, "emd", lambda a, b, m, plan=plan, **kw: plan)
+        assert np.array_equal(exact_assignment(cost), reference)
 
 
 def test_sinkhorn_approaches_the_exact_cost_as_reg_shrinks():
