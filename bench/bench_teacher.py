@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     parser.add_argument("--encode-batch", type=int, default=256, help="batch of the encoding throughput")
-    parser.add_argument("--decode-batch", type=int, default=0, help="batch of sampling and decoding (0: 64 CPU, 256 GPU)")
+    parser.add_argument("--decode-batch", type=int, default=0, help="sampling/decoding batch (0: 64 CPU, 256 GPU)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--out", default="", help="JSON output (default: bench/results/teacher-<device>.json)")
     args = parser.parse_args(argv)

@@ -283,7 +283,7 @@ def _check_config(cfg: TarFlowConfig) -> None:
 @torch.no_grad()
 def encode_batched(flow: TarFlow, x: Tensor, y: Tensor | None = None, batch_size: int = 256,
                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Inference encode of any number of points in batches on the flow's device: z (fp32, on x's device), logdet (B,) nats.
+    """Batched inference encode on the flow's device: z (fp32, on x's device) and logdet (B,) nats per sample.
 
     `dtype=torch.bfloat16` runs the transformers under bf16 autocast; the affine maps and the
     log-determinant stay in fp32.

@@ -33,7 +33,7 @@ class TeacherConfig:
     """Maximum-likelihood training of a TarFlow and how it samples."""
 
     name: str = "nll"
-    dequantize: bool = False  # uniform dequantization of image data (likelihood runs; needs model.eta=0), else x + eta*eps
+    dequantize: bool = False  # uniform dequantization (likelihood runs, needs model.eta=0); else x + eta*eps
     denoise: bool = True  # one Tweedie step x + eta^2 grad log p(x) after sampling (nothing to do when eta = 0)
     guidance: float = 0.0  # classifier-free guidance weight w on (alpha, mu) when sampling a conditional model
     temperature: float = 1.0  # std of the prior noise that sampling decodes
