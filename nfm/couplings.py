@@ -9,6 +9,8 @@ is built by `Coupling.from_config(method_cfg, dataset, run_cfg)`:
                      from an entropic plan (`ot.sinkhorn`) when `ot_reg > 0`
     semidiscrete_ot  SD-FM: fresh noise x0 paired with the data point argmax_k g_k + <x0, y_k> of a
                      fitted dual potential g (`nfm.semidiscrete_ot`); it picks the data for the noise
+    nf_teacher       NFM: z = f_teacher(x + eta eps') / sigma_f from a trained TarFlow, online or from a
+                     precomputed cache (`nfm.teacher_coupling`, `nfm.coupling_cache`)
 
 The loss asks for `coupling.pairs(x, generator) -> (x, z)`; couplings that choose the data (SD-FM)
 override it, the others only implement `coupling(x, generator) -> z`. Randomness comes from the
@@ -193,6 +195,9 @@ COUPLINGS: dict[str, type[Coupling]] = {
 
 def build_coupling(name: str, cfg: Any = None, dataset: Any = None, run_cfg: Any = None) -> Coupling:
     """Instantiate a coupling by name from the method config, data set and run config; lists the choices."""
+    from shared import registry
+
+    registry.load_plugins()  # couplings defined in other modules (nf_teacher) register on import
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; choices: {', '.join(sorted(COUPLINGS))}")
     return COUPLINGS[name].from_config(cfg, dataset, run_cfg)

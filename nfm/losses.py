@@ -29,6 +29,14 @@ class FlowMatchingConfig:
     sdot_batch: int = 4096  # semidiscrete_ot: noise samples per fit iteration
     sdot_lr: float = 0.01  # semidiscrete_ot: Adam step of the fit, relative to the data's RMS norm
     sdot_chunk: int = 8192  # semidiscrete_ot: data points per matmul block of the inner-product search
+    teacher: str = ""  # nf_teacher: run directory of the trained tarflow teacher (its eta is reused)
+    teacher_mode: str = "online"  # nf_teacher: online (encode each batch) or precomputed (`flowdistill couplings`)
+    teacher_draws: int = 4  # nf_teacher: eps' draws per image; online only: 0 = fresh eps' every step
+    teacher_seed: int = 0  # nf_teacher: seed of the eps' draws (not the run seed, so students share one cache)
+    teacher_dtype: str = "fp32"  # nf_teacher: fp32 or bf16 teacher encodes
+    teacher_batch: int = 256  # nf_teacher: images per teacher encode
+    teacher_shard: int = 1024  # nf_teacher: images per cache shard file
+    teacher_cache: str = ""  # nf_teacher: cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>)
 
 
 class FlowMatchingLoss(Method):

@@ -60,7 +60,8 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -88,7 +89,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
         for f in tmp.iterdir():
             os.chmod(f, default_file_mode())
@@ -137,7 +138,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         if size != info["bytes"]:
             raise CheckpointError(
                 f"checkpoint {path}: {name} is truncated or corrupt ({size} bytes, manifest says {info['bytes']})")
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 differs from the manifest)")
     return manifest
 

@@ -28,46 +28,24 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the model a recipe describes, in `<out_dir>/<name>/`."""
-    from accelerate import Accelerator
-
     from shared.config import dump_yaml
-    from shared.data import load_dataset
-    from shared.run import build_method, build_model, init_from_run, prepare_run_dir, resolve_config, run_dir_of
-    from shared.trainer import Trainer
+    from shared.run import resolve_config, train_run
 
     cfg = resolve_config(args.recipe, args.overrides)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process:
-        prepare_run_dir(cfg, resume=args.resume, overwrite=args.overwrite)
-    accelerator.wait_for_everyone()
-    run_dir = run_dir_of(cfg)
-    dataset = load_dataset(cfg.data)
-    model = build_model(cfg, dataset)
-    if cfg.train.init_from and not args.resume:
-        fresh = init_from_run(model, cfg.train.init_from)
-        accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
-    method = build_method(cfg, dataset)
-    accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
-                      f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
-    data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
-    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator)
-    if args.resume and trainer.resume():
-        accelerator.print(f"resumed from step {trainer.step}")
-    record = trainer.fit()
-    accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                                     if isinstance(v, float)))
-    if accelerator.is_main_process and cfg.train.sample_grid:
+    from accelerate import PartialState
+
+    run_dir = train_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    state = PartialState()
+    if state.is_main_process and cfg.train.sample_grid:
         _write_samples(run_dir, steps=max(cfg.eval.steps), solver=cfg.eval.solver, grid=cfg.eval.grid,
-                       n=64 if dataset.kind == "image" else 2000, seed=0, device=accelerator.device)
+                       n=None, seed=0, device=state.device)
     return 0
 
 
-def _write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int, seed: int,
+def _write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int,
                    device: torch.device, out: Path | None = None, weights: str = "ema") -> Path:
     from shared.checkpoint import atomic_write_bytes
     from shared.evaluate import generate
@@ -75,6 +53,7 @@ def _write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int, se
     from shared.run import load_run
 
     run = load_run(run_dir, weights=weights, device=device)
+    n = n or (64 if run.dataset.kind == "image" else 2000)
     s = generate(run, n, steps, solver, grid, seed)
     out = Path(out) if out else run_dir / "samples" / f"steps{steps}-{solver}-{grid}.png"
     title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
@@ -191,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides may also follow options: `train RUN --resume train.steps=3000`
+    if hasattr(args, "overrides"):  # overrides may also follow options: `train RUN --resume train.steps=3000`
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if e not in args.overrides]
     if extra:

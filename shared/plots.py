@@ -18,7 +18,7 @@ from shared.checkpoint import default_file_mode  # noqa: E402
 from shared.data import model_to_image  # noqa: E402
 
 
-def _atomic_savefig(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
@@ -65,7 +65,7 @@ def save_samples_figure(samples: Tensor, path: str | Path, levels: int | None = 
         ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     ax.axis("off" if samples.dim() == 4 else "on")
-    _atomic_savefig(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -82,5 +82,5 @@ def save_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _atomic_savefig(fig, Path(path))
+    save_figure(fig, Path(path))
     return Path(path)

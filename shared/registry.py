@@ -22,7 +22,8 @@ class Entry:
 MODELS: dict[str, Entry] = {}
 METHODS: dict[str, Entry] = {}
 COMMANDS: dict[str, Entry] = {}  # extra CLI subcommands: config_cls holds the help text
-_PLUGIN_MODULES = ("shared.backbones", "nfm.losses", "nfm.teacher", "f2d2.flowmap", "f2d2.losses", "f2d2.report")
+_PLUGIN_MODULES = ("shared.backbones", "nfm.losses", "nfm.teacher", "nfm.teacher_coupling", "nfm.coupling_cache",
+                   "nfm.compare", "f2d2.flowmap", "f2d2.losses", "f2d2.report")
 
 
 def register_model(name: str, config_cls: type) -> Callable:

@@ -116,6 +116,43 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
     return run_dir
 
 
+def finished_step(cfg: RunConfig) -> int:
+    """Step of a run's latest checkpoint (0 when it has none)."""
+    ckpt = latest_checkpoint(run_dir_of(cfg) / CHECKPOINTS)
+    return 0 if ckpt is None else int(verify_checkpoint(ckpt)["step"])
+
+
+def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train the run a config describes in `<out_dir>/<name>/` (all Accelerate processes take part)."""
+    from accelerate import Accelerator
+
+    from shared.trainer import Trainer
+
+    # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    run_dir = run_dir_of(cfg)
+    dataset = load_dataset(cfg.data)
+    model = build_model(cfg, dataset)
+    if cfg.train.init_from and not resume:
+        fresh = init_from_run(model, cfg.train.init_from)
+        accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
+    method = build_method(cfg, dataset)
+    accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
+                      f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
+    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator)
+    if resume and trainer.resume():
+        accelerator.print(f"resumed from step {trainer.step}")
+    record = trainer.fit()
+    accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                                     if isinstance(v, float)))
+    return run_dir
+
+
 def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
     """Rebuild a run's model from its saved config and load its latest checkpoint (`ema` or `model` weights)."""
     run_dir = Path(run_dir)

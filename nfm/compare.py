@@ -1,0 +1,360 @@
+"""`flowdistill compare SPEC`: the same student trained on each coupling, compared against the teacher.
+
+A spec (YAML, `key=value` overrides) lists teacher and student entries, each a recipe followed by
+overrides ("recipes/digits/fm_nf_teacher.yaml method.teacher=runs/t name=nfm"). Teachers are trained
+first, then every student once per seed (`<name>-s<seed>`, the `common` overrides applied to all, so
+model, optimizer, batch and budget are shared). Finished runs are reused and unfinished ones resumed.
+Each student is then scored at every NFE for every solver and grid (W2 on vectors, Fréchet distance on
+images), its path curvature is measured, and everything lands in `<out_dir>/<name>/`:
+`comparison.md` (tables), `results.json`, `quality_vs_nfe.png`, `loss_curves.png`, `samples.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from shared.evaluate import Samples, format_table, generate, quality_vs_steps, write_json
+from shared.metrics import feature_extractor, sample_quality
+from shared.registry import register_command
+from shared.run import Run, finished_step, load_run, resolve_config, run_dir_of, train_run
+from shared.sampling import sample
+
+
+@dataclass
+class CompareConfig:
+    """What to train and how to score it."""
+
+    name: str = ""  # output folder `<out_dir>/<name>` (default: the spec file's stem)
+    out_dir: str = "runs"  # parent of the comparison folder
+    teachers: tuple[str, ...] = ()  # "recipe [key=value ...]" entries trained first; scored as references
+    students: tuple[str, ...] = ()  # "recipe [key=value ...]" entries, one per coupling, trained once per seed
+    common: tuple[str, ...] = ()  # overrides applied to every student (same budget for all)
+    seeds: tuple[int, ...] = (0, 1, 2)  # student seeds
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # solver step counts
+    solvers: tuple[str, ...] = ("euler", "heun")  # fixed-step solvers compared
+    grids: tuple[str, ...] = ("linear", "quadratic")  # time grids compared
+    n_samples: int = 2000  # samples per quality measurement
+    curvature_steps: int = 64  # Euler steps of the trajectories whose straightness is measured
+    curvature_samples: int = 500  # trajectories per curvature measurement
+    threshold: float = 0.0  # quality to reach for the "NFE to reach" table (0: the first teacher's quality)
+    device: str = "auto"  # evaluation device: auto, cpu, cuda
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """Read a comparison spec and apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"comparison spec {str(path)!r} not found (expected a YAML file such as recipes/toy2d/compare.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"comparison spec {str(path)!r} must be a YAML mapping")
+    data.setdefault("name", path.stem)
+    spec = from_dict(CompareConfig, apply_overrides(data, overrides or []))
+    if not spec.students:
+        raise ConfigError(f"comparison spec {str(path)!r} lists no students")
+    return spec
+
+
+def entry_config(entry: str, common: tuple[str, ...] | list[str] = (), final: tuple[str, ...] | list[str] = ()
+                 ) -> RunConfig:
+    """The run config of one spec entry (a recipe path and its overrides) between `common` and `final` overrides."""
+    parts = shlex.split(entry)
+    if not parts:
+        raise ConfigError("empty entry in the comparison spec")
+    return resolve_config(parts[0], [*common, *parts[1:], *final])
+
+
+def ensure_trained(cfg: RunConfig) -> Path:
+    """Train a run unless its checkpoint already reached `train.steps`; resume an unfinished one."""
+    if finished_step(cfg) >= cfg.train.steps:
+        return run_dir_of(cfg)
+    return train_run(cfg, resume=(run_dir_of(cfg) / "config.yaml").is_file())
+
+
+def curvature(run: Run, steps: int, n: int, seed: int = 0) -> float:
+    """Mean over an Euler trajectory of |v(x_t, t) - (x_1 - x_0)|^2 per dimension: 0 for straight paths."""
+    device = next(run.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = run.method.prior_sample(n, run.dataset.shape, device, gen)
+    traj = sample(run.model, noise, steps=steps, solver="euler", return_trajectory=True).trajectory
+    velocities = (traj[:-1] - traj[1:]) * steps  # dx/dt of each step: t runs from 1 (noise) down to 0 (data)
+    chord = traj[0] - traj[-1]  # the constant velocity of the straight path between the two ends
+    return (velocities - chord).pow(2).flatten(2).mean().item()
+
+
+def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, loss) from a run's metrics log."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def train_seconds(run_dir: Path, batch_size: int) -> float:
+    """Training wall time estimated from the logged throughput of every interval."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds, last = 0.0, 0
+    for r in rows:
+        seconds += (r["step"] - last) * batch_size / max(r["samples_per_s"], 1e-9)
+        last = r["step"]
+    return seconds
+
+
+def evaluate_student(run: Run, spec: CompareConfig, extractor: Any) -> dict[str, Any]:
+    """Quality rows for every solver x grid, curvature and losses of one student; cached in its run folder."""
+    key = {"step": run.step, "steps": list(spec.steps), "solvers": list(spec.solvers), "grids": list(spec.grids),
+           "n": spec.n_samples, "curvature": [spec.curvature_steps, spec.curvature_samples]}
+    cache = run.dir / "compare-eval.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved
+    rows = []
+    for solver in spec.solvers:
+        for grid in spec.grids:
+            rows += quality_vs_steps(run, list(spec.steps), solver, grid, spec.n_samples, 0, extractor)
+    steps, losses = loss_curve(run.dir)
+    result = {"key": key, "rows": rows, "curvature": curvature(run, spec.curvature_steps, spec.curvature_samples),
+              "loss_steps": steps, "losses": losses, "final_loss": losses[-1] if losses else math.nan,
+              "train_seconds": train_seconds(run.dir, run.config.train.batch_size)}
+    write_json(cache, result)
+    return result
+
+
+def evaluate_teacher(run: Run, n: int, extractor: Any) -> tuple[dict[str, Any], Samples]:
+    """Sample quality, NFE and wall time of a teacher's own (autoregressive) sampling."""
+    s = generate(run, n, 1, "euler", "linear", 0)
+    q = sample_quality(s.x, run.dataset, extractor)
+    return {"name": run.config.name, "nfe": s.nfe, **q, "seconds": s.seconds, "n": n,
+            "eta": float(getattr(run.model, "eta", 0.0))}, s
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(students: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (student, solver, grid, steps): quality mean/std over seeds, NFE, seconds per sample."""
+    out = []
+    for label, results in students.items():
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for res in results:
+            for r in res["rows"]:
+                groups.setdefault((r["solver"], r["grid"], r["steps"]), []).append(r)
+        for (solver, grid, steps), rows in groups.items():
+            mean, std = _mean_std([r["value"] for r in rows])
+            out.append({"student": label, "solver": solver, "grid": grid, "steps": steps, "nfe": rows[0]["nfe"],
+                        "metric": rows[0]["metric"], "mean": mean, "std": std, "seeds": len(rows),
+                        "seconds_per_sample": statistics.fmean(r["seconds"] / r["n"] for r in rows)})
+    return out
+
+
+def reach_table(rows: list[dict[str, Any]], threshold: float, teacher_seconds: float | None) -> list[dict[str, Any]]:
+    """Per student: the fewest NFE whose mean quality is at or below `threshold`, and the speed-up there."""
+    out = []
+    for label in dict.fromkeys(r["student"] for r in rows):
+        ok = sorted((r for r in rows if r["student"] == label and r["mean"] <= threshold),
+                    key=lambda r: (r["nfe"], r["mean"]))
+        if not ok:
+            best = min((r for r in rows if r["student"] == label), key=lambda r: r["mean"])
+            out.append({"student": label, "nfe": "not reached", "setting": "", "quality": best["mean"],
+                        "speedup_vs_teacher": ""})
+            continue
+        r = ok[0]
+        speed = teacher_seconds / r["seconds_per_sample"] if teacher_seconds else ""
+        out.append({"student": label, "nfe": r["nfe"], "setting": f"{r['solver']}/{r['grid']}", "quality": r["mean"],
+                    "speedup_vs_teacher": speed})
+    return out
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.4g} ± {std:.2g}" if std else f"{mean:.4g}"
+
+
+def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dict[str, Any]],
+             straight: list[dict[str, Any]], reach: list[dict[str, Any]], threshold: float, command: str) -> str:
+    """The comparison report: quality vs NFE per solver/grid, teacher rows, straightness, NFE to reach."""
+    metric = rows[0]["metric"]
+    lines = [f"# Comparison `{spec.name}`", "", f"Command: `{command}`", "",
+             f"Quality: {metric} (lower is better), mean ± std over seeds {list(spec.seeds)}, "
+             f"{spec.n_samples} samples per cell.", ""]
+    for solver in spec.solvers:
+        for grid in spec.grids:
+            sel = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
+            nfes = sorted({r["nfe"] for r in sel})
+            lines += [f"## {solver}, {grid} grid", "", "| student | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                      "|---|" + "---|" * len(nfes)]
+            for label in dict.fromkeys(r["student"] for r in sel):
+                cells = {r["nfe"]: _fmt(r["mean"], r["std"]) for r in sel if r["student"] == label}
+                lines.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in nfes) + " |")
+            lines.append("")
+    if teachers:
+        lines += ["## Teachers (autoregressive sampling)", "",
+                  format_table(teachers, ["name", "eta", "nfe", "metric", "value", "seconds", "n"]), ""]
+    lines += ["## Straightness, loss and training time", "",
+              "Curvature: mean |v(x_t,t) - (x_1 - x_0)|^2 per dimension along "
+              f"{spec.curvature_steps}-step Euler trajectories (0 = straight).", "",
+              format_table(straight, ["student", "curvature", "final_loss", "train_seconds"]), "",
+              f"## NFE to reach {metric} <= {threshold:.4g}", "",
+              format_table(reach, ["student", "nfe", "setting", "quality", "speedup_vs_teacher"]), ""]
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[dict[str, Any]], teachers: list[dict[str, Any]], spec: CompareConfig, path: Path) -> None:
+    """Quality vs NFE, one panel per solver x grid, error bars over seeds, teachers as dashed lines."""
+    import matplotlib.pyplot as plt
+
+    from shared.plots import save_figure
+
+    combos = [(s, g) for s in spec.solvers for g in spec.grids]
+    fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.6), squeeze=False, sharey=True)
+    for ax, (solver, grid) in zip(axes[0], combos):
+        for label in dict.fromkeys(r["student"] for r in rows):
+            sel = sorted((r for r in rows if r["student"] == label and r["solver"] == solver and r["grid"] == grid),
+                         key=lambda r: r["nfe"])
+            ax.errorbar([r["nfe"] for r in sel], [r["mean"] for r in sel], yerr=[r["std"] for r in sel],
+                        marker="o", ms=3, capsize=2, label=label)
+        for t in teachers:
+            ax.axhline(t["value"], ls="--", lw=1, color="k", alpha=0.6)
+            ax.annotate(f"{t['name']} ({t['nfe']} NFE)", (1, t["value"]), fontsize=7, va="bottom")
+        ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{solver}, {grid}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(rows[0]["metric"])
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_losses(curves: dict[str, list[tuple[list[int], list[float]]]], path: Path) -> None:
+    """Training loss vs step for every student (one line per seed)."""
+    import matplotlib.pyplot as plt
+
+    from shared.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (label, runs) in enumerate(curves.items()):
+        for j, (steps, losses) in enumerate(runs):
+            ax.plot(steps, losses, color=f"C{i}", alpha=0.8, lw=1, label=label if j == 0 else None)
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_samples(panels: dict[str, torch.Tensor], levels: int | None, reference: torch.Tensor | None, path: Path) -> None:
+    """One panel per (model, NFE): an image grid or a 2D scatter over the data."""
+    import matplotlib.pyplot as plt
+
+    from shared.plots import save_figure, image_grid
+
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, x) in zip(axes.flat, panels.items()):
+        if x.dim() == 4:
+            ax.imshow(image_grid(x[:36], levels, nrow=6), cmap="gray" if x.shape[1] == 1 else None)
+        else:
+            if reference is not None:
+                ax.scatter(*reference[:2000].T.numpy(), s=1, c="0.8")
+            ax.scatter(*x[:2000].T.numpy(), s=1)
+            ax.set_aspect("equal")
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_comparison(spec: CompareConfig, command: str = "") -> Path:
+    """Train what is missing, evaluate everything, write the report; returns the comparison folder."""
+    from accelerate import PartialState
+
+    for entry in tqdm(spec.teachers, desc="teachers", disable=None):
+        ensure_trained(entry_config(entry))
+    student_cfgs: dict[str, list[RunConfig]] = {}
+    for entry in spec.students:
+        base = entry_config(entry, spec.common)
+        for seed in spec.seeds:
+            cfg = entry_config(entry, spec.common, [f"seed={seed}", f"name={base.name}-s{seed}"])
+            student_cfgs.setdefault(base.name, []).append(cfg)
+    if len({c.data.name for cfgs in student_cfgs.values() for c in cfgs}) != 1:
+        raise ConfigError("all students of a comparison must train on the same data set")
+    for cfgs in tqdm(list(student_cfgs.values()), desc="students", disable=None):
+        for cfg in cfgs:
+            ensure_trained(cfg)
+    state = PartialState()
+    out = Path(spec.out_dir) / spec.name
+    if not state.is_main_process:
+        return out
+    device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if spec.device == "auto" else spec.device))
+    first = load_run(run_dir_of(next(iter(student_cfgs.values()))[0]), device=device)
+    extractor = feature_extractor(first.dataset, device=str(device)) if first.dataset.kind == "image" else None
+    teachers, panels = [], {}
+    for entry in spec.teachers:
+        trun = load_run(run_dir_of(entry_config(entry)), device=device)
+        row, s = evaluate_teacher(trun, spec.n_samples, extractor)
+        teachers.append(row)
+        panels[f"{row['name']} ({row['nfe']} NFE)"] = s.x
+    results, curves, straight = {}, {}, []
+    for label, cfgs in tqdm(list(student_cfgs.items()), desc="evaluate", disable=None):
+        results[label], curves[label] = [], []
+        for cfg in cfgs:
+            run = load_run(run_dir_of(cfg), device=device)
+            res = evaluate_student(run, spec, extractor)
+            results[label].append(res)
+            curves[label].append((res["loss_steps"], res["losses"]))
+        cur = _mean_std([r["curvature"] for r in results[label]])
+        loss = _mean_std([r["final_loss"] for r in results[label]])
+        straight.append({"student": label, "curvature": _fmt(*cur), "final_loss": _fmt(*loss),
+                         "train_seconds": statistics.fmean(r["train_seconds"] for r in results[label])})
+        run = load_run(run_dir_of(cfgs[0]), device=device)  # first seed's samples for the figure
+        for steps in sorted({1, 4, max(spec.steps)} & set(spec.steps)):
+            panels[f"{label}: {steps} NFE"] = generate(run, 64 if run.dataset.kind == "image" else 2000, steps,
+                                                       spec.solvers[0], spec.grids[0], 0).x
+    rows = aggregate(results)
+    threshold = spec.threshold or (teachers[0]["value"] if teachers else min(r["mean"] for r in rows))
+    teacher_seconds = teachers[0]["seconds"] / teachers[0]["n"] if teachers else None
+    reach = reach_table(rows, threshold, teacher_seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {"spec": to_dict(spec), "threshold": threshold, "teachers": teachers,
+                                      "rows": rows, "straightness": straight, "reach": reach,
+                                      "per_seed": {k: [{x: r[x] for x in ("rows", "curvature", "final_loss")}
+                                                       for r in v] for k, v in results.items()}})
+    from shared.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "comparison.md", markdown(spec, rows, teachers, straight, reach, threshold, command) + "\n")
+    plot_quality(rows, teachers, spec, out / "quality_vs_nfe.png")
+    plot_losses(curves, out / "loss_curves.png")
+    plot_samples(panels, first.dataset.levels, first.dataset.test if first.dataset.kind == "vector" else None,
+                 out / "samples.png")
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train the same student on each coupling (and the teachers), then compare quality vs NFE, straightness and speed."""
+    spec = load_spec(args.spec, args.overrides)
+    command = " ".join(["flowdistill compare", args.spec, *args.overrides])
+    out = run_comparison(spec, command)
+    if (out / "comparison.md").is_file():
+        print((out / "comparison.md").read_text())
+        print(f"wrote {out}/comparison.md, results.json, quality_vs_nfe.png, loss_curves.png, samples.png")
+    return 0
+
+
+@register_command("compare", cmd_compare.__doc__)
+def configure_compare(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `flowdistill compare`."""
+    parser.add_argument("spec", help="comparison spec (YAML), e.g. recipes/toy2d/compare.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0] n_samples=500")
+    parser.set_defaults(func=cmd_compare)

@@ -1,0 +1,202 @@
+"""The precomputed NFM coupling cache: teacher outputs for every (image, draw), sharded, atomic, resumable.
+
+    <cache>/spec.json                  what is being extracted (written first; a different spec is refused)
+    <cache>/shard_00000.safetensors    f_teacher(x_i + eta eps'(i, d)) for images [start, stop), all draws (fp32)
+    <cache>/manifest.json              spec, sigma_f and the sha256 of every shard (written last: complete)
+
+`flowdistill couplings RECIPE` fills it; shards are split round-robin over Accelerate processes and each
+is written under a temporary name and renamed, so an interrupted extraction resumes from the shards on
+disk. Training in precomputed mode loads the cache only when the manifest's spec equals the recipe's
+(teacher weights hash and step, eta, data fingerprint, draws, seed, dtype, shard size).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from nfm.teacher_coupling import (TeacherHandle, estimate_sigma, load_teacher, perturbed, sigma_points,
+                                  teacher_encode)
+from shared.checkpoint import CheckpointError, sha256_file, atomic_write_bytes, atomic_write_text
+from shared.config import ConfigError, RunConfig
+from shared.registry import register_command
+
+SPEC = "spec.json"
+MANIFEST = "manifest.json"
+INFO_KEYS = ("teacher_run",)  # recorded but not required to match (a teacher folder may move)
+
+
+def cache_dir_of(method_cfg: Any) -> Path:
+    """Where a recipe's nf_teacher cache lives: `teacher_cache`, else inside the teacher run."""
+    if method_cfg.teacher_cache:
+        return Path(method_cfg.teacher_cache)
+    return Path(method_cfg.teacher) / "couplings" / f"nf_teacher-d{method_cfg.teacher_draws}-s{method_cfg.teacher_seed}"
+
+
+def cache_spec(teacher: TeacherHandle, dataset: Any, method_cfg: Any) -> dict[str, Any]:
+    """Everything the cached pairs depend on."""
+    return {"teacher_run": str(teacher.run_dir), "teacher_step": teacher.step, "teacher_sha256": teacher.weights_sha256,
+            "eta": teacher.eta, "data": dataset.name, "data_fingerprint": dataset.fingerprint,
+            "n_images": len(dataset.train), "shape": list(dataset.shape), "draws": method_cfg.teacher_draws,
+            "seed": method_cfg.teacher_seed, "teacher_dtype": method_cfg.teacher_dtype,
+            "shard_size": method_cfg.teacher_shard}
+
+
+def spec_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable `key: cache has A, recipe needs B` for every checked key that differs."""
+    keys = sorted((set(saved) | set(wanted)) - set(INFO_KEYS))
+    return [f"{k}: cache has {saved.get(k)!r}, recipe needs {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def spec_id(spec: dict[str, Any]) -> str:
+    """Short hash of the checked part of a spec, stamped into every shard."""
+    checked = {k: v for k, v in spec.items() if k not in INFO_KEYS}
+    return hashlib.sha256(json.dumps(checked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_path(root: Path, shard: int) -> Path:
+    """File of shard number `shard`."""
+    return root / f"shard_{shard:05d}.safetensors"
+
+
+def _shard_ok(path: Path, sid: str, rows: int, draws: int) -> bool:
+    """Whether a shard on disk belongs to this spec and has the expected size (atomic writes: no torn files)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            shape = fh.get_slice("z").get_shape()
+    except Exception:  # unreadable leftovers are recomputed
+        return False
+    return meta.get("spec_id") == sid and list(shape[:2]) == [rows, draws]
+
+
+def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, float]:
+    """The cached teacher outputs (N, draws, *shape) and sigma_f, after checking spec and shard hashes."""
+    root = Path(root) if root else Path(".")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        if (root / SPEC).is_file():
+            raise CheckpointError(f"coupling cache {root} is incomplete (extraction interrupted?): run "
+                                  f"`flowdistill couplings <recipe>` again to finish it")
+        raise CheckpointError(f"no coupling cache at {root}: run `flowdistill couplings <recipe>` first, "
+                              f"or set method.teacher_mode=online")
+    manifest = json.loads(manifest_path.read_text())
+    diff = spec_differences(manifest["spec"], spec)
+    if diff:
+        raise CheckpointError(f"coupling cache {root} is stale or belongs to another setup ({'; '.join(diff)}); "
+                              f"re-extract with `flowdistill couplings <recipe> --overwrite`")
+    parts = []
+    for entry in manifest["shards"]:
+        path = root / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise CheckpointError(f"coupling cache shard {path} is missing or corrupt (sha256 mismatch); "
+                                  f"re-extract with `flowdistill couplings <recipe> --overwrite`")
+        parts.append(load_file(str(path))["z"])
+    return torch.cat(parts), float(manifest["sigma_f"])
+
+
+def _prepare_root(root: Path, spec: dict[str, Any], overwrite: bool) -> None:
+    """Main process: refuse a cache of another spec; start a new one by writing spec.json."""
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    for name in (MANIFEST, SPEC):
+        path = root / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            diff = spec_differences(saved.get("spec", saved), spec)
+            if diff:
+                raise CheckpointError(f"{root} already holds a coupling cache for another setup ({'; '.join(diff)}); "
+                                      f"pass --overwrite to replace it or set method.teacher_cache=<new folder>")
+            if name == MANIFEST:
+                return
+    atomic_write_text(root / SPEC, json.dumps(spec, indent=1) + "\n")
+
+
+def extract(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Fill the nf_teacher cache of a student recipe (all processes take part); returns the cache folder."""
+    from accelerate import Accelerator
+
+    from shared.data import load_dataset
+
+    method = cfg.method
+    if getattr(method, "coupling", None) != "nf_teacher":
+        raise ConfigError(f"`flowdistill couplings` extracts nf_teacher pairs: the recipe's method.coupling is "
+                          f"{getattr(method, 'coupling', None)!r}, expected 'nf_teacher'")
+    if method.teacher_draws < 1 or method.teacher_shard < 1:
+        raise ConfigError(f"method.teacher_draws ({method.teacher_draws}) and method.teacher_shard "
+                          f"({method.teacher_shard}) must be >= 1 for a precomputed cache")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    dataset = load_dataset(cfg.data)
+    teacher = load_teacher(method.teacher, acc.device)
+    if teacher.data_fingerprint != dataset.fingerprint:
+        raise ValueError(f"teacher {method.teacher} was trained on data {teacher.data_fingerprint}, the recipe's "
+                         f"{dataset.name!r} data is {dataset.fingerprint}; use the teacher's data.* settings")
+    spec, root = cache_spec(teacher, dataset, method), cache_dir_of(method)
+    if acc.is_main_process:
+        _prepare_root(root, spec, overwrite)
+    acc.wait_for_everyone()
+    if (root / MANIFEST).is_file():  # left in place by _prepare_root only when complete and matching
+        acc.print(f"coupling cache {root} is already complete")
+        return root
+    sid, n, size, draws = spec_id(spec), len(dataset.train), method.teacher_shard, method.teacher_draws
+    n_shards = math.ceil(n / size)
+    mine = range(acc.process_index, n_shards, acc.num_processes)
+    data = dataset.train.to(acc.device)
+    computed, t0 = 0, time.perf_counter()
+    for s in tqdm(mine, desc=f"teacher pairs ({acc.num_processes} proc)", disable=not acc.is_main_process or None):
+        start, stop = s * size, min(n, (s + 1) * size)
+        path = shard_path(root, s)
+        if _shard_ok(path, sid, stop - start, draws):
+            continue
+        index = torch.arange(start, stop)
+        z = torch.stack([teacher_encode(teacher.flow, perturbed(data, index, torch.full_like(index, d), teacher.eta,
+                                                                  method.teacher_seed), method.teacher_dtype,
+                                        method.teacher_batch).cpu() for d in range(draws)], dim=1)
+        atomic_write_bytes(path, save({"z": z.contiguous(), "index": index}, metadata={"spec_id": sid}))
+        computed += (stop - start) * draws
+    seconds = time.perf_counter() - t0
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shards = [{"file": shard_path(root, s).name, "sha256": sha256_file(shard_path(root, s)),
+                   "start": s * size, "stop": min(n, (s + 1) * size)} for s in range(n_shards)]
+        m = sigma_points(n)
+        z0 = torch.cat([load_file(str(shard_path(root, s)))["z"][:, 0] for s in range(math.ceil(m / size))])[:m]
+        sigma = estimate_sigma(z0)
+        rate = computed / seconds if computed else 0.0
+        manifest = {"spec": spec, "sigma_f": sigma, "shards": shards, "pairs": n * draws,
+                    "extract_seconds": seconds, "pairs_per_s_main_process": rate}
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        acc.print(f"wrote coupling cache {root}: {n} images x {draws} draws, sigma_f={sigma:.4f}; "
+                  f"{computed} pairs computed here in {seconds:.1f} s ({rate:.0f} pairs/s on the main process)")
+    acc.wait_for_everyone()
+    return root
+
+
+def cmd_couplings(args: argparse.Namespace) -> int:
+    """Precompute the NFM teacher pairs a student recipe trains on (method.teacher_mode=precomputed)."""
+    from shared.run import resolve_config
+
+    extract(resolve_config(args.recipe, args.overrides), overwrite=args.overwrite)
+    return 0
+
+
+@register_command("couplings", cmd_couplings.__doc__)
+def configure_couplings(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `flowdistill couplings`."""
+    parser.add_argument("recipe", help="student recipe with method.coupling: nf_teacher")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.teacher_draws=8")
+    parser.add_argument("--overwrite", action="store_true", help="delete a cache of another setup and start over")
+    parser.set_defaults(func=cmd_couplings)
