@@ -1,0 +1,122 @@
+"""`flowdistill compare`: a CI-sized 2D comparison end to end, its aggregation, and spec errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nfm.compare import aggregate, entry_config, load_spec, reach_table, run_comparison
+from shared.cli import main
+from shared.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "recipes" / "toy2d"
+SMALL_DATA = ["data.n_train=1000", "data.n_test=300", "train.progress=false", "train.sample_grid=false"]
+COUPLINGS = ["independent", "minibatch_ot", "semidiscrete_ot", "nfm"]
+
+
+def _spec(root: Path) -> Path:
+    out = root / "runs"
+    teacher = " ".join([str(TOY / "teacher.yaml"), f"out_dir={out}", "name=teacher", "train.steps=60",
+                        "model.width=32", "model.head_dim=16", "model.blocks=4", "train.batch_size=128", *SMALL_DATA])
+    students = [f"{TOY / 'fm_independent.yaml'} name=independent",
+                f"{TOY / 'fm_minibatch_ot.yaml'} name=minibatch_ot",
+                f"{TOY / 'fm_semidiscrete_ot.yaml'} name=semidiscrete_ot method.sdot_iters=200",
+                f"{TOY / 'fm_nf_teacher.yaml'} name=nfm method.teacher={out / 'teacher'}"]
+    spec = {"name": "cmp", "out_dir": str(root / "out"), "teachers": [teacher], "students": students,
+            "common": [f"out_dir={out}", "train.steps=150", "train.batch_size=256", "model.hidden=64",
+                       "train.log_every=50", *SMALL_DATA],
+            "seeds": [0, 1], "steps": [1, 4], "solvers": ["euler"], "grids": ["linear", "quadratic"],
+            "n_samples": 300, "curvature_steps": 16, "curvature_samples": 200}
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    spec = _spec(root)
+    assert main(["compare", str(spec)]) == 0
+    return root, spec
+
+
+def test_compare_writes_report_tables_and_figures(comparison):
+    root, _ = comparison
+    out = root / "out" / "cmp"
+    for name in ("comparison.md", "results.json", "quality_vs_nfe.png", "loss_curves.png", "samples.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    cells = {(r["student"], r["grid"], r["steps"]) for r in results["rows"]}
+    assert cells == {(s, g, n) for s in COUPLINGS for g in ("linear", "quadratic") for n in (1, 4)}
+    assert all(r["seeds"] == 2 and r["metric"] == "w2" and r["mean"] > 0 for r in results["rows"])
+    assert [t["name"] for t in results["teachers"]] == ["teacher"] and results["teachers"][0]["nfe"] > 1
+    report = (out / "comparison.md").read_text()
+    for label in COUPLINGS:
+        assert f"| {label} |" in report
+    assert "Teachers (autoregressive sampling)" in report and "NFE to reach" in report
+    for label in COUPLINGS:
+        for seed in (0, 1):
+            assert (root / "runs" / f"{label}-s{seed}" / "compare-eval.json").is_file()
+
+
+def test_paths_of_ot_couplings_are_straighter_than_independent(comparison):
+    root, _ = comparison
+    per_seed = json.loads((root / "out" / "cmp" / "results.json").read_text())["per_seed"]
+    curvature = {k: max(r["curvature"] for r in v) for k, v in per_seed.items()}
+    assert curvature["minibatch_ot"] < 0.5 * min(r["curvature"] for r in per_seed["independent"])
+    assert curvature["semidiscrete_ot"] < 0.5 * min(r["curvature"] for r in per_seed["independent"])
+
+
+def test_rerun_reuses_trained_runs_and_cached_evaluations(comparison):
+    root, spec = comparison
+    runs = sorted((root / "runs").glob("*/compare-eval.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    ckpts = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/checkpoints/*")}
+    assert main(["compare", str(spec), "name=again"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/checkpoints/*")} == ckpts
+    first = json.loads((root / "out" / "cmp" / "results.json").read_text())["rows"]
+    again = json.loads((root / "out" / "again" / "results.json").read_text())["rows"]
+    assert first == again
+
+
+def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
+    def row(steps, value, seconds=1.0):
+        return {"solver": "euler", "grid": "linear", "steps": steps, "nfe": steps, "metric": "w2", "value": value,
+                "seconds": seconds, "n": 100}
+
+    students = {"a": [{"rows": [row(1, 0.9), row(4, 0.3)]}, {"rows": [row(1, 0.7), row(4, 0.1)]}],
+                "b": [{"rows": [row(1, 0.5), row(4, 0.4)]}]}
+    rows = aggregate(students)
+    a1 = next(r for r in rows if r["student"] == "a" and r["steps"] == 1)
+    assert a1["mean"] == pytest.approx(0.8) and a1["std"] == pytest.approx(0.1414, abs=1e-3) and a1["seeds"] == 2
+    reach = {r["student"]: r for r in reach_table(rows, 0.45, teacher_seconds=1.0)}
+    assert reach["a"]["nfe"] == 4 and reach["b"]["nfe"] == 4
+    assert reach["a"]["speedup_vs_teacher"] == pytest.approx(100.0)
+    reach = {r["student"]: r for r in reach_table(rows, 0.05, teacher_seconds=None)}
+    assert reach["a"]["nfe"] == "not reached" and reach["a"]["quality"] == pytest.approx(0.2)
+
+
+def test_spec_errors_are_specific(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "empty.yaml").write_text("teachers: []\n")
+    with pytest.raises(ConfigError, match="lists no students"):
+        load_spec(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("students: [x]\nsolvers: 3\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_spec(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="empty entry"):
+        entry_config("  ")
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
+    assert "comparison spec" in capsys.readouterr().err
+    spec = {"name": "mixed", "out_dir": str(tmp_path), "seeds": [0],
+            "students": [f"{TOY / 'fm_independent.yaml'} out_dir={tmp_path}",
+                         f"{TOY / 'fm_independent.yaml'} out_dir={tmp_path} name=other data.name=moons"]}
+    (tmp_path / "mixed.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="same data set"):
+        run_comparison(load_spec(tmp_path / "mixed.yaml"))
+    assert not list(tmp_path.glob("*/checkpoints"))  # refused before training anything
