@@ -5,8 +5,12 @@ batch sizes {recipe batch, 256, 1024}, the median wall time of:
     independent      z ~ N(0, I)
     minibatch_ot     exact OT (ot.emd on the CPU), and its entropic variant (ot_reg below)
     semidiscrete_ot  fresh noise + chunked MIPS against the N train points (throughput in queries/s)
+    nf_teacher       online: one teacher encode of x + eta*eps' per batch (fp32 and bf16);
+                     precomputed: a gather from the coupling cache
     student step     FM loss forward + backward + AdamW step of the recipe's model (independent coupling)
-The SD-FM fit is timed per iteration at the recipe's sdot_batch and extrapolated to its sdot_iters.
+The SD-FM fit is timed per iteration at the recipe's sdot_batch and extrapolated to its sdot_iters; the
+precomputed NFM cache's extraction throughput (perturb + teacher encode at teacher_batch, images/s) is timed too.
+The teacher is the recipe's TarFlow, randomly initialised (throughput does not depend on the weights).
 
 Run from the repository root:  python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist]
 """
@@ -23,6 +27,7 @@ from bench.common import RESULTS, add_common_args, machine, markdown_table, medi
 from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from nfm.semidiscrete_ot import SemidiscretePotential, dual_step
+from nfm.teacher_coupling import NFTeacherCoupling, TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
 from shared.config import load_recipe
 from shared.data import load_dataset
@@ -35,16 +40,21 @@ OT_REG = 0.05  # entropic minibatch OT regularisation (relative to the mean cost
 FIT_ITERS = 10  # timed SD-FM fit iterations per case
 COLUMNS = {"case": "case", "batch": "batch", "n_data": "N", "dim": "dim", "independent_ms": "independent ms",
            "ot_exact_ms": "OT exact ms", "ot_sinkhorn_ms": f"OT sinkhorn({OT_REG}) ms", "sdot_ms": "SD-FM ms",
-           "step_ms": "student step ms", "ot_pct_of_step": "OT exact / step %", "sdot_pct_of_step": "SD-FM / step %",
+           "nf_online_ms": "NFM online ms", "nf_online_bf16_ms": "NFM online bf16 ms",
+           "nf_precomputed_ms": "NFM cached ms", "step_ms": "student step ms", "ot_pct_of_step": "OT exact / step %",
+           "sdot_pct_of_step": "SD-FM / step %", "nf_pct_of_step": "NFM online / step %",
            "sdot_queries_per_s": "SD-FM MIPS queries/s"}
 FIT_COLUMNS = {"case": "case", "n_data": "N", "dim": "dim", "sdot_batch": "fit batch", "ms_per_iter": "ms / iter",
-               "sdot_iters": "recipe iters", "est_fit_s": "est. fit s", "mips_pairs_per_s": "MIPS scores/s"}
+               "sdot_iters": "recipe iters", "est_fit_s": "est. fit s", "mips_pairs_per_s": "MIPS scores/s",
+               "extract_images_per_s": "NFM extraction img/s", "extract_bf16_images_per_s": "NFM extraction bf16 img/s"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, repeats=5)
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: each recipe's own, "
+                        f"{', '.join(map(str, EXTRA_BATCHES))})")
     return parser.parse_args(argv)
 
 
@@ -71,7 +81,31 @@ def student_step(cfg: Any, dataset: Any, device: torch.device, batch: int) -> Ca
     return step
 
 
-def bench_case(name: str, device: torch.device, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def nf_couplings(name: str, dataset: Any, device: torch.device) -> tuple[NFTeacherCoupling, NFTeacherCoupling]:
+    """Online and precomputed NFM couplings around the recipe's (randomly initialised) teacher."""
+    teacher_cfg = load_recipe(RECIPES / CASES[name] / "teacher.yaml")
+    nf_cfg = load_recipe(RECIPES / CASES[name] / "fm_nf_teacher.yaml").method
+    torch.manual_seed(0)
+    flow = build_model(teacher_cfg, dataset).to(device).eval().requires_grad_(False)
+    teacher = TeacherHandle(flow, Path("."), 0, "", dataset.fingerprint)
+    online = NFTeacherCoupling(teacher, dataset.train, "online", nf_cfg.teacher_draws, batch_size=nf_cfg.teacher_batch)
+    cached = NFTeacherCoupling(teacher, dataset.train, "precomputed", nf_cfg.teacher_draws)
+    cached._cache = torch.randn(len(dataset.train), nf_cfg.teacher_draws, *dataset.shape, device=device)
+    cached.sigma = 1.0
+    return online, cached
+
+
+def extraction_rate(coupling: NFTeacherCoupling, dtype: str, device: torch.device, images: int = 1024) -> float:
+    """Images/s of cache extraction: perturb with the addressed eps' and encode, teacher_batch at a time."""
+    data = coupling.data.to(device)
+    index = torch.arange(images) % len(data)
+    draw = torch.zeros_like(index)
+    seconds = time_ms(lambda: teacher_encode(coupling.teacher.flow, perturbed(data, index, draw, coupling.teacher.eta, 0),
+                                             dtype, coupling.batch_size), device, 1) / 1000
+    return images / seconds
+
+
+def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the coupling table for one recipe family, and its fit-cost row."""
     cfg = load_recipe(RECIPES / CASES[name] / "fm_independent.yaml")
     sd_cfg = load_recipe(RECIPES / CASES[name] / "fm_semidiscrete_ot.yaml").method
@@ -82,17 +116,25 @@ def bench_case(name: str, device: torch.device, repeats: int) -> tuple[list[dict
     sdot.potential = SemidiscretePotential(torch.randn(n, generator=torch.Generator().manual_seed(0)),
                                            dataset.fingerprint)
     sdot.prepare(device)
+    online, cached = nf_couplings(name, dataset, device)
     rows = []
-    for batch in sorted({cfg.train.batch_size, *EXTRA_BATCHES}):
+    for batch in sorted(set(batches) or {cfg.train.batch_size, *EXTRA_BATCHES}):
         x = dataset.train[torch.arange(batch) % n].to(device)
         row = {"case": name, "batch": batch, "n_data": n, "dim": dim}
         row["independent_ms"] = time_ms(lambda: IndependentCoupling()(x, generator), device, repeats)
         row["ot_exact_ms"] = time_ms(lambda: MinibatchOTCoupling()(x, generator), device, repeats)
         row["ot_sinkhorn_ms"] = time_ms(lambda: MinibatchOTCoupling(OT_REG)(x, generator), device, max(repeats // 2, 1))
         row["sdot_ms"] = time_ms(lambda: sdot.pairs(x, generator), device, repeats)
+        online.prepare(device)
+        row["nf_online_ms"] = time_ms(lambda: online.pairs(x, generator), device, max(repeats // 2, 1))
+        online.dtype = "bf16"
+        row["nf_online_bf16_ms"] = time_ms(lambda: online.pairs(x, generator), device, max(repeats // 2, 1))
+        online.dtype = "fp32"
+        row["nf_precomputed_ms"] = time_ms(lambda: cached.pairs(x, generator), device, repeats)
         row["step_ms"] = time_ms(student_step(cfg, dataset, device, batch), device, max(repeats // 2, 1))
         row["ot_pct_of_step"] = 100 * row["ot_exact_ms"] / row["step_ms"]
         row["sdot_pct_of_step"] = 100 * row["sdot_ms"] / row["step_ms"]
+        row["nf_pct_of_step"] = 100 * row["nf_online_ms"] / row["step_ms"]
         row["sdot_queries_per_s"] = batch / (row["sdot_ms"] / 1000)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -101,7 +143,9 @@ def bench_case(name: str, device: torch.device, repeats: int) -> tuple[list[dict
     ms = time_ms(lambda: dual_step(g, y, sd_cfg.sdot_batch, generator, sd_cfg.sdot_chunk), device, FIT_ITERS)
     fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.sdot_batch, "ms_per_iter": ms,
            "sdot_iters": sd_cfg.sdot_iters, "est_fit_s": ms * sd_cfg.sdot_iters / 1000,
-           "mips_pairs_per_s": sd_cfg.sdot_batch * n / (ms / 1000)}
+           "mips_pairs_per_s": sd_cfg.sdot_batch * n / (ms / 1000),
+           "extract_images_per_s": extraction_rate(online, "fp32", device),
+           "extract_bf16_images_per_s": extraction_rate(online, "bf16", device)}
     print(json.dumps(fit), flush=True)
     return rows, fit
 
@@ -117,12 +161,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choices: {', '.join(CASES)}")
     rows, fits = [], []
     for name in names:
-        case_rows, fit = bench_case(name, device, args.repeats)
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+        case_rows, fit = bench_case(name, device, args.repeats, batches)
         rows += case_rows
         fits.append(fit)
     notes = [f"medians of {args.repeats} timed calls after a warm-up (half as many for sinkhorn and the student step); "
              "minibatch OT solves on the CPU whatever the device",
              "student step: FM loss forward + backward + AdamW on the recipe's model (independent coupling)",
+             "NFM online: perturb (per-address seeded eps') + teacher encode of the batch; cached: a gather from the "
+             "(N, draws, ...) cache on the device; extraction: 1024 images, one timed pass",
              f"fit: {FIT_ITERS} timed SD-FM dual iterations, extrapolated to the recipe's sdot_iters (plus a final "
              "evaluation of about 10 N noise draws, not included)"]
     payload = {"bench": "bench_couplings", "machine": machine(device), "settings": vars(args), "notes": notes,

@@ -75,3 +75,14 @@ def test_bench_sample_benchmarks_a_trained_run(tmp_path, bench):
     [row] = payload["rows"]
     assert row["case"] == "tiny" and row["nfe"] == 2 and row["batch"] == 16
     _positive(row, ["samples_per_s", "nfe_per_s"])
+
+
+def test_bench_couplings_times_every_source_and_nfm_extraction(tmp_path, bench):
+    payload = bench("bench_couplings", tmp_path / "c.json", "--cases", "toy", "--batches", "64,128")
+    assert [r["batch"] for r in payload["rows"]] == [64, 128]
+    for row in payload["rows"]:
+        _positive(row, ["independent_ms", "ot_exact_ms", "sdot_ms", "nf_online_ms", "nf_online_bf16_ms",
+                        "nf_precomputed_ms", "step_ms"])
+        assert math.isclose(row["nf_pct_of_step"], 100 * row["nf_online_ms"] / row["step_ms"])
+    (fit,) = payload["fit_rows"]
+    _positive(fit, ["ms_per_iter", "extract_images_per_s", "extract_bf16_images_per_s"])
