@@ -100,6 +100,20 @@ def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
     assert reach["a"]["nfe"] == "not reached" and reach["a"]["quality"] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/**/compare.yaml")), ids=lambda p: p.parent.name)
+def test_every_comparison_spec_resolves_to_valid_runs(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(path)
+    teachers = [entry_config(e) for e in spec.teachers]
+    students = [entry_config(e, spec.common) for e in spec.students]
+    assert len({c.name for c in teachers + students}) == len(teachers) + len(students)
+    assert {c.data.name for c in students} == {path.parent.name.replace("toy2d", "8gaussians")}
+    assert {c.train.steps for c in students} == {students[0].train.steps}  # one budget for every coupling
+    for cfg in students:
+        if cfg.method.coupling == "nf_teacher":
+            assert cfg.method.teacher in {f"{t.out_dir}/{t.name}" for t in teachers}
+
+
 def test_spec_errors_are_specific(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not found"):
         load_spec(tmp_path / "missing.yaml")

@@ -9,7 +9,7 @@ import yaml
 from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
+RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.name != "compare.yaml")  # compare: test_compare.py
 TOY = ROOT / "recipes" / "toy2d" / "fm_independent.yaml"
 
 
