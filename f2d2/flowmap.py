@@ -42,7 +42,7 @@ class FlowMapConfig:
     """A backbone taking (x, t, s) with an average-velocity output u and a scalar average-divergence head D."""
 
     name: str = "flowmap"
-    backbone: str = "mlp"  # mlp (vectors) or unet (square images)
+    backbone: str = "mlp"  # mlp (any shape, flattened) or unet (square images)
     hidden: int = 256  # mlp: width of hidden layers
     depth: int = 4  # mlp: number of hidden layers
     time_dim: int = 64  # sinusoidal embedding size of t and s (mlp input, D head input)
@@ -91,13 +91,13 @@ class FlowMapMLP(TimeMLP):
         self.div_scale, self.time_scale = div_scale, cfg.time_scale
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, D), t (B,), s (B,) -> u (B, D), D (B,) in nats per unit time."""
+        """x (B, *shape), t (B,), s (B,) -> u (B, *shape), D (B,) in nats per unit time."""
         t, s = t * self.time_scale, s * self.time_scale
         emb_t = timestep_embedding(t, self.cfg.time_dim).to(x.dtype)
         emb_s = timestep_embedding(s, self.cfg.time_dim).to(x.dtype)
-        h = self.body[0](torch.cat([x, emb_t], dim=-1)) + self.s_embed(emb_s)
+        h = self.body[0](torch.cat([x.flatten(1), emb_t], dim=-1)) + self.s_embed(emb_s)
         h = self.body[1:](h)
-        return self.out(h), self.div_scale * self.div_head(h, t, s)
+        return self.out(h).view(x.shape), self.div_scale * self.div_head(h, t, s)
 
 
 class FlowMapUNet(TimeUNet):
@@ -121,7 +121,7 @@ class FlowMapUNet(TimeUNet):
 
 @register_model("flowmap", FlowMapConfig)
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """Flow map for vectors (backbone mlp) or square images (backbone unet)."""
+    """Flow map on an MLP (any shape, flattened) or a UNet (square images) backbone."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choices: {', '.join(BACKBONES)}")
     if cfg.head_hidden < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
@@ -132,9 +132,6 @@ def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
         dim *= int(n)
     scale = cfg.div_scale or float(dim)
     if cfg.backbone == "mlp":
-        if len(data_shape) != 1:
-            raise ValueError(f"flowmap backbone mlp takes vectors (D,), got data shape {tuple(data_shape)}; "
-                             "use backbone: unet")
         return FlowMapMLP(cfg, dim, scale)
     return FlowMapUNet(cfg, data_shape, scale)
 

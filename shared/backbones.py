@@ -1,4 +1,4 @@
-"""Time-conditioned backbones shared by every method: an MLP for vectors and a UNet for images.
+"""Time-conditioned backbones shared by every method: an MLP (any shape, flattened) and a UNet for images.
 
 Every model follows one interface: `forward(x, t, s=None, return_features=False)` with x of shape
 (B, *data_shape), t of shape (B,) in [0, 1] (t=0 data, t=1 noise) and an optional second time s
@@ -49,7 +49,10 @@ class MLPConfig:
 
 
 class TimeMLP(nn.Module):
-    """SiLU MLP on [x, emb(t), emb(s)] for vectors (B, D) -> (B, D); features are the last hidden layer."""
+    """SiLU MLP on [flat x, emb(t), emb(s)]: (B, *shape) -> (B, *shape); features are the last hidden layer.
+
+    Images are flattened to vectors, which makes a cheap CPU backbone for small images (8x8 digits).
+    """
 
     def __init__(self, cfg: MLPConfig, dim: int):
         super().__init__()
@@ -69,22 +72,22 @@ class TimeMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, s: Tensor | None = None, return_features: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x (B, D), t (B,), s (B,) or None -> (B, D), plus features (B, hidden) if asked."""
+        """x (B, *shape), t (B,), s (B,) or None -> (B, *shape), plus features (B, hidden) if asked."""
         _check_second_time(self.cfg.second_time, s)
-        parts = [x, timestep_embedding(t, self.cfg.time_dim).to(x.dtype)]
+        parts = [x.flatten(1), timestep_embedding(t, self.cfg.time_dim).to(x.dtype)]
         if s is not None:
             parts.append(timestep_embedding(s, self.cfg.time_dim).to(x.dtype))
         h = self.body(torch.cat(parts, dim=-1))
-        out = self.out(h)
+        out = self.out(h).view(x.shape)
         return (out, h) if return_features else out
 
 
 @register_model("mlp", MLPConfig)
 def build_mlp(cfg: MLPConfig, data_shape: tuple[int, ...]) -> TimeMLP:
-    """MLP for vector data of shape (D,)."""
-    if len(data_shape) != 1:
-        raise ValueError(f"the mlp model takes vectors of shape (D,), got data shape {tuple(data_shape)}; use the unet for images")
-    return TimeMLP(cfg, int(data_shape[0]))
+    """MLP for data of any shape, flattened to prod(shape) inputs."""
+    if not data_shape or min(data_shape) < 1:
+        raise ValueError(f"the mlp model needs a non-empty data shape with positive sizes, got {tuple(data_shape)}")
+    return TimeMLP(cfg, math.prod(data_shape))
 
 
 @dataclass

@@ -89,9 +89,20 @@ def test_second_time(kind):
         plain(x, t, s)
 
 
+def test_mlp_on_images_equals_the_mlp_on_flattened_vectors():
+    torch.manual_seed(0)
+    cfg = MLPConfig(hidden=32, depth=2, time_dim=16)
+    on_images, on_vectors = build_mlp(cfg, (1, 8, 8)), build_mlp(cfg, (64,))
+    on_vectors.load_state_dict(on_images.state_dict())
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    out, features = on_images(x, t, return_features=True)
+    assert out.shape == x.shape and features.shape == (3, 32)
+    torch.testing.assert_close(out.flatten(1), on_vectors(x.flatten(1), t))
+
+
 def test_build_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"mlp model takes vectors.*\(1, 8, 8\)"):
-        build_mlp(MLPConfig(), (1, 8, 8))
+    with pytest.raises(ValueError, match=r"non-empty data shape.*\(\)"):
+        build_mlp(MLPConfig(), ())
     with pytest.raises(ValueError, match=r"square images.*\(4,\)"):
         build_unet(small_unet(), (4,))
     with pytest.raises(ValueError, match=r"square images.*\(1, 8, 6\)"):

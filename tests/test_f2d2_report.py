@@ -76,3 +76,25 @@ def test_f2d2_eval_prints_and_writes_the_table(runs, capsys):
 def test_f2d2_eval_rejects_other_runs(runs, capsys):
     assert main(["f2d2-eval", str(runs[0]), "--device", "cpu"]) == 2
     assert "needs an f2d2 run" in capsys.readouterr().err
+
+
+def test_f2d2_eval_on_digits_reports_bits_per_dim_like_the_reference_nll(tmp_path):
+    """Image data: the reference bits/dim equal `flowdistill nll` of the teacher on the same dequantized points."""
+    digits = ROOT.parent / "digits"
+    tiny = ["model.hidden=64", "model.depth=2", "model.time_dim=16", "train.batch_size=64", "train.progress=false",
+            "train.sample_grid=false", "train.log_every=50"]
+    teacher = tmp_path / "fm"
+    assert main(["train", str(digits / "fm_mlp.yaml"), f"out_dir={tmp_path}", "name=fm", "train.steps=100", *tiny]) == 0
+    assert main(["train", str(digits / "f2d2_joint_mlp.yaml"), f"out_dir={tmp_path}", "name=f2d2", "train.steps=30",
+                 f"method.teacher={teacher}", f"train.init_from={teacher}", "model.head_hidden=16", *tiny]) == 0
+    assert main(["nll", str(teacher), "--n", "40", "--divergence", "exact", "--device", "cpu"]) == 0
+    ref_bpd = json.loads((teacher / "nll-test.json").read_text())["bits_per_dim"]
+    assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",
+                 "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "f2d2" / "f2d2-eval.json").read_text())["rows"]
+    per_dim = 64 * math.log(2)
+    for r in rows:
+        assert r["ref_bpd"] == pytest.approx(ref_bpd, abs=1e-6)
+        assert r["bpd"] - r["ref_bpd"] == pytest.approx((r["nll"] - r["ref_nll"]) / per_dim, abs=1e-9)
+        assert r["mae_bpd"] == pytest.approx(r["mae"] / per_dim) and r["mae_bpd"] >= abs(r["bpd"] - r["ref_bpd"]) - 1e-9
+        assert r["metric"] != "w2" and math.isfinite(r["quality"])
