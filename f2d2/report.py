@@ -21,7 +21,9 @@ from torch import Tensor
 
 from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
 from f2d2.guidance import guided_sample
+from shared.cli import int_list
 from shared.data import bits_per_dim, dequantize
+from shared.evaluate import sync
 from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
 from shared.registry import register_command
 
@@ -29,11 +31,6 @@ if TYPE_CHECKING:
     from shared.run import Run
 
 LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def test_points(run: Run, n: int, seed: int) -> tuple[Tensor, torch.Generator]:
@@ -48,10 +45,10 @@ def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[
     """Per-sample log p (N,) float64 on the CPU, NFE per batch and wall seconds of `fn` over x in batches."""
     logps, nfe, seconds = [], 0, 0.0
     for start in range(0, len(x), batch_size):
-        _sync(x.device)
+        sync(x.device)
         t0 = time.perf_counter()
         res = fn(x[start:start + batch_size], gen)
-        _sync(x.device)
+        sync(x.device)
         seconds += time.perf_counter() - t0
         logps.append(res.logp.detach().double().cpu())
         nfe = res.nfe
@@ -73,21 +70,11 @@ def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
 def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iterations: int, extractor: Any,
                     batch_size: int) -> tuple[float, int, float]:
     """Sample quality, NFE and seconds of self-guided sampling on the same seeded noise as `generate`."""
+    from shared.evaluate import generate_with
     from shared.metrics import sample_quality
 
-    device = next(run.model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out, nfe, seconds = [], 0, 0.0
-    for start in range(0, n, batch_size):
-        noise = run.method.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
-        _sync(device)
-        t0 = time.perf_counter()
-        res = guided_sample(run.model, noise, steps, lr, iterations)
-        _sync(device)
-        seconds += time.perf_counter() - t0
-        out.append(res.samples.float().cpu())
-        nfe = res.nfe
-    return sample_quality(torch.cat(out), run.dataset, extractor)["value"], nfe, seconds
+    s = generate_with(run, n, lambda noise: guided_sample(run.model, noise, steps, lr, iterations), seed, batch_size)
+    return sample_quality(s.x, run.dataset, extractor)["value"], s.nfe, s.seconds
 
 
 def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence: str, seed: int = 0,
@@ -184,16 +171,6 @@ def cmd_f2d2_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steps(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
-    return values
-
-
 @register_command("f2d2-eval", "F2D2 run: few-step NLL vs the teacher's ODE reference, naive baseline, sample "
                                "quality (optionally self-guided) at K = 1, 2, 4, 8; writes f2d2-eval.json/png")
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +179,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to load")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
-    parser.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
+    parser.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
     parser.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
     parser.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
     parser.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")

@@ -16,7 +16,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers such as 1,2,4,8."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     run_args(p)
-    p.add_argument("--steps", type=_int_list, default=None, help="comma-separated step counts, e.g. 1,2,4,8,16,32")
+    p.add_argument("--steps", type=int_list, default=None, help="comma-separated step counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
     p.add_argument("--grid", default="", help="linear or quadratic (default: the run's eval.grid)")
     p.add_argument("--n", type=int, default=0, help="samples per row (default: the run's eval.n_samples)")

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ from shared.metrics import FeatureExtractor, feature_extractor, sample_quality
 from shared.run import Run
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock timings are honest; a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -33,22 +34,29 @@ class Samples:
     seconds: float
 
 
-@torch.no_grad()
-def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0, batch_size: int = 500) -> Samples:
-    """Draw `n` samples from a run's model in batches; noise is seeded so every setting sees the same noise."""
+def generate_with(run: Run, n: int, sample_fn: Callable[[Tensor], Any], seed: int = 0,
+                  batch_size: int = 500) -> Samples:
+    """Draw `n` samples in batches from seeded prior noise with `sample_fn(noise) -> SampleResult`, timed."""
     device = next(run.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out, nfe, seconds = [], 0, 0.0
     for start in range(0, n, batch_size):
         noise = run.method.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
-        result = run.method.sample(run.model, noise, steps=steps, solver=solver, grid=grid)
-        _sync(device)
+        result = sample_fn(noise)
+        sync(device)
         seconds += time.perf_counter() - t0
         out.append(result.samples.float().cpu())
         nfe = result.nfe
     return Samples(torch.cat(out), nfe, seconds)
+
+
+@torch.no_grad()
+def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0, batch_size: int = 500) -> Samples:
+    """Draw `n` samples from a run's model in batches; noise is seeded so every setting sees the same noise."""
+    return generate_with(run, n, lambda noise: run.method.sample(run.model, noise, steps=steps, solver=solver,
+                                                                 grid=grid), seed, batch_size)
 
 
 def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n: int, seed: int = 0,
@@ -83,7 +91,7 @@ def reference_nll(run: Run, split: str = "test", n: int = 500, divergence: str =
         res = run.method.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
         nll.append(-res.logp.double().cpu())
         nfe.append(res.nfe)
-    _sync(device)
+    sync(device)
     nll_t = torch.cat(nll)
     out = {"split": split, "n": len(nll_t), "divergence": div, "nll_nats": nll_t.mean().item(),
            "nll_nats_stderr": (nll_t.std() / math.sqrt(len(nll_t))).item() if len(nll_t) > 1 else 0.0,

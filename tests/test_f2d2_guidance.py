@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap, few_step_sample
-from f2d2.gaussian import GaussianFlowMap, gaussian_log_density
+from shared.gaussian import GaussianFlowMap, gaussian_log_density
 from f2d2.guidance import guide_noise, guided_sample, one_step_log_likelihood
 
 MEAN = torch.tensor([0.5, -1.0])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap
-from f2d2.gaussian import GaussianFlowMap, GaussianVelocity
+from shared.gaussian import GaussianFlowMap, GaussianVelocity
 from f2d2.losses import F2D2, F2D2Config, build_f2d2, dyadic_pairs
 from shared.config import RunConfig
 

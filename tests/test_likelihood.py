@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared.gaussian import GaussianVelocity, gaussian_log_density
 from shared.likelihood import (DIVERGENCES, PROBES, choose_divergence, divergence_exact, divergence_hutchinson,
                                log_likelihood, make_probe)
 
@@ -14,23 +15,6 @@ from shared.likelihood import (DIVERGENCES, PROBES, choose_divergence, divergenc
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def gaussian_field(mu: torch.Tensor, s: torch.Tensor):
-    """Exact marginal velocity for data N(mu, diag(s^2)) independently coupled with N(0, I); mu, s shaped like one sample."""
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tb = t.reshape(-1, *([1] * (x.dim() - 1)))
-        var = (1 - tb) ** 2 * s**2 + tb**2
-        return -mu + (tb - (1 - tb) * s**2) / var * (x - (1 - tb) * mu)
-
-    return v
-
-
-def gaussian_logpdf(x: torch.Tensor, mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log N(x; mu, diag(s^2)) summed over all but the batch dimension."""
-    per_dim = -0.5 * ((x - mu) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)
-    return per_dim.reshape(x.shape[0], -1).sum(1)
 
 
 class TimeMLP(nn.Module):
@@ -64,8 +48,8 @@ def test_gaussian_closed_form_with_exact_divergence():
     mu = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     s = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
     x = mu + s * torch.randn(6, 3, dtype=torch.float64) * 1.5
-    result = log_likelihood(gaussian_field(mu, s), x, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(result.logp, gaussian_logpdf(x, mu, s), rtol=0, atol=1e-4)
+    result = log_likelihood(GaussianVelocity(mu, s), x, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(result.logp, gaussian_log_density(x, mu, s), rtol=0, atol=1e-4)
     # The noise endpoint of this flow is the whitened data point.
     torch.testing.assert_close(result.z, (x - mu) / s, rtol=0, atol=1e-4)
 
@@ -138,9 +122,9 @@ def test_image_shaped_input(divergence):
     s = torch.linspace(0.5, 2, 16, dtype=torch.float64).reshape(1, 4, 4)
     x = mu + s * torch.randn(3, 1, 4, 4, dtype=torch.float64)
     # A diagonal Jacobian makes the Rademacher estimate exact, so both must hit the closed form.
-    result = log_likelihood(gaussian_field(mu, s), x, divergence=divergence, rtol=1e-8, atol=1e-8)
+    result = log_likelihood(GaussianVelocity(mu, s), x, divergence=divergence, rtol=1e-8, atol=1e-8)
     assert result.logp.shape == (3,) and result.z.shape == x.shape
-    torch.testing.assert_close(result.logp, gaussian_logpdf(x, mu, s), rtol=0, atol=1e-4)
+    torch.testing.assert_close(result.logp, gaussian_log_density(x, mu, s), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("divergence, method, steps, per_step", [

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from shared.gaussian import GaussianVelocity
 from shared.sampling import ADAPTIVE_SOLVERS, FIXED_SOLVERS, GRIDS, CountingField, sample, time_grid
 
 RATE = 1.0  # a in the linear test field v = a * x
@@ -19,17 +20,6 @@ def linear_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def time_dependent_field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """dx/dt = (1/2 + t) x, so solvers must evaluate at the right times; x(0) = x(1) exp(-1)."""
     return (0.5 + t.reshape(-1, *([1] * (x.dim() - 1)))) * x
-
-
-def gaussian_field(mu: torch.Tensor, s: torch.Tensor):
-    """Exact marginal velocity for data N(mu, diag(s^2)) independently coupled with N(0, I)."""
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tb = t.reshape(-1, *([1] * (x.dim() - 1)))
-        var = (1 - tb) ** 2 * s**2 + tb**2
-        return -mu + (tb - (1 - tb) * s**2) / var * (x - (1 - tb) * mu)
-
-    return v
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +114,7 @@ def test_gaussian_flow_reaches_data_distribution():
     s = torch.tensor([0.5], dtype=torch.float64)
     n = 20000
     noise = torch.randn(n, 1, generator=gen, dtype=torch.float64)
-    x = sample(gaussian_field(mu, s), noise, solver="dopri5").samples
+    x = sample(GaussianVelocity(mu, s), noise, solver="dopri5").samples
     # The optimal flow of a diagonal Gaussian is the affine map z -> mu + s z.
     torch.testing.assert_close(x, mu + s * noise, rtol=0, atol=1e-3)
     assert torch.all((x.mean(0) - mu).abs() < 5 * s / math.sqrt(n))
