@@ -33,6 +33,7 @@ class DataConfig:
     test_fraction: float = 0.2  # share of a finite data set kept as the test split
     image_size: int = 0  # resize ImageFolder images to this side (0: keep, all must agree)
     seed: int = 0  # seed of the toy generator and of the train/test split
+    dequantize: bool = False  # images: train on x + uniform cell noise (fresh each step), the density bits/dim scores
 
 
 @dataclass

@@ -122,6 +122,20 @@ def finished_step(cfg: RunConfig) -> int:
     return 0 if ckpt is None else int(verify_checkpoint(ckpt)["step"])
 
 
+def check_dequantize(cfg: RunConfig, levels: int | None) -> int | None:
+    """The quantisation levels the trainer dequantizes with when `data.dequantize` is set (else None)."""
+    if not cfg.data.dequantize:
+        return None
+    if levels is None:
+        raise ValueError(f"data.dequantize needs quantised image data; {cfg.data.name!r} is continuous")
+    if cfg.method.name == "nll":
+        raise ValueError("a tarflow teacher dequantizes through method.dequantize (with model.eta=0), "
+                         "not data.dequantize")
+    if getattr(cfg.method, "coupling", "") == "nf_teacher":
+        raise ValueError("the nf_teacher coupling draws its own data (x + eta*eps'); data.dequantize does not apply")
+    return levels
+
+
 def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train the run a config describes in `<out_dir>/<name>/` (all Accelerate processes take part)."""
     from accelerate import Accelerator
@@ -144,7 +158,8 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
     data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
-    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator)
+    levels = check_dequantize(cfg, dataset.levels)
+    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator, dequantize_levels=levels)
     if resume and trainer.resume():
         accelerator.print(f"resumed from step {trainer.step}")
     record = trainer.fit()

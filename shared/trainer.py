@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from shared.config import TrainConfig
+from shared.data import dequantize
 from shared.method import Method
 
 CHECKPOINTS = "checkpoints"
@@ -95,8 +96,9 @@ class Trainer:
     """Runs `method` on `model` over `data` with AdamW, warmup+cosine LR, clipping, EMA and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, method: Method, data: tuple[Tensor, ...],
-                 run_dir: str | Path, accelerator: Accelerator | None = None):
+                 run_dir: str | Path, accelerator: Accelerator | None = None, dequantize_levels: int | None = None):
         self.cfg, self.seed, self.method = cfg, seed, method
+        self.dequantize_levels = dequantize_levels  # images: add uniform cell noise to each batch
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
@@ -175,6 +177,8 @@ class Trainer:
         idx = self.sampler.indices(self.step).to(acc.device, non_blocking=True)
         batch = tuple(d[idx] for d in self.data)
         self.generator.manual_seed(step_seed(self.seed, self.step, acc.process_index))
+        if self.dequantize_levels is not None:
+            batch = (dequantize(batch[0], self.dequantize_levels, self.generator), *batch[1:])
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         with acc.autocast():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,51 @@ def test_ema_update_is_a_lerp_with_ramped_decay():
     ema.update(model, step=0)
     decay = min(0.99, 1 / 10)
     assert torch.allclose(ema.model.weight, decay * before + (1 - decay) * model.weight)
+
+
+class _RecordBatches:
+    """Wraps a method and keeps a copy of every data batch it is given."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, model, batch, generator):
+        self.batches.append(batch[0].clone())
+        return self.inner(model, batch, generator)
+
+
+def test_dequantize_adds_cell_noise_that_is_a_function_of_seed_and_step(tmp_path):
+    levels = 4
+    grid = (torch.arange(256) % levels + 0.5) / levels * 2 - 1  # cell centres of a 4-level "image" set
+    data = (torch.stack([grid, grid.flip(0)], 1),)
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
+        method = _RecordBatches(FlowMatchingLoss(FlowMatchingConfig()))
+        Trainer(_cfg(steps=4), 0, model, method, data, tmp_path / name, Accelerator(cpu=True),
+                dequantize_levels=levels).fit()
+        runs.append(torch.stack(method.batches))
+    first, again = runs
+    assert torch.equal(first, again)  # the noise is a function of (seed, step)
+    centres = ((first + 1) / 2 * levels).floor().clamp(max=levels - 1) / levels * 2 - 1 + 1 / levels
+    offset = first - centres
+    assert offset.abs().max() <= 1 / levels + 1e-6  # inside the cell (half-width 1/levels)
+    assert offset.std() > 0.4 / levels  # and spread over it (uniform: std 0.577 / levels)
+    assert not torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("recipe,levels,match", [
+    ("toy2d/fm_independent.yaml", None, "needs quantised image data"),
+    ("digits/teacher_bpd.yaml", 17, "through method.dequantize"),
+    ("digits/fm_nf_teacher.yaml", 17, "nf_teacher coupling draws its own data"),
+])
+def test_data_dequantize_is_refused_where_it_cannot_apply(recipe, levels, match):
+    from shared.config import load_recipe
+    from shared.run import check_dequantize
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    with pytest.raises(ValueError, match=match):
+        check_dequantize(load_recipe(recipes / recipe, ["data.dequantize=true"]), levels)
+    assert check_dequantize(load_recipe(recipes / "digits/fm_mlp.yaml"), 17) == 17
+    assert check_dequantize(load_recipe(recipes / "digits/fm_independent.yaml"), 17) is None
