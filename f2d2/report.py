@@ -138,8 +138,8 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
 
 
 COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nll", "nf_mae", "ref_nf_mae",
-           "analytic_mae", "ref_analytic_mae", "bpd", "ref_bpd", "mae_bpd", "naive_bpd", "seconds", "ref_seconds", "ref_nfe",
-           "speedup", "metric", "quality", "guided_quality", "guided_nfe"]
+           "analytic_mae", "ref_analytic_mae", "bpd", "ref_bpd", "mae_bpd", "naive_bpd", "seconds", "ref_seconds",
+           "ref_nfe", "speedup", "metric", "quality", "guided_quality", "guided_nfe"]
 
 
 def cmd_f2d2_eval(args: argparse.Namespace) -> int:
