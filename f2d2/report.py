@@ -26,6 +26,7 @@ from shared.data import bits_per_dim, dequantize
 from shared.evaluate import sync
 from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
 from shared.registry import register_command
+from shared.sampling import GRIDS
 
 if TYPE_CHECKING:
     from shared.run import Run
@@ -68,18 +69,19 @@ def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
 
 
 def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iterations: int, extractor: Any,
-                    batch_size: int) -> tuple[float, int, float]:
+                    batch_size: int, grid: str) -> tuple[float, int, float]:
     """Sample quality, NFE and seconds of self-guided sampling on the same seeded noise as `generate`."""
     from shared.evaluate import generate_with
     from shared.metrics import sample_quality
 
-    s = generate_with(run, n, lambda noise: guided_sample(run.model, noise, steps, lr, iterations), seed, batch_size)
+    s = generate_with(run, n, lambda noise: guided_sample(run.model, noise, steps, lr, iterations, grid), seed,
+                      batch_size)
     return sample_quality(s.x, run.dataset, extractor)["value"], s.nfe, s.seconds
 
 
 def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence: str, seed: int = 0,
-             guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500
-             ) -> dict[str, Any]:
+             guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500,
+             grid: str = "linear") -> dict[str, Any]:
     """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost."""
     from shared.evaluate import generate
     from shared.metrics import feature_extractor, sample_quality
@@ -107,8 +109,9 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
 
     rows = []
     for k in steps:
-        few = score(lambda y, g: few_step_log_likelihood(model, y, k), x, gen, batch_size)
-        naive = score(lambda y, g: naive_log_likelihood(model, y, k, divergence=div, generator=g), x, gen, batch_size)
+        few = score(lambda y, g: few_step_log_likelihood(model, y, k, grid), x, gen, batch_size)
+        naive = score(lambda y, g: naive_log_likelihood(model, y, k, grid, divergence=div, generator=g), x, gen,
+                      batch_size)
         row: dict[str, Any] = {"K": k, "nfe": few["nfe"], **nll_stats(few["logp"], ""),
                                **nll_stats(ref["logp"], "ref_")}
         row["mae"] = (few["logp"] - ref["logp"]).abs().mean().item()
@@ -125,14 +128,14 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
             row["ref_analytic_mae"] = (ref["logp"] - analytic).abs().mean().item()
         row.update(seconds=few["seconds"], ref_seconds=ref["seconds"], ref_nfe=ref["nfe"],
                    speedup=ref["seconds"] / max(few["seconds"], 1e-9))
-        s = generate(run, n_samples, k, "euler", "linear", seed, batch_size)
+        s = generate(run, n_samples, k, "euler", grid, seed, batch_size)
         q = sample_quality(s.x, data, extractor)
         row.update(metric=q["metric"], quality=q["value"], extractor=q["extractor"], sample_seconds=s.seconds)
         if guidance_steps:
             row["guided_quality"], row["guided_nfe"], row["guided_seconds"] = _guided_quality(
-                run, k, n_samples, seed, guidance_lr, guidance_steps, extractor, batch_size)
+                run, k, n_samples, seed, guidance_lr, guidance_steps, extractor, batch_size, grid)
         rows.append(row)
-    return {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x),
+    return {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x), "grid": grid,
             "nf_teacher": nf_teacher or None, "analytic_log_density": analytic, "guidance_lr": guidance_lr,
             "guidance_steps": guidance_steps, "rows": rows}
 
@@ -143,7 +146,7 @@ COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nl
 
 
 def cmd_f2d2_eval(args: argparse.Namespace) -> int:
-    """Print the Markdown table; write f2d2-eval.json and f2d2-eval.png into the run directory."""
+    """Print the Markdown table; write f2d2-eval[-GRID].json and .png into the run directory."""
     from shared.evaluate import format_table, write_json
     from shared.plots import save_curves
     from shared.run import load_run
@@ -155,19 +158,20 @@ def cmd_f2d2_eval(args: argparse.Namespace) -> int:
     ev = run.config.eval
     result = evaluate(run, args.steps, args.n or ev.nll_samples, args.n_samples or ev.n_samples,
                       args.divergence or ev.divergence, args.seed, args.guidance_steps, args.guidance_lr,
-                      args.nf_teacher or run.config.method.nf_teacher, args.batch_size)
+                      args.nf_teacher or run.config.method.nf_teacher, args.batch_size, args.grid)
     rows = result["rows"]
     print(f"{result['run']} (step {result['step']}): reference {result['reference']}, {result['divergence']} "
-          f"divergence, {result['n']} test points; log p in nats per sample, NLL = -mean log p")
+          f"divergence, {result['n']} test points, {args.grid} grid; log p in nats per sample, NLL = -mean log p")
     print(format_table(rows, [c for c in COLUMNS if c in rows[0]]))
     out = Path(args.run)
-    write_json(out / "f2d2-eval.json", result)
+    stem = "f2d2-eval" if args.grid == "linear" else f"f2d2-eval-{args.grid}"
+    write_json(out / f"{stem}.json", result)
     ks = [r["K"] for r in rows]
     curves = {"F2D2 (D head)": (ks, [r["mae"] for r in rows]), "naive (no D)": (ks, [r["naive_mae"] for r in rows])}
     if "nf_mae" in rows[0]:
         curves["F2D2 vs NF teacher"] = (ks, [r["nf_mae"] for r in rows])
-    save_curves(curves, out / "f2d2-eval.png", "K (NFE)", "mean |log p_K - log p_ref| (nats)", result["run"])
-    print(f"wrote {out / 'f2d2-eval.json'} and {out / 'f2d2-eval.png'}")
+    save_curves(curves, out / f"{stem}.png", "K (NFE)", "mean |log p_K - log p_ref| (nats)", result["run"])
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 
 
@@ -180,6 +184,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to load")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
     parser.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
+    parser.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "
+                        "shorter jumps near the data, where the data-to-noise map expands most)")
     parser.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
     parser.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
     parser.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")

@@ -18,10 +18,11 @@ def _data(n: int = 64, seed: int = 0) -> torch.Tensor:
     return (MEAN + STD * torch.randn(n, 3, generator=g)).double()
 
 
+@pytest.mark.parametrize("grid", ["linear", "quadratic"])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
-def test_few_step_likelihood_of_the_exact_map_is_the_analytic_density(steps):
+def test_few_step_likelihood_of_the_exact_map_is_the_analytic_density(steps, grid):
     x = _data()
-    res = few_step_log_likelihood(GaussianFlowMap(MEAN, STD), x, steps)
+    res = few_step_log_likelihood(GaussianFlowMap(MEAN, STD), x, steps, grid)
     assert res.nfe == steps
     torch.testing.assert_close(res.logp, gaussian_log_density(x, MEAN, STD), atol=1e-9, rtol=0)
 

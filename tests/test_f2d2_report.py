@@ -98,3 +98,8 @@ def test_f2d2_eval_on_digits_reports_bits_per_dim_like_the_reference_nll(tmp_pat
         assert r["bpd"] - r["ref_bpd"] == pytest.approx((r["nll"] - r["ref_nll"]) / per_dim, abs=1e-9)
         assert r["mae_bpd"] == pytest.approx(r["mae"] / per_dim) and r["mae_bpd"] >= abs(r["bpd"] - r["ref_bpd"]) - 1e-9
         assert r["metric"] != "w2" and math.isfinite(r["quality"])
+    assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",
+                 "--grid", "quadratic", "--device", "cpu"]) == 0
+    quad = json.loads((tmp_path / "f2d2" / "f2d2-eval-quadratic.json").read_text())
+    assert quad["grid"] == "quadratic" and quad["rows"][0]["nll"] == pytest.approx(rows[0]["nll"], abs=1e-9)  # K = 1
+    assert quad["rows"][1]["nll"] != pytest.approx(rows[1]["nll"], abs=1e-6)  # K = 4 jumps elsewhere
