@@ -149,6 +149,7 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     accelerator.wait_for_everyone()
     run_dir = run_dir_of(cfg)
     dataset = load_dataset(cfg.data)
+    levels = check_dequantize(cfg, dataset.levels)
     model = build_model(cfg, dataset)
     if cfg.train.init_from and not resume:
         fresh = init_from_run(model, cfg.train.init_from)
@@ -158,7 +159,6 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
     data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
-    levels = check_dequantize(cfg, dataset.levels)
     trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator, dequantize_levels=levels)
     if resume and trainer.resume():
         accelerator.print(f"resumed from step {trainer.step}")
