@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--solvers", default=",".join(FIXED_SOLVERS), help="comma-separated fixed-step solvers")
     parser.add_argument("--steps", type=_int_list, default=[1, 4, 16], help="comma-separated step counts")
     parser.add_argument("--run", default="", help="a trained run directory to benchmark instead of the cases")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of --run to load")
+    parser.add_argument("--weights", choices=("auto", "best", "ema", "model"), default="auto", help="which weights of --run to load")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise batch")
     args = parser.parse_args(argv)
     args.solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]

@@ -27,7 +27,8 @@ from bench.common import BenchCase, add_common_args, median, report, selected_ca
 from shared.config import RunConfig, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.run import build_method, build_model
-from shared.trainer import METRICS, Trainer
+from shared.rundir import metrics_path
+from shared.trainer import Trainer
 
 DEFAULT_STEPS = {"toy": 300, "digits": 20, "mnist": 100}  # timed steps per measurement on CPU
 CUDA_STEPS = 500  # timed steps per measurement on CUDA
@@ -113,7 +114,7 @@ class TrainerLoop:
     """The real `Trainer`; each `run` raises `cfg.steps` and calls `fit()` again, as a resumed run would."""
 
     def __init__(self, cfg: TrainConfig, run_cfg: RunConfig, dataset: Dataset, accelerator: Accelerator, run_dir: Path):
-        self.cfg, self.metrics = cfg, run_dir / METRICS
+        self.cfg, self.metrics = cfg, metrics_path(run_dir)
         self.trainer = Trainer(cfg, run_cfg.seed, build_model(run_cfg, dataset), build_method(run_cfg, dataset),
                                (dataset.train,), run_dir, accelerator)
         self.seen = 0

@@ -181,7 +181,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of `flowdistill f2d2-eval`."""
     parser.add_argument("run", help="run directory of an f2d2 run")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to load")
+    parser.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
+                       help="which weights to load: auto (best-on-validation, else EMA, else raw), best, ema, model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
     parser.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
     parser.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "

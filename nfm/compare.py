@@ -27,6 +27,7 @@ from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to
 from shared.evaluate import Samples, format_table, generate, quality_vs_steps, write_json
 from shared.metrics import feature_extractor, sample_quality
 from shared.registry import register_command
+from shared.rundir import config_path
 from shared.run import Run, finished_step, load_run, resolve_config, run_dir_of, train_run
 from shared.sampling import sample
 
@@ -79,7 +80,7 @@ def ensure_trained(cfg: RunConfig) -> Path:
     """Train a run unless its checkpoint already reached `train.steps`; resume an unfinished one."""
     if finished_step(cfg) >= cfg.train.steps:
         return run_dir_of(cfg)
-    return train_run(cfg, resume=(run_dir_of(cfg) / "config.yaml").is_file())
+    return train_run(cfg, resume=config_path(run_dir_of(cfg)).is_file())
 
 
 def curvature(run: Run, steps: int, n: int, seed: int = 0) -> float:

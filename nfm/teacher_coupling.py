@@ -25,9 +25,9 @@ from torch import Tensor
 
 from nfm.couplings import COUPLINGS, Coupling
 from nfm.tarflow import TarFlow
-from shared.checkpoint import latest_checkpoint, verify_checkpoint
-from shared.run import load_run
-from shared.trainer import CHECKPOINTS
+from shared.checkpoint import sha256_file
+from shared.rundir import config_path
+from shared.run import evaluation_weights, load_run
 
 SIGMA_POINTS = 4096  # training images (draw 0) whose teacher outputs define sigma_f
 TEACHER_MODES = ("online", "precomputed")
@@ -53,16 +53,15 @@ class TeacherHandle:
 def load_teacher(run_dir: str | Path, device: torch.device | str = "cpu") -> TeacherHandle:
     """Load a teacher run's EMA weights (frozen, eval mode) and the hash of the file they came from."""
     run_dir = Path(run_dir)
-    if not str(run_dir) or not (run_dir / "config.yaml").is_file():
+    if not str(run_dir) or not config_path(run_dir).is_file():
         raise ValueError(f"coupling nf_teacher needs method.teacher = a trained teacher run directory "
                          f"(from `flowdistill train recipes/.../teacher.yaml`); {str(run_dir)!r} is not one")
-    run = load_run(run_dir, weights="ema", device=device)
+    run = load_run(run_dir, device=device)
     if not isinstance(run.model, TarFlow):
         raise ValueError(f"method.teacher={run_dir} is a {run.config.model.name} run; nf_teacher needs a tarflow teacher")
-    files = verify_checkpoint(latest_checkpoint(run_dir / CHECKPOINTS))["files"]
-    name = "ema.safetensors" if "ema.safetensors" in files else "model.safetensors"
+    path, _ = evaluation_weights(run_dir)
     run.model.requires_grad_(False)
-    return TeacherHandle(run.model, run_dir, run.step, files[name]["sha256"], run.dataset.fingerprint)
+    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.fingerprint)
 
 
 def pair_seed(seed: int, index: int, draw: int) -> int:

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     def run_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("run", help="run directory written by `flowdistill train`")
         q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-        q.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights to load")
+        q.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
+                       help="which weights to load: auto (best-on-validation, else EMA, else raw), best, ema, model")
         q.add_argument("--seed", type=int, default=0, help="seed of the noise / dequantization")
 
     p = sub.add_parser("sample", help=cmd_sample.__doc__, description=cmd_sample.__doc__)

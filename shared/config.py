@@ -31,9 +31,11 @@ class DataConfig:
     n_train: int = 20000  # samples generated for 2D toy sets
     n_test: int = 5000  # held-out samples generated for 2D toy sets
     test_fraction: float = 0.2  # share of a finite data set kept as the test split
+    val_fraction: float = 0.0  # share of the training split held out for validation (model selection, never test)
     image_size: int = 0  # resize ImageFolder images to this side (0: keep, all must agree)
     seed: int = 0  # seed of the toy generator and of the train/test split
     dequantize: bool = False  # images: train on x + uniform cell noise (fresh each step), the density bits/dim scores
+    shift: int = 0  # images: translate each training image by up to this many pixels (zero-level padding)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on the main process
     sample_grid: bool = True  # write a sample grid / scatter at the end of training
     init_from: str = ""  # run directory whose latest EMA weights initialise the model (staged training)
+    eval_every: int = 0  # steps between validation-loss passes; the best weights go to checkpoints/best (0: off)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Finite data sets are split by one rule: a permutation drawn from a generator see
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Dataset:
     levels: int | None  # quantisation levels of image data; None for continuous data
     fingerprint: str  # first 16 hex chars of sha256 over name and train/test bytes
     meta: dict = field(default_factory=dict)
+    val: Tensor | None = None  # validation split carved from the training data (model selection only)
+    val_labels: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,6 +81,26 @@ def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None)
     """Spread cell-centred data uniformly over its cell of width 2 / levels."""
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + (u - 0.5) * 2 / levels
+
+
+def random_shift(x: Tensor, max_shift: int, levels: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image (B, C, H, W) by integers (dy, dx) drawn uniformly from [-s, s]^2.
+
+    Pixels shifted in take the lowest level (the background of digit-like data). One integer pair per
+    image, drawn from `generator`; `max_shift = 0` returns `x` unchanged.
+    """
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    s = max_shift
+    background = image_to_model(torch.zeros((), dtype=torch.long), levels).item()
+    padded = torch.nn.functional.pad(x, (s, s, s, s), value=background)
+    offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator, device=x.device)
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
 
 
 def bits_per_dim(nll_nats: Tensor, dim: int, levels: int) -> Tensor:
@@ -320,8 +343,32 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
 }
 
 
+def carve_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """Move a seeded share of the training split into `dataset.val`; the test split is untouched.
+
+    The last ceil(N_train * fraction) rows of a permutation seeded by `seed` (stream distinct from the
+    train/test split) become the validation split, so it is disjoint from both other splits and fixed by
+    the seed. The fingerprint covers the carve, so caches built on the larger train split are refused.
+    """
+    if fraction == 0:
+        return dataset
+    if not 0 < fraction < 1:
+        raise DataError(f"data.val_fraction must lie in [0, 1), got {fraction}")
+    n = len(dataset.train)
+    n_val = math.ceil(n * fraction - 1e-9)
+    if n_val >= n:
+        raise DataError(f"data.val_fraction={fraction} leaves no training data ({n} training samples)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 1))
+    keep, held = perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
+    labels = dataset.train_labels
+    digest = hashlib.sha256(f"{dataset.fingerprint}/val{fraction}/{seed}".encode()).hexdigest()[:16]
+    return dataclasses.replace(dataset, train=dataset.train[keep].contiguous(), val=dataset.train[held].contiguous(),
+                               train_labels=None if labels is None else labels[keep],
+                               val_labels=None if labels is None else labels[held], fingerprint=digest)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the data set named by `cfg.name` (see `DATASETS`)."""
+    """Load the data set named by `cfg.name` (see `DATASETS`), with a validation split when asked."""
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data set {cfg.name!r}; choices: {', '.join(sorted(DATASETS))}")
-    return DATASETS[cfg.name](cfg)
+    return carve_validation(DATASETS[cfg.name](cfg), cfg.val_fraction, cfg.seed)

@@ -19,11 +19,9 @@ from torch import nn
 from shared import registry
 from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
 from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, load_recipe, to_dict
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset, dequantize, load_dataset, random_shift
 from shared.method import Method
-from shared.trainer import CHECKPOINTS
-
-CONFIG = "config.yaml"
+from shared.rundir import CONFIG, best_dir, checkpoints_dir, weights_file
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
 
 
@@ -52,18 +50,27 @@ def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
     Used for staged training (e.g. a flow map started from a flow-matching teacher). Tensors whose
     name and shape match are copied; the names left at their fresh initialisation are returned.
     """
-    ckpt = latest_checkpoint(Path(source) / CHECKPOINTS)
-    if ckpt is None:
-        raise CheckpointError(f"train.init_from={source}: no checkpoint found there (is it a finished run directory?)")
-    verify_checkpoint(ckpt)
-    name = "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else "model.safetensors"
-    source_state = load_file(str(ckpt / name))
+    source_state = load_file(str(evaluation_weights(source)[0]))
     target = model.state_dict()
     matched = {k: v for k, v in source_state.items() if k in target and target[k].shape == v.shape}
     if not matched:
         raise CheckpointError(f"train.init_from={source}: no tensor of that run fits this model")
     model.load_state_dict(matched, strict=False)
     return sorted(set(target) - set(matched))
+
+
+def evaluation_weights(run_dir: str | Path, choice: str = "auto") -> tuple[Path, int]:
+    """The verified weights file of a run's evaluation model and its step (see `shared.rundir.weights_file`)."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(checkpoints_dir(run_dir))
+    if ckpt is None:
+        raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
+    steps = {ckpt: verify_checkpoint(ckpt)["step"]}
+    best = latest_checkpoint(best_dir(run_dir))
+    if best is not None:
+        steps[best] = verify_checkpoint(best)["step"]
+    path = weights_file(ckpt, best, choice)
+    return path, int(steps[path.parent])
 
 
 def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
@@ -118,7 +125,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
 
 def finished_step(cfg: RunConfig) -> int:
     """Step of a run's latest checkpoint (0 when it has none)."""
-    ckpt = latest_checkpoint(run_dir_of(cfg) / CHECKPOINTS)
+    ckpt = latest_checkpoint(checkpoints_dir(run_dir_of(cfg)))
     return 0 if ckpt is None else int(verify_checkpoint(ckpt)["step"])
 
 
@@ -134,6 +141,22 @@ def check_dequantize(cfg: RunConfig, levels: int | None) -> int | None:
     if getattr(cfg.method, "coupling", "") == "nf_teacher":
         raise ValueError("the nf_teacher coupling draws its own data (x + eta*eps'); data.dequantize does not apply")
     return levels
+
+
+def data_noise(shift: int, dequantize_levels: int | None, levels: int | None):
+    """The per-step data transform: random shifts (images) then uniform dequantization, or None."""
+    if shift and levels is None:
+        raise ValueError(f"data.shift={shift} needs image data")
+    if not shift and dequantize_levels is None:
+        return None
+
+    def transform(batch: tuple, generator: torch.Generator) -> tuple:
+        x = random_shift(batch[0], shift, levels, generator)
+        if dequantize_levels is not None:
+            x = dequantize(x, dequantize_levels, generator)
+        return (x, *batch[1:])
+
+    return transform
 
 
 def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -159,7 +182,11 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
     data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
-    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator, dequantize_levels=levels)
+    val = None
+    if dataset.val is not None:
+        val = (dataset.val,) if dataset.val_labels is None else (dataset.val, dataset.val_labels)
+    trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator,
+                      batch_transform=data_noise(cfg.data.shift, levels, dataset.levels), val_data=val)
     if resume and trainer.resume():
         accelerator.print(f"resumed from step {trainer.step}")
     record = trainer.fit()
@@ -168,21 +195,18 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     return run_dir
 
 
-def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
-    """Rebuild a run's model from its saved config and load its latest checkpoint (`ema` or `model` weights)."""
+def load_run(run_dir: str | Path, weights: str = "auto", device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model from its saved config and load its evaluation weights.
+
+    `weights`: `auto` (best-on-validation if the run validated, else EMA, else raw), `best`, `ema`, `model`.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG}); pass the folder `flowdistill train` created")
     cfg = build_run_config(yaml.safe_load((run_dir / CONFIG).read_text()))
-    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
-    if ckpt is None:
-        raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
-    manifest = verify_checkpoint(ckpt)
+    path, step = evaluation_weights(run_dir, weights)
     dataset = load_dataset(cfg.data)
     model = build_model(cfg, dataset)
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    name = "ema.safetensors" if weights == "ema" and (ckpt / "ema.safetensors").is_file() else "model.safetensors"
-    load_weights(ckpt / name, model)
+    load_weights(path, model)
     model.to(device).eval()
-    return Run(run_dir, cfg, dataset, model, build_method(cfg, dataset), manifest["step"])
+    return Run(run_dir, cfg, dataset, model, build_method(cfg, dataset), step)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from shared.config import TrainConfig
-from shared.data import dequantize
-from shared.method import Method
+from shared.rundir import best_dir, checkpoints_dir, metrics_path
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
+Batch = tuple[Tensor, ...]
+BatchTransform = Callable[[Batch, torch.Generator], Batch]
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,10 +94,15 @@ class EpochSampler:
 class Trainer:
     """Runs `method` on `model` over `data` with AdamW, warmup+cosine LR, clipping, EMA and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, method: Method, data: tuple[Tensor, ...],
-                 run_dir: str | Path, accelerator: Accelerator | None = None, dequantize_levels: int | None = None):
-        self.cfg, self.seed, self.method = cfg, seed, method
-        self.dequantize_levels = dequantize_levels  # images: add uniform cell noise to each batch
+    def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, loss: Callable, data: Batch,
+                 run_dir: str | Path, accelerator: Accelerator | None = None,
+                 batch_transform: BatchTransform | None = None, val_data: Batch | None = None):
+        """`loss(model, batch, generator) -> (scalar, logs)`; `batch_transform(batch, generator)` draws
+        per-step data noise (augmentation, dequantization); `val_data` is scored every `cfg.eval_every`."""
+        self.cfg, self.seed, self.method = cfg, seed, loss
+        self.batch_transform = batch_transform
+        if cfg.eval_every and val_data is None:
+            raise ValueError("train.eval_every > 0 needs a validation split: set data.val_fraction > 0")
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
@@ -118,6 +122,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.model.to(acc.device)
         self.data = tuple(d.to(acc.device) for d in data)
+        self.val_data = None if val_data is None else tuple(d.to(acc.device) for d in val_data)
+        self.best_val = math.inf
         self.sampler = EpochSampler(len(self.data[0]), cfg.batch_size, seed, acc.process_index, acc.num_processes)
         self.generator = torch.Generator(device=acc.device)
         self.step = 0
@@ -133,11 +139,12 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint if there is one; returns whether it did."""
-        path = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        path = latest_checkpoint(checkpoints_dir(self.run_dir))
         if path is None:
             return False
         state = load_checkpoint(path, self.raw_model, self.ema.model if self.ema else None, self.optimizer)
         self.step = state["step"]
+        self.best_val = state.get("best_val", math.inf)
         self._count = state.get("interval_count", 0)
         self._sums = {k: torch.tensor(v, device=self.accelerator.device) for k, v in state.get("interval_sums", {}).items()}
         self._truncate_metrics(self.step)
@@ -149,25 +156,62 @@ class Trainer:
         finite = torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all()
         if not bool(acc.reduce(finite.float(), reduction="mean") == 1):
             raise TrainingDiverged(f"parameters became non-finite by step {self.step}; not saving over "
-                                   f"the last good checkpoint {latest_checkpoint(self.run_dir / CHECKPOINTS)}")
+                                   f"the last good checkpoint {latest_checkpoint(checkpoints_dir(self.run_dir))}")
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
             sums = {k: v.item() for k, v in self._sums.items()}
-            path = save_checkpoint(self.run_dir / CHECKPOINTS, self.step, self.raw_model,
+            path = save_checkpoint(checkpoints_dir(self.run_dir), self.step, self.raw_model,
                                    self.ema.model if self.ema else None, self.optimizer,
-                                   {"interval_count": self._count, "interval_sums": sums},
+                                   {"interval_count": self._count, "interval_sums": sums, "best_val": self.best_val},
                                    keep=self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines logged after `step` (they belong to work that a resume repeats)."""
-        path = self.run_dir / METRICS
+        path = metrics_path(self.run_dir)
         if not self.accelerator.is_main_process or not path.is_file():
             return
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss of the evaluation weights (EMA when on) over the whole validation split.
+
+        The data noise and the loss's own randomness come from one fixed seed, so successive passes
+        compare weights, not noise draws. Every process scores the full split (it is small).
+        """
+        model = self.ema.model if self.ema is not None else self.raw_model
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed(step_seed(self.seed, 0, 0, stream=2))
+        total, count = 0.0, 0
+        n = len(self.val_data[0])
+        for start in range(0, n, self.cfg.batch_size):
+            batch = tuple(d[start:start + self.cfg.batch_size] for d in self.val_data)
+            if self.batch_transform is not None:
+                batch = self.batch_transform(batch, generator)
+            loss, _ = self.method(model, batch, generator)
+            total += float(loss) * len(batch[0])
+            count += len(batch[0])
+        model.train(was_training)
+        return total / count
+
+    def _validate_and_keep_best(self) -> dict[str, float]:
+        """Score the validation split; when it improves, write the evaluation weights to checkpoints/best."""
+        value = self.validate()
+        if value < self.best_val:
+            self.best_val = value
+            if self.accelerator.is_main_process:
+                weights = self.ema.model if self.ema is not None else self.raw_model
+                save_checkpoint(best_dir(self.run_dir), self.step, weights, trainer_state={"val_loss": value}, keep=1)
+        self.accelerator.wait_for_everyone()
+        return {"val_loss": value, "val_best": self.best_val}
 
     # ------------------------------------------------------------------ loop
 
@@ -177,8 +221,8 @@ class Trainer:
         idx = self.sampler.indices(self.step).to(acc.device, non_blocking=True)
         batch = tuple(d[idx] for d in self.data)
         self.generator.manual_seed(step_seed(self.seed, self.step, acc.process_index))
-        if self.dequantize_levels is not None:
-            batch = (dequantize(batch[0], self.dequantize_levels, self.generator), *batch[1:])
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch, self.generator)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         with acc.autocast():
@@ -198,24 +242,24 @@ class Trainer:
         self._count += 1
         self.step += 1
 
-    def _flush_logs(self, t_start: float, step_start: int) -> dict[str, Any]:
+    def _flush_logs(self, t_start: float, step_start: int, extra: dict[str, float] | None = None) -> dict[str, Any]:
         """Average the interval's diagnostics over steps and processes, check them, append to the JSONL log."""
         acc = self.accelerator
         keys = sorted(self._sums)
         stacked = acc.reduce(torch.stack([self._sums[k] for k in keys]), reduction="mean")
         values = (stacked / max(self._count, 1)).tolist()
-        record = {"step": self.step, **dict(zip(keys, values)), "lr": lr_at(self.step - 1, self.cfg)}
+        record = {"step": self.step, **dict(zip(keys, values)), **(extra or {}), "lr": lr_at(self.step - 1, self.cfg)}
         elapsed = time.perf_counter() - t_start
         record["samples_per_s"] = (self.step - step_start) * self.cfg.batch_size * acc.num_processes / max(elapsed, 1e-9)
         self._sums, self._count = {}, 0
         if not all(math.isfinite(v) for v in values):
-            last = latest_checkpoint(self.run_dir / CHECKPOINTS)
+            last = latest_checkpoint(checkpoints_dir(self.run_dir))
             raise TrainingDiverged(
                 f"non-finite training diagnostics at step {self.step} ({dict(zip(keys, values))}); "
                 f"stopped without saving. Last good checkpoint: {last or 'none yet'}. "
                 "Try a lower train.lr, train.grad_clip>0, or train.mixed_precision=no.")
         if acc.is_main_process:
-            with open(self.run_dir / METRICS, "a") as fh:
+            with open(metrics_path(self.run_dir), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         return record
 
@@ -232,8 +276,11 @@ class Trainer:
             while self.step < cfg.steps:
                 self._train_step()
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    record = self._flush_logs(t_start, step_start)
+                validated = {}
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    validated = self._validate_and_keep_best()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or validated:
+                    record = self._flush_logs(t_start, step_start, validated)
                     t_start, step_start = time.perf_counter(), self.step
                     bar.set_postfix(loss=f"{record['loss']:.4g}")
                 if interrupted():

@@ -283,3 +283,41 @@ def test_unknown_name_lists_choices():
     with pytest.raises(DataError) as err:
         load_dataset(DataConfig(name="imagenet"))
     assert "imagenet" in str(err.value) and ", ".join(sorted(DATASETS)) in str(err.value)
+
+
+def test_validation_split_is_disjoint_from_test_fixed_by_the_seed_and_carved_from_train():
+    from shared.config import DataConfig
+    from shared.data import load_dataset
+
+    full = load_dataset(DataConfig(name="digits"))
+    carved = load_dataset(DataConfig(name="digits", val_fraction=0.1))
+    again = load_dataset(DataConfig(name="digits", val_fraction=0.1))
+    other = load_dataset(DataConfig(name="digits", val_fraction=0.1, seed=1))
+    assert torch.equal(carved.test, full.test)  # the test split is untouched
+    assert len(carved.val) == math.ceil(len(full.train) * 0.1) and len(carved.train) + len(carved.val) == len(full.train)
+    assert torch.equal(carved.val, again.val) and not torch.equal(carved.val, other.val[: len(carved.val)])
+    rows = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    assert rows(carved.val) | rows(carved.train) == rows(full.train)
+    assert not (rows(carved.val) & rows(full.test)) or rows(full.train) & rows(full.test)  # duplicates aside
+    assert carved.fingerprint != full.fingerprint and len(carved.val_labels) == len(carved.val)
+
+
+def test_random_shift_translates_images_with_background_padding():
+    from shared.data import image_to_model, random_shift
+
+    levels = 17
+    x = image_to_model(torch.arange(2 * 8 * 8).reshape(2, 1, 8, 8) % levels, levels)
+    g = torch.Generator().manual_seed(0)
+    shifted = random_shift(x, 1, levels, g)
+    background = image_to_model(torch.zeros(()), levels)
+    for b in range(2):
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if torch.equal(shifted[b, :, max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)],
+                                  x[b, :, max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)])]
+        assert matches, "every image is a translate of its input"
+        dy, dx = matches[0]
+        if dy or dx:
+            border = torch.ones(8, 8, dtype=torch.bool)
+            border[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = False
+            assert torch.all(shifted[b, 0][border] == background)
+    assert torch.equal(random_shift(x, 0, levels, g), x)

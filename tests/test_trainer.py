@@ -14,6 +14,7 @@ from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from shared.backbones import MLPConfig, build_mlp
 from shared.checkpoint import latest_checkpoint, load_checkpoint
 from shared.config import TrainConfig
+from shared.run import data_noise
 from shared.trainer import EMA, EpochSampler, Trainer, TrainingDiverged, lr_at
 
 
@@ -158,7 +159,7 @@ def test_dequantize_adds_cell_noise_that_is_a_function_of_seed_and_step(tmp_path
         model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
         method = _RecordBatches(FlowMatchingLoss(FlowMatchingConfig()))
         Trainer(_cfg(steps=4), 0, model, method, data, tmp_path / name, Accelerator(cpu=True),
-                dequantize_levels=levels).fit()
+                batch_transform=data_noise(0, levels, levels)).fit()
         runs.append(torch.stack(method.batches))
     first, again = runs
     assert torch.equal(first, again)  # the noise is a function of (seed, step)
@@ -183,3 +184,62 @@ def test_data_dequantize_is_refused_where_it_cannot_apply(recipe, levels, match)
         check_dequantize(load_recipe(recipes / recipe, ["data.dequantize=true"]), levels)
     assert check_dequantize(load_recipe(recipes / "digits/fm_mlp.yaml"), 17) == 17
     assert check_dequantize(load_recipe(recipes / "digits/fm_independent.yaml"), 17) is None
+
+
+class _ValidationLoss:
+    """A loss whose value on the validation split is scripted per pass (to test best-weight selection)."""
+
+    def __init__(self, inner, scripted: list[float]):
+        self.inner, self.scripted, self.passes = inner, scripted, 0
+
+    def __call__(self, model, batch, generator):
+        if not model.training:  # validation passes run the evaluation weights in eval mode
+            value = self.scripted[min(self.passes, len(self.scripted) - 1)]
+            return torch.tensor(value), {}
+        return self.inner(model, batch, generator)
+
+
+def test_best_on_validation_keeps_the_weights_of_the_lowest_validation_loss(tmp_path):
+    from shared.run import evaluation_weights
+
+    data = _data()
+    val = (data[0][:32],)  # one validation batch per pass
+    torch.manual_seed(0)
+    model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
+    loss = _ValidationLoss(FlowMatchingLoss(FlowMatchingConfig()), [3.0, 1.0, 2.0, 4.0])
+
+    def counting(model, batch, generator):
+        out = loss(model, batch, generator)
+        if not model.training:
+            loss.passes += 1
+        return out
+
+    trainer = Trainer(_cfg(steps=40, eval_every=10, log_every=10), 0, model, counting, data, tmp_path,
+                      Accelerator(cpu=True), val_data=val)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in records if "val_loss" in r] == [3.0, 1.0, 2.0, 4.0]
+    assert records[-1]["val_best"] == 1.0
+    best = latest_checkpoint(tmp_path / "checkpoints" / "best")
+    assert json.loads((best / "trainer.json").read_text()) == {"step": 20, "val_loss": 1.0}
+    (tmp_path / "config.yaml").write_text("")  # evaluation_weights only needs the checkpoints
+    path, step = evaluation_weights(tmp_path)
+    assert step == 20 and path.parent == best
+    path, step = evaluation_weights(tmp_path, "ema")
+    assert step == 40 and path.name == "ema.safetensors"
+
+
+def test_validation_needs_a_validation_split(tmp_path):
+    model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        Trainer(_cfg(eval_every=10), 0, model, FlowMatchingLoss(FlowMatchingConfig()), _data(), tmp_path,
+                Accelerator(cpu=True))
+
+
+def test_validation_loss_is_deterministic_and_uses_a_fixed_noise_draw(tmp_path):
+    data = _data()
+    torch.manual_seed(0)
+    model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
+    trainer = Trainer(_cfg(), 0, model, FlowMatchingLoss(FlowMatchingConfig()), data, tmp_path,
+                      Accelerator(cpu=True), val_data=(data[0][:100],))
+    assert trainer.validate() == trainer.validate()
