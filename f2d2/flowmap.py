@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from shared.backbones import MLPConfig, TimeMLP, TimeUNet, UNetConfig, timestep_embedding
 from shared.likelihood import LikelihoodResult, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
 from shared.paths import standard_normal_logprob
-from shared.registry import register_model
 from shared.sampling import SampleResult, time_grid
 
 BACKBONES = ("mlp", "unet")
@@ -119,7 +118,6 @@ class FlowMapUNet(TimeUNet):
         return u, self.div_scale * self.div_head(features, t, s)
 
 
-@register_model("flowmap", FlowMapConfig)
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
     """Flow map on an MLP (any shape, flattened) or a UNet (square images) backbone."""
     if cfg.backbone not in BACKBONES:
@@ -205,3 +203,27 @@ def naive_log_likelihood(model: FlowMapFn, x: Tensor, steps: int, grid: str = "l
         x = x + (s - t) * u
         delta = delta + (s - t) * div
     return LikelihoodResult(standard_normal_logprob(x) + delta, steps, x)
+
+
+class FlowMapSampler:
+    """Sampling and log-likelihood of a flow map with K jumps (NFE = K); solvers and divergences do not apply."""
+
+    exact_likelihood = False
+
+    def __init__(self, nll_steps: int = 4):
+        self.nll_steps = nll_steps
+
+    def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise (n, *shape) at t = 1."""
+        return torch.randn(n, *shape, device=device, generator=generator)
+
+    def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
+               grid: str = "linear") -> SampleResult:
+        """`steps` jumps of the map from t = 1 to 0 on `grid` (NFE = steps); `solver` does not apply."""
+        return few_step_sample(model, noise, steps, grid)[0]
+
+    def log_likelihood(self, model: nn.Module, x: Tensor, divergence: str = "exact",
+                       generator: torch.Generator | None = None, steps: int | None = None) -> LikelihoodResult:
+        """Few-step log p (B,) in nats per sample with K = steps or nll_steps jumps; `divergence` does not apply."""
+        return few_step_log_likelihood(model, x, steps or self.nll_steps)

@@ -23,13 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from f2d2.flowmap import few_step_log_likelihood, few_step_sample, unwrap
-from shared.likelihood import (PROBES, LikelihoodResult, choose_divergence, divergence_exact, divergence_hutchinson,
-                               make_probe)
-from shared.method import Method
+from f2d2.flowmap import FlowMapSampler, unwrap
+from shared.catalog import BuildContext
+from shared.likelihood import PROBES, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
 from shared.paths import TIME_SAMPLERS, broadcast_time, interpolate, sample_times
-from shared.registry import register_method
-from shared.sampling import SampleResult
+from shared.run import require_same_data
 
 VARIANTS = ("shortcut", "meanflow")
 DIV_SOURCES = ("teacher", "self")
@@ -54,6 +52,14 @@ class F2D2Config:
     adaptive_p: float = 0.0  # meanflow: per-sample weight 1 / (sg(err) + 1e-3)^p (MeanFlow's adaptive loss); 0 is MSE
     nll_steps: int = 4  # K used by `log_likelihood`, i.e. by `flowdistill nll`
     nf_teacher: str = ""  # normalizing-flow run whose exact log p `f2d2-eval` reports next to the few-step one
+
+    def data_noise(self) -> str:
+        """F2D2 draws its own noise endpoint only; data noise comes from data.dequantize."""
+        return ""
+
+    def run_dependencies(self) -> dict[str, str]:
+        """The velocity teacher (training) and the NF reference (evaluation only), when set."""
+        return {k: v for k, v in (("teacher", self.teacher), ("nf_teacher", self.nf_teacher)) if v}
 
 
 @contextlib.contextmanager
@@ -80,31 +86,20 @@ def dyadic_pairs(n: int, levels: int, device: torch.device, generator: torch.Gen
     return t, s, r, torch.where(fine, t, r), torch.where(fine, r, s)
 
 
-class F2D2(Method):
-    """Loss object `(flow map, (x,), generator) -> (loss, logs)`; samples and scores with K jumps of the map."""
+class F2D2:
+    """Loss object `(flow map, (x,), generator) -> (loss, logs)` of Shortcut- or MeanFlow-F2D2."""
 
-    def __init__(self, cfg: F2D2Config, dim: int, teacher: nn.Module | None = None, fingerprint: str = ""):
+    def __init__(self, cfg: F2D2Config, dim: int, teacher: nn.Module | None = None):
         self.cfg = cfg
         self.div_kind = choose_divergence(cfg.divergence, dim)
-        self._teacher = teacher
-        self._fingerprint = fingerprint
+        self._teacher = None if teacher is None else teacher.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ targets
 
     def teacher(self, device: torch.device) -> nn.Module | None:
-        """The frozen teacher velocity field on `device`, loaded from `cfg.teacher` on first use (None without one)."""
-        if self._teacher is None and self.cfg.teacher:
-            from shared.run import load_run
-
-            run = load_run(self.cfg.teacher, device=device)
-            if run.config.model.name == "flowmap":
-                raise ValueError(f"method.teacher={self.cfg.teacher} is a flow map; the teacher must be a velocity "
-                                 "field (an fm run)")
-            if self._fingerprint and run.dataset.fingerprint != self._fingerprint:
-                raise ValueError(f"method.teacher={self.cfg.teacher} was trained on other data ({run.dataset.name})")
-            self._teacher = run.model
+        """The frozen teacher velocity field on `device` (None without one)."""
         if self._teacher is not None:
-            self._teacher = self._teacher.to(device).eval().requires_grad_(False)
+            self._teacher = self._teacher.to(device)
         return self._teacher
 
     def divergence(self, field: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor,
@@ -197,18 +192,6 @@ class F2D2(Method):
             return err.mean()
         return (err / (err.detach() + 1e-3).pow(self.cfg.adaptive_p)).mean()
 
-    # ------------------------------------------------------------------ sampling and likelihood
-
-    def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
-               grid: str = "linear") -> SampleResult:
-        """`steps` jumps of the map from t = 1 to 0 on `grid` (NFE = steps); `solver` does not apply."""
-        return few_step_sample(model, noise, steps, grid)[0]
-
-    def log_likelihood(self, model: nn.Module, x: Tensor, divergence: str = "exact",
-                       generator: torch.Generator | None = None, steps: int | None = None) -> LikelihoodResult:
-        """Few-step log p (B,) in nats per sample with K = steps or cfg.nll_steps jumps; `divergence` does not apply."""
-        return few_step_log_likelihood(model, x, steps or self.cfg.nll_steps)
-
 
 def validate(cfg: F2D2Config) -> None:
     """Raise ValueError for settings outside the listed choices or ranges."""
@@ -224,10 +207,28 @@ def validate(cfg: F2D2Config) -> None:
         raise ValueError(f"method.boot_fraction must lie in (0, 1), got {cfg.boot_fraction}")
 
 
-@register_method("f2d2", F2D2Config)
-def build_f2d2(cfg: F2D2Config, run_cfg, dataset) -> F2D2:
-    """Registry builder for `method.name: f2d2` (needs `model.name: flowmap`); the teacher loads on first use."""
+def build_f2d2_loss(cfg: F2D2Config, ctx: BuildContext) -> F2D2:
+    """The `f2d2` method's loss (needs `model.name: flowmap`); loads the velocity teacher run when set."""
+    check_f2d2(cfg, ctx.run_config)
+    teacher = None
+    if cfg.teacher:
+        run = ctx.load_run(cfg.teacher)
+        if run.config.model.name == "flowmap":
+            raise ValueError(f"method.teacher={cfg.teacher} is a flow map; the teacher must be a velocity field "
+                             "(an fm run)")
+        require_same_data(cfg.teacher, run.dataset.base_fingerprint, ctx.dataset, "method.teacher")
+        teacher = run.model
+    return F2D2(cfg, ctx.dataset.dim, teacher)
+
+
+def build_f2d2_sampler(cfg: F2D2Config, run_cfg, dataset) -> FlowMapSampler:
+    """The `f2d2` method's sampler: K jumps of the map for samples and for log p (K = cfg.nll_steps)."""
+    check_f2d2(cfg, run_cfg)
+    return FlowMapSampler(cfg.nll_steps)
+
+
+def check_f2d2(cfg: F2D2Config, run_cfg) -> None:
+    """Raise ValueError unless the run trains a flow map with valid F2D2 settings."""
     if run_cfg.model.name != "flowmap":
         raise ValueError(f"method f2d2 trains a flow map: set model.name: flowmap (got {run_cfg.model.name!r})")
     validate(cfg)
-    return F2D2(cfg, dataset.dim, fingerprint=dataset.fingerprint)

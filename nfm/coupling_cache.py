@@ -4,21 +4,20 @@
     <cache>/shard_00000.safetensors    f_teacher(x_i + eta eps'(i, d)) for images [start, stop), all draws (fp32)
     <cache>/manifest.json              spec, sigma_f and the sha256 of every shard (written last: complete)
 
-`flowdistill couplings RECIPE` fills it; shards are split round-robin over Accelerate processes and each
+`flowdistill couplings RECIPE` fills it (`extract`); shards are split round-robin over Accelerate processes and each
 is written under a temporary name and renamed, so an interrupted extraction resumes from the shards on
 disk. Training in precomputed mode loads the cache only when the manifest's spec equals the recipe's
 (teacher weights hash and step, eta, data fingerprint, draws, seed, dtype, shard size).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -26,31 +25,30 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nfm.teacher_coupling import (TeacherHandle, estimate_sigma, load_teacher, perturbed, sigma_points,
-                                  teacher_encode)
-from shared.checkpoint import CheckpointError, sha256_file, atomic_write_bytes, atomic_write_text
+from nfm.teacher_pairs import TeacherHandle, estimate_sigma, load_teacher, perturbed, sigma_points, teacher_encode
+from shared.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, sha256_file
 from shared.config import ConfigError, RunConfig
-from shared.registry import register_command
+from shared.run import require_same_data
+from shared.rundir import couplings_dir
 
 SPEC = "spec.json"
 MANIFEST = "manifest.json"
 INFO_KEYS = ("teacher_run",)  # recorded but not required to match (a teacher folder may move)
 
 
-def cache_dir_of(method_cfg: Any) -> Path:
-    """Where a recipe's nf_teacher cache lives: `teacher_cache`, else inside the teacher run."""
-    if method_cfg.teacher_cache:
-        return Path(method_cfg.teacher_cache)
-    return Path(method_cfg.teacher) / "couplings" / f"nf_teacher-d{method_cfg.teacher_draws}-s{method_cfg.teacher_seed}"
+def cache_dir_of(cfg: Any) -> Path:
+    """Where a coupling section's teacher cache lives: `cache`, else inside the teacher run."""
+    if cfg.cache:
+        return Path(cfg.cache)
+    return couplings_dir(cfg.teacher) / f"nf_teacher-d{cfg.draws}-s{cfg.seed}"
 
 
-def cache_spec(teacher: TeacherHandle, dataset: Any, method_cfg: Any) -> dict[str, Any]:
-    """Everything the cached pairs depend on."""
+def cache_spec(teacher: TeacherHandle, dataset: Any, cfg: Any) -> dict[str, Any]:
+    """Everything the cached pairs depend on (`cfg`: the coupling section)."""
     return {"teacher_run": str(teacher.run_dir), "teacher_step": teacher.step, "teacher_sha256": teacher.weights_sha256,
             "eta": teacher.eta, "data": dataset.name, "data_fingerprint": dataset.fingerprint,
-            "n_images": len(dataset.train), "shape": list(dataset.shape), "draws": method_cfg.teacher_draws,
-            "seed": method_cfg.teacher_seed, "teacher_dtype": method_cfg.teacher_dtype,
-            "shard_size": method_cfg.teacher_shard}
+            "n_images": len(dataset.train), "shape": list(dataset.shape), "draws": cfg.draws,
+            "seed": cfg.seed, "teacher_dtype": cfg.dtype, "shard_size": cfg.shard}
 
 
 def spec_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -92,7 +90,7 @@ def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, f
             raise CheckpointError(f"coupling cache {root} is incomplete (extraction interrupted?): run "
                                   f"`flowdistill couplings <recipe>` again to finish it")
         raise CheckpointError(f"no coupling cache at {root}: run `flowdistill couplings <recipe>` first, "
-                              f"or set method.teacher_mode=online")
+                              f"or set method.coupling.mode=online")
     manifest = json.loads(manifest_path.read_text())
     diff = spec_differences(manifest["spec"], spec)
     if diff:
@@ -119,39 +117,41 @@ def _prepare_root(root: Path, spec: dict[str, Any], overwrite: bool) -> None:
             diff = spec_differences(saved.get("spec", saved), spec)
             if diff:
                 raise CheckpointError(f"{root} already holds a coupling cache for another setup ({'; '.join(diff)}); "
-                                      f"pass --overwrite to replace it or set method.teacher_cache=<new folder>")
+                                      f"pass --overwrite to replace it or set method.coupling.cache=<new folder>")
             if name == MANIFEST:
                 return
     atomic_write_text(root / SPEC, json.dumps(spec, indent=1) + "\n")
 
 
-def extract(cfg: RunConfig, overwrite: bool = False) -> Path:
-    """Fill the nf_teacher cache of a student recipe (all processes take part); returns the cache folder."""
+def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = False) -> Path:
+    """Fill the teacher-pair cache of a student recipe (all processes take part); returns the cache folder.
+
+    `load_run(run_dir, device=...)` loads the teacher run named by the recipe's coupling section.
+    """
     from accelerate import Accelerator
 
     from shared.data import load_dataset
 
-    method = cfg.method
-    if getattr(method, "coupling", None) != "nf_teacher":
-        raise ConfigError(f"`flowdistill couplings` extracts nf_teacher pairs: the recipe's method.coupling is "
-                          f"{getattr(method, 'coupling', None)!r}, expected 'nf_teacher'")
-    if method.teacher_draws < 1 or method.teacher_shard < 1:
-        raise ConfigError(f"method.teacher_draws ({method.teacher_draws}) and method.teacher_shard "
-                          f"({method.teacher_shard}) must be >= 1 for a precomputed cache")
+    coupling = getattr(cfg.method, "coupling", None)
+    if not hasattr(coupling, "draws") or not hasattr(coupling, "teacher"):
+        raise ConfigError(f"`flowdistill couplings` extracts teacher pairs: the recipe's method.coupling is "
+                          f"{getattr(coupling, 'name', coupling)!r}, expected nf_teacher or nf_teacher_ot")
+    if coupling.draws < 1 or coupling.shard < 1:
+        raise ConfigError(f"method.coupling.draws ({coupling.draws}) and method.coupling.shard "
+                          f"({coupling.shard}) must be >= 1 for a precomputed cache")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     dataset = load_dataset(cfg.data)
-    teacher = load_teacher(method.teacher, acc.device)
-    if teacher.data_fingerprint != dataset.fingerprint:
-        raise ValueError(f"teacher {method.teacher} was trained on data {teacher.data_fingerprint}, the recipe's "
-                         f"{dataset.name!r} data is {dataset.fingerprint}; use the teacher's data.* settings")
-    spec, root = cache_spec(teacher, dataset, method), cache_dir_of(method)
+    teacher = load_teacher(coupling.teacher, load_run, acc.device)
+    require_same_data(coupling.teacher, teacher.data_fingerprint, dataset, "method.coupling.teacher")
+    method = coupling
+    spec, root = cache_spec(teacher, dataset, coupling), cache_dir_of(coupling)
     if acc.is_main_process:
         _prepare_root(root, spec, overwrite)
     acc.wait_for_everyone()
     if (root / MANIFEST).is_file():  # left in place by _prepare_root only when complete and matching
         acc.print(f"coupling cache {root} is already complete")
         return root
-    sid, n, size, draws = spec_id(spec), len(dataset.train), method.teacher_shard, method.teacher_draws
+    sid, n, size, draws = spec_id(spec), len(dataset.train), method.shard, method.draws
     n_shards = math.ceil(n / size)
     mine = range(acc.process_index, n_shards, acc.num_processes)
     data = dataset.train.to(acc.device)
@@ -163,8 +163,8 @@ def extract(cfg: RunConfig, overwrite: bool = False) -> Path:
             continue
         index = torch.arange(start, stop)
         z = torch.stack([teacher_encode(teacher.flow, perturbed(data, index, torch.full_like(index, d), teacher.eta,
-                                                                  method.teacher_seed), method.teacher_dtype,
-                                        method.teacher_batch).cpu() for d in range(draws)], dim=1)
+                                                                  method.seed), method.dtype, method.batch).cpu()
+                         for d in range(draws)], dim=1)
         atomic_write_bytes(path, save({"z": z.contiguous(), "index": index}, metadata={"spec_id": sid}))
         computed += (stop - start) * draws
     seconds = time.perf_counter() - t0
@@ -183,20 +183,3 @@ def extract(cfg: RunConfig, overwrite: bool = False) -> Path:
                   f"{computed} pairs computed here in {seconds:.1f} s ({rate:.0f} pairs/s on the main process)")
     acc.wait_for_everyone()
     return root
-
-
-def cmd_couplings(args: argparse.Namespace) -> int:
-    """Precompute the NFM teacher pairs a student recipe trains on (method.teacher_mode=precomputed)."""
-    from shared.run import resolve_config
-
-    extract(resolve_config(args.recipe, args.overrides), overwrite=args.overwrite)
-    return 0
-
-
-@register_command("couplings", cmd_couplings.__doc__)
-def configure_couplings(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `flowdistill couplings`."""
-    parser.add_argument("recipe", help="student recipe with method.coupling: nf_teacher")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.teacher_draws=8")
-    parser.add_argument("--overwrite", action="store_true", help="delete a cache of another setup and start over")
-    parser.set_defaults(func=cmd_couplings)

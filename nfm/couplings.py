@@ -1,8 +1,10 @@
 """Couplings: given a data batch, return the noise each data point is paired with.
 
 Every flow-matching student in flowdistill trains on pairs (x, z) produced here; the path
-(`shared.paths`) receives them already coupled. Sources are chosen by name from `COUPLINGS`, and each
-is built by `Coupling.from_config(method_cfg, dataset, run_cfg)`:
+(`shared.paths`) receives them already coupled. A recipe picks one by name in its own section,
+`method.coupling: {name: ..., <its keys>}`; each coupling has a config dataclass and is built by
+`Coupling.from_config(cfg, ctx)` (ctx: `shared.catalog.BuildContext`). The name table is
+`flowdistill.components.COUPLINGS`.
 
     independent      z ~ N(0, I), drawn without looking at x (plain flow matching)
     minibatch_ot     the batch's noise permuted by exact OT on |x_i - z_j|^2 (POT `ot.emd`), or sampled
@@ -11,6 +13,7 @@ is built by `Coupling.from_config(method_cfg, dataset, run_cfg)`:
                      fitted dual potential g (`nfm.semidiscrete_ot`); it picks the data for the noise
     nf_teacher       NFM: z = f_teacher(x + eta eps') / sigma_f from a trained TarFlow, online or from a
                      precomputed cache (`nfm.teacher_coupling`, `nfm.coupling_cache`)
+    nf_teacher_ot    NFM-OT: the teacher's z re-paired with fresh N(0, I) noise by exact minibatch OT
 
 The loss asks for `coupling.pairs(x, generator) -> (x, z)`; couplings that choose the data (SD-FM)
 override it, the others only implement `coupling(x, generator) -> z`. Randomness comes from the
@@ -19,20 +22,47 @@ given generator only, so a resumed run repeats its pairs.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from nfm.semidiscrete_ot import SemidiscretePotential, fit_potential, load_potential, mips, save_potential
-from shared.run import run_dir_of
+from shared.catalog import BuildContext
+from shared.rundir import couplings_dir
 
-SDOT_FILE = Path("couplings") / "sdot_potential.safetensors"  # default potential location inside a run directory
+SDOT_FILE = "sdot_potential.safetensors"  # default potential file inside a run's couplings folder
+
+
+@dataclass
+class IndependentConfig:
+    """`coupling: {name: independent}`: no options."""
+
+    name: str = "independent"
+
+
+@dataclass
+class MinibatchOTConfig:
+    """`coupling: {name: minibatch_ot, reg: 0}`."""
+
+    name: str = "minibatch_ot"
+    reg: float = 0.0  # entropic regularisation relative to the mean cost (0: the exact plan, ot.emd)
+
+
+@dataclass
+class SemidiscreteOTConfig:
+    """`coupling: {name: semidiscrete_ot, ...}`: the dual potential's fit."""
+
+    name: str = "semidiscrete_ot"
+    potential: str = ""  # potential file (default <run dir>/couplings/sdot_potential.safetensors)
+    iters: int = 2000  # stochastic-ascent iterations of the dual fit
+    batch: int = 4096  # noise samples per fit iteration
+    lr: float = 0.01  # Adam step of the fit, relative to the data's RMS norm
+    chunk: int = 8192  # data points per matmul block of the inner-product search
 
 
 class Coupling:
@@ -41,8 +71,8 @@ class Coupling:
     name = "base"
 
     @classmethod
-    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "Coupling":
-        """Build from the method config (its coupling options), the training data set and the run config."""
+    def from_config(cls, cfg: Any, ctx: BuildContext | None = None) -> "Coupling":
+        """Build from the coupling's config section and the build context (data set, run config)."""
         return cls()
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -64,6 +94,8 @@ class IndependentCoupling(Coupling):
 
 def squared_costs(x: Tensor, z: Tensor) -> np.ndarray:
     """Cost matrix M_ij = |x_i - z_j|^2 of flattened batches x, z (B, ...), float64 (B, B) on the CPU."""
+    import ot
+
     return ot.dist(x.detach().reshape(len(x), -1).double().cpu().numpy(),
                    z.detach().reshape(len(z), -1).double().cpu().numpy())
 
@@ -74,6 +106,9 @@ def exact_assignment(cost: np.ndarray) -> np.ndarray:
     Falls back to scipy's `linear_sum_assignment` when the network simplex stops short of optimality or its plan is
     not a permutation matrix.
     """
+    import ot
+    from scipy.optimize import linear_sum_assignment
+
     n = cost.shape[0]
     uniform = np.full(n, 1.0 / n)
     with warnings.catch_warnings():
@@ -97,12 +132,12 @@ class MinibatchOTCoupling(Coupling):
 
     def __init__(self, reg: float = 0.0):
         if reg < 0:
-            raise ValueError(f"method.ot_reg must be >= 0, got {reg}")
+            raise ValueError(f"method.coupling.reg must be >= 0, got {reg}")
         self.reg = reg
 
     @classmethod
-    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "MinibatchOTCoupling":
-        return cls(reg=cfg.ot_reg)
+    def from_config(cls, cfg: MinibatchOTConfig, ctx: BuildContext | None = None) -> "MinibatchOTCoupling":
+        return cls(reg=cfg.reg)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -113,6 +148,8 @@ class MinibatchOTCoupling(Coupling):
         cost = squared_costs(x, z)
         if self.reg == 0:
             return torch.from_numpy(exact_assignment(cost)).to(x.device)
+        import ot
+
         n = len(cost)
         uniform = np.full(n, 1.0 / n)
         with warnings.catch_warnings():
@@ -144,15 +181,12 @@ class SemidiscreteOTCoupling(Coupling):
         self._flat: Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "SemidiscreteOTCoupling":
-        if dataset is None:
+    def from_config(cls, cfg: SemidiscreteOTConfig, ctx: BuildContext | None = None) -> "SemidiscreteOTCoupling":
+        if ctx is None:
             raise ValueError("coupling semidiscrete_ot needs the training data set to fit its potential")
-        path = cfg.sdot_potential or None
-        if path is None and run_cfg is not None:
-            path = run_dir_of(run_cfg) / SDOT_FILE
-        return cls(dataset.train, dataset.fingerprint, path, cfg.sdot_iters, cfg.sdot_batch, cfg.sdot_lr,
-                   cfg.sdot_chunk, run_cfg.seed if run_cfg is not None else 0,
-                   run_cfg.train.progress if run_cfg is not None else True)
+        path = cfg.potential or couplings_dir(ctx.run_dir) / SDOT_FILE
+        return cls(ctx.dataset.train, ctx.dataset.fingerprint, path, cfg.iters, cfg.batch, cfg.lr, cfg.chunk,
+                   ctx.run_config.seed, ctx.run_config.train.progress)
 
     def prepare(self, device: torch.device | str) -> None:
         """Load (or fit and save) the potential and move it and the data to `device`."""
@@ -184,20 +218,3 @@ class SemidiscreteOTCoupling(Coupling):
         x0 = torch.randn(len(x), self._flat.shape[1], device=x.device, generator=generator)
         _, k = mips(x0, self._flat, self._g, self.chunk)
         return self.data[k].to(x.dtype), x0.reshape(len(x), *self.data.shape[1:]).to(x.dtype)
-
-
-COUPLINGS: dict[str, type[Coupling]] = {
-    "independent": IndependentCoupling,
-    "minibatch_ot": MinibatchOTCoupling,
-    "semidiscrete_ot": SemidiscreteOTCoupling,
-}
-
-
-def build_coupling(name: str, cfg: Any = None, dataset: Any = None, run_cfg: Any = None) -> Coupling:
-    """Instantiate a coupling by name from the method config, data set and run config; lists the choices."""
-    from shared import registry
-
-    registry.load_plugins()  # couplings defined in other modules (nf_teacher) register on import
-    if name not in COUPLINGS:
-        raise ValueError(f"unknown coupling {name!r}; choices: {', '.join(sorted(COUPLINGS))}")
-    return COUPLINGS[name].from_config(cfg, dataset, run_cfg)

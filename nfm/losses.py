@@ -1,17 +1,26 @@
-"""The flow-matching loss used by every NFM student, whatever coupling supplies its noise."""
+"""The flow-matching loss used by every NFM student, whatever coupling supplies its noise.
+
+    L(theta) = E_{t, (x, z) ~ coupling} || v_theta(x_t, t) - (z - x) ||^2,    x_t = (1 - t) x + t z
+
+in squared units of the data per dimension (a mean over batch and dimensions), t = 0 data, t = 1 noise.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from nfm.couplings import build_coupling
-from shared.config import RunConfig
-from shared.data import Dataset
-from shared.method import Method
+from nfm.couplings import Coupling, IndependentConfig
+from shared.catalog import BuildContext
+from shared.method import VelocityFieldSampler
 from shared.paths import TIME_SAMPLERS, interpolate, sample_times, velocity_target
-from shared.registry import register_method
+
+_COUPLING_KEYS = {"ot_reg": "reg", "sdot_potential": "potential", "sdot_iters": "iters", "sdot_batch": "batch",
+                  "sdot_lr": "lr", "sdot_chunk": "chunk", "teacher": "teacher", "teacher_mode": "mode",
+                  "teacher_draws": "draws", "teacher_seed": "seed", "teacher_dtype": "dtype",
+                  "teacher_batch": "batch", "teacher_shard": "shard", "teacher_cache": "cache"}
 
 
 @dataclass
@@ -19,34 +28,31 @@ class FlowMatchingConfig:
     """Flow matching with a chosen coupling: || v(x_t, t) - (z - x) ||^2."""
 
     name: str = "fm"
-    coupling: str = "independent"  # noise source paired with each data point (nfm.couplings.COUPLINGS)
+    coupling: Any = field(default_factory=IndependentConfig)  # the noise source: {name: independent | minibatch_ot | ...}
     time_sampler: str = "uniform"  # training-time distribution: uniform or logit_normal
     time_mean: float = 0.0  # logit-normal location
     time_std: float = 1.0  # logit-normal scale
-    ot_reg: float = 0.0  # minibatch_ot: entropic regularisation relative to the mean cost (0: exact ot.emd)
-    sdot_potential: str = ""  # semidiscrete_ot: potential file (default <run dir>/couplings/sdot_potential.safetensors)
-    sdot_iters: int = 2000  # semidiscrete_ot: stochastic-ascent iterations of the dual fit
-    sdot_batch: int = 4096  # semidiscrete_ot: noise samples per fit iteration
-    sdot_lr: float = 0.01  # semidiscrete_ot: Adam step of the fit, relative to the data's RMS norm
-    sdot_chunk: int = 8192  # semidiscrete_ot: data points per matmul block of the inner-product search
-    teacher: str = ""  # nf_teacher: run directory of the trained tarflow teacher (its eta is reused)
-    teacher_mode: str = "online"  # nf_teacher: online (encode each batch) or precomputed (`flowdistill couplings`)
-    teacher_draws: int = 4  # nf_teacher: eps' draws per image; online only: 0 = fresh eps' every step
-    teacher_seed: int = 0  # nf_teacher: seed of the eps' draws (not the run seed, so students share one cache)
-    teacher_dtype: str = "fp32"  # nf_teacher: fp32 or bf16 teacher encodes
-    teacher_batch: int = 256  # nf_teacher: images per teacher encode
-    teacher_shard: int = 1024  # nf_teacher: images per cache shard file
-    teacher_cache: str = ""  # nf_teacher: cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>)
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        old: f"it is method.coupling.{new} now, inside the coupling's own section "
+             f"(e.g. method: {{coupling: {{name: ..., {new}: ...}}}})" for old, new in _COUPLING_KEYS.items()}
+
+    def data_noise(self) -> str:
+        """What data noise the coupling draws itself ("" when it uses the batch as given)."""
+        return self.coupling.data_noise() if hasattr(self.coupling, "data_noise") else ""
+
+    def run_dependencies(self) -> dict[str, str]:
+        """Runs the coupling reads during training (a teacher), by role."""
+        return self.coupling.run_dependencies() if hasattr(self.coupling, "run_dependencies") else {}
 
 
-class FlowMatchingLoss(Method):
+class FlowMatchingLoss:
     """Mean squared error between the model velocity at x_t and the conditional velocity z - x."""
 
-    def __init__(self, cfg: FlowMatchingConfig, dataset: Dataset | None = None, run_cfg: RunConfig | None = None):
+    def __init__(self, cfg: FlowMatchingConfig, coupling: Coupling):
         if cfg.time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"unknown method.time_sampler {cfg.time_sampler!r}; choices: {', '.join(TIME_SAMPLERS)}")
-        self.cfg = cfg
-        self.coupling = build_coupling(cfg.coupling, cfg, dataset, run_cfg)
+        self.cfg, self.coupling = cfg, coupling
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -57,7 +63,11 @@ class FlowMatchingLoss(Method):
         return loss, {}
 
 
-@register_method("fm", FlowMatchingConfig)
-def build_flow_matching(cfg: FlowMatchingConfig, run_cfg, dataset) -> FlowMatchingLoss:
-    """Registry builder for `method.name: fm`."""
-    return FlowMatchingLoss(cfg, dataset, run_cfg)
+def build_flow_matching_loss(cfg: FlowMatchingConfig, ctx: BuildContext) -> FlowMatchingLoss:
+    """The `fm` method's loss with its coupling built from the `method.coupling` table."""
+    return FlowMatchingLoss(cfg, ctx.build_nested("method.coupling", cfg.coupling))
+
+
+def build_velocity_sampler(cfg: Any, run_cfg: Any, dataset: Any) -> VelocityFieldSampler:
+    """The sampler of a velocity-field model: ODE sampling and ODE likelihood."""
+    return VelocityFieldSampler()

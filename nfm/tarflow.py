@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from shared.registry import register_model
 
 
 @dataclass
@@ -303,7 +302,6 @@ def encode_batched(flow: TarFlow, x: Tensor, y: Tensor | None = None, batch_size
     return torch.cat(zs), torch.cat(logdets)
 
 
-@register_model("tarflow", TarFlowConfig)
 def build_tarflow(cfg: TarFlowConfig, data_shape: tuple[int, ...]) -> TarFlow:
-    """Registry builder for `model.name: tarflow` on images (C, H, W) or vectors (D,)."""
+    """Build `model.name: tarflow` for images (C, H, W) or vectors (D,)."""
     return TarFlow(cfg, data_shape)

@@ -21,10 +21,9 @@ from torch import Tensor, nn
 
 from nfm.tarflow import TarFlow, TarFlowConfig
 from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
+from shared.catalog import BuildContext
 from shared.likelihood import LikelihoodResult
-from shared.method import Method
 from shared.paths import standard_normal_logprob
-from shared.registry import register_method
 from shared.sampling import SampleResult
 
 
@@ -37,6 +36,14 @@ class TeacherConfig:
     denoise: bool = True  # one Tweedie step x + eta^2 grad log p(x) after sampling (nothing to do when eta = 0)
     guidance: float = 0.0  # classifier-free guidance weight w on (alpha, mu) when sampling a conditional model
     temperature: float = 1.0  # std of the prior noise that sampling decodes
+
+    def data_noise(self) -> str:
+        """The teacher perturbs its own training data (dequantization or x + eta*eps)."""
+        return "method.dequantize or the model's x + eta*eps"
+
+    def run_dependencies(self) -> dict[str, str]:
+        """A teacher depends on no other run."""
+        return {}
 
 
 def unwrap(model: nn.Module) -> TarFlow:
@@ -63,8 +70,8 @@ def tweedie_denoise(flow: TarFlow, x: Tensor, eta: float, y: Tensor | None = Non
     return (x + eta**2 * score).detach()
 
 
-class TeacherNLL(Method):
-    """Loss object `(model, (x[, y]), generator) -> (NLL nats/dim, logs)`, plus teacher sampling and likelihood."""
+class TeacherNLL:
+    """Loss object `(model, (x[, y]), generator) -> (NLL nats/dim, logs)`: -log p(x~) / D, x~ the perturbed data."""
 
     def __init__(self, cfg: TeacherConfig, levels: int | None):
         self.cfg, self.levels = cfg, levels
@@ -94,6 +101,20 @@ class TeacherNLL(Method):
         if self.levels is not None:
             logs["bpd"] = bits_per_dim(nll.detach(), dim, self.levels)
         return nll / dim, logs
+
+
+class TeacherSampler:
+    """Autoregressive decoding (plus one Tweedie step) and the exact likelihood of a TarFlow."""
+
+    exact_likelihood = True
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+
+    def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise (n, *shape); `sample` scales it by the temperature."""
+        return torch.randn(n, *shape, device=device, generator=generator)
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
                grid: str = "linear", labels: Tensor | None = None) -> SampleResult:
@@ -135,9 +156,20 @@ def categorical_baseline_bpd(dataset: Dataset) -> float:
     return (-log_p.gather(1, test.T).mean() / math.log(2)).item()
 
 
-@register_method("nll", TeacherConfig)
-def build_teacher(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> TeacherNLL:
-    """Registry builder for `method.name: nll` (model must be a tarflow)."""
+def build_teacher_loss(cfg: TeacherConfig, ctx: BuildContext) -> TeacherNLL:
+    """The `nll` method's loss (the model must be a tarflow)."""
+    check_teacher(cfg, ctx.run_config, ctx.dataset)
+    return TeacherNLL(cfg, ctx.dataset.levels)
+
+
+def build_teacher_sampler(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> TeacherSampler:
+    """The `nll` method's sampler: decoding and exact likelihood."""
+    check_teacher(cfg, run_cfg, dataset)
+    return TeacherSampler(cfg)
+
+
+def check_teacher(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> None:
+    """Raise ValueError for a model, data set or setting the `nll` method cannot use."""
     model = run_cfg.model
     if not isinstance(model, TarFlowConfig):
         raise ValueError(f"method nll trains a normalizing flow: set model.name: tarflow (got {model.name!r})")
@@ -155,4 +187,3 @@ def build_teacher(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> TeacherNLL:
                              f"set model.num_classes >= {int(dataset.train_labels.max()) + 1}")
     elif cfg.guidance:
         raise ValueError("method.guidance needs a class-conditional model (model.num_classes > 0)")
-    return TeacherNLL(cfg, dataset.levels)

@@ -1,21 +1,18 @@
-"""NFM coupling: the noise a normalizing-flow teacher assigns to each data point.
+"""NFM couplings: the noise a normalizing-flow teacher assigns to each data point, and its OT variant.
 
-    z = f_teacher(x + eta * eps') / sigma_f
+    nf_teacher      z = f_teacher(x_i + eta * eps'(i, d)) / sigma_f     (NFM; `nfm.teacher_pairs`)
+    nf_teacher_ot   the same teacher latents for a batch, then fresh eps ~ N(0, I) re-paired with them
+                    by the exact minibatch OT assignment on |z_i - eps_j|^2: the student's noise has
+                    exactly the N(0, I) marginal it starts from at sampling time, and keeps the pairing's
+                    structure (NFM-OT)
 
-`eta` is the teacher's own training noise (saved in its model config) and `sigma_f` the RMS of teacher
-outputs over the first `SIGMA_POINTS` training images (draw 0), estimated once. The student's data
-endpoint is the clean x.
-
-A pair is addressed by (image index i, draw d): eps' comes from a generator seeded by
-(teacher_seed, i, d), so each pair is a function of (i, d) and the teacher alone. Every training step
-picks B addresses with the step's generator; `online` mode encodes them with the frozen teacher (no
-grad, optional bf16), `precomputed` mode reads the same pairs from the cache that
-`flowdistill couplings RECIPE` writes (`nfm.coupling_cache`). With `teacher_draws: 0`, online mode
-draws fresh eps' at every step instead.
+A pair is addressed by (image index i, draw d). Every training step picks B addresses with the step's
+generator; `online` mode encodes them with the frozen teacher (no grad, optional bf16), `precomputed`
+mode reads the same pairs from the cache that `flowdistill couplings RECIPE` writes
+(`nfm.coupling_cache`). With `draws: 0`, online mode draws fresh eps' at every step instead.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,92 +20,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nfm.couplings import COUPLINGS, Coupling
-from nfm.tarflow import TarFlow
-from shared.checkpoint import sha256_file
-from shared.rundir import config_path
-from shared.run import evaluation_weights, load_run
+from nfm.coupling_cache import cache_dir_of, cache_spec, load_cache
+from nfm.couplings import Coupling, exact_assignment, squared_costs
+from nfm.teacher_pairs import TEACHER_DTYPES, TeacherHandle, load_teacher, perturbed, teacher_encode, teacher_sigma
+from shared.catalog import BuildContext
+from shared.run import require_same_data
 
-SIGMA_POINTS = 4096  # training images (draw 0) whose teacher outputs define sigma_f
 TEACHER_MODES = ("online", "precomputed")
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class TeacherHandle:
-    """A frozen TarFlow teacher with what identifies it: run directory, step and weights hash."""
+class NFTeacherConfig:
+    """`coupling: {name: nf_teacher | nf_teacher_ot, teacher: RUN, ...}`: pairs from a trained flow teacher."""
 
-    flow: TarFlow
-    run_dir: Path
-    step: int
-    weights_sha256: str
-    data_fingerprint: str
+    name: str = "nf_teacher"
+    teacher: str = ""  # run directory of the trained flow teacher (its eta is reused)
+    mode: str = "online"  # online (encode each batch) or precomputed (`flowdistill couplings`)
+    draws: int = 4  # eps' draws per image; online only: 0 = fresh eps' every step
+    seed: int = 0  # seed of the eps' draws (not the run seed, so students share one cache)
+    dtype: str = "fp32"  # fp32 or bf16 teacher encodes
+    batch: int = 256  # images per teacher encode
+    shard: int = 1024  # images per cache shard file
+    cache: str = ""  # cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>)
 
-    @property
-    def eta(self) -> float:
-        """The noise level the teacher was trained with (its couplings must use the same)."""
-        return float(self.flow.eta)
+    def data_noise(self) -> str:
+        """The coupling draws its own data perturbation (the teacher's input x + eta*eps')."""
+        return "the teacher's x + eta*eps'"
 
-
-def load_teacher(run_dir: str | Path, device: torch.device | str = "cpu") -> TeacherHandle:
-    """Load a teacher run's EMA weights (frozen, eval mode) and the hash of the file they came from."""
-    run_dir = Path(run_dir)
-    if not str(run_dir) or not config_path(run_dir).is_file():
-        raise ValueError(f"coupling nf_teacher needs method.teacher = a trained teacher run directory "
-                         f"(from `flowdistill train recipes/.../teacher.yaml`); {str(run_dir)!r} is not one")
-    run = load_run(run_dir, device=device)
-    if not isinstance(run.model, TarFlow):
-        raise ValueError(f"method.teacher={run_dir} is a {run.config.model.name} run; nf_teacher needs a tarflow teacher")
-    path, _ = evaluation_weights(run_dir)
-    run.model.requires_grad_(False)
-    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.fingerprint)
-
-
-def pair_seed(seed: int, index: int, draw: int) -> int:
-    """The generator seed of eps' for image `index`, draw `draw` (independent of batch and process)."""
-    digest = hashlib.blake2b(f"{seed}:{index}:{draw}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def pair_noise(seed: int, index: Tensor, draw: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """eps' (B, *shape) on the CPU for the addresses (index[b], draw[b])."""
-    out = torch.empty(len(index), *shape)
-    gen = torch.Generator()
-    for row, (i, d) in enumerate(zip(index.tolist(), draw.tolist())):
-        gen.manual_seed(pair_seed(seed, i, d))
-        out[row] = torch.randn(shape, generator=gen)
-    return out
-
-
-@torch.no_grad()
-def teacher_encode(flow: TarFlow, x: Tensor, dtype: str = "fp32", batch_size: int = 256) -> Tensor:
-    """f_teacher(x) for perturbed inputs x (B, *shape) on the teacher's device, fp32 out; bf16 runs the transformers."""
-    if dtype not in TEACHER_DTYPES:
-        raise ValueError(f"method.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
-    device = next(flow.parameters()).device
-    out = []
-    for start in range(0, len(x), batch_size):
-        # fp32 also switches off an autocast the trainer may have opened around the loss
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            z, _ = flow.encode(x[start:start + batch_size].to(device).float())
-        out.append(z.float())
-    return torch.cat(out).to(x.device)
-
-
-def perturbed(data: Tensor, index: Tensor, draw: Tensor, eta: float, seed: int) -> Tensor:
-    """x_i + eta * eps'(i, d): the teacher's input for each address, on data's device."""
-    noise = pair_noise(seed, index.cpu(), draw.cpu(), tuple(data.shape[1:])).to(data.device, data.dtype)
-    return data[index.to(data.device)] + eta * noise
-
-
-def estimate_sigma(z_draw0: Tensor) -> float:
-    """sigma_f: RMS over all entries of teacher outputs (images 0..SIGMA_POINTS-1, draw 0)."""
-    return float(z_draw0.double().pow(2).mean().sqrt())
-
-
-def sigma_points(n: int) -> int:
-    """How many training images define sigma_f."""
-    return min(n, SIGMA_POINTS)
+    def run_dependencies(self) -> dict[str, str]:
+        """The teacher run the pairs come from (needed for training only, never for sampling)."""
+        return {"teacher": self.teacher}
 
 
 class NFTeacherCoupling(Coupling):
@@ -120,11 +61,11 @@ class NFTeacherCoupling(Coupling):
                  dtype: str = "fp32", batch_size: int = 256, cache_dir: str | Path | None = None,
                  cache_spec: dict[str, Any] | None = None):
         if mode not in TEACHER_MODES:
-            raise ValueError(f"method.teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
+            raise ValueError(f"method.coupling.mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
         if draws < 0 or (mode == "precomputed" and draws == 0):
-            raise ValueError(f"method.teacher_draws must be >= 1 for a precomputed cache (>= 0 online), got {draws}")
+            raise ValueError(f"method.coupling.draws must be >= 1 for a precomputed cache (>= 0 online), got {draws}")
         if dtype not in TEACHER_DTYPES:
-            raise ValueError(f"method.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
+            raise ValueError(f"method.coupling.dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
         self.teacher, self.data = teacher, data
         self.mode, self.draws, self.seed, self.dtype, self.batch_size = mode, draws, seed, dtype, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -133,18 +74,13 @@ class NFTeacherCoupling(Coupling):
         self._cache: Tensor | None = None  # precomputed f_teacher outputs (N, draws, *shape)
 
     @classmethod
-    def from_config(cls, cfg: Any, dataset: Any = None, run_cfg: Any = None) -> "NFTeacherCoupling":
-        from nfm.coupling_cache import cache_dir_of, cache_spec
-
-        if dataset is None:
-            raise ValueError("coupling nf_teacher needs the training data set")
-        teacher = load_teacher(cfg.teacher)
-        if teacher.data_fingerprint != dataset.fingerprint:
-            raise ValueError(f"teacher {cfg.teacher} was trained on data {teacher.data_fingerprint}, this run's "
-                             f"{dataset.name!r} data is {dataset.fingerprint}: NFM pairs must come from the same data "
-                             f"(same data.* settings as the teacher recipe)")
-        return cls(teacher, dataset.train, cfg.teacher_mode, cfg.teacher_draws, cfg.teacher_seed, cfg.teacher_dtype,
-                   cfg.teacher_batch, cache_dir_of(cfg), cache_spec(teacher, dataset, cfg))
+    def from_config(cls, cfg: NFTeacherConfig, ctx: BuildContext | None = None) -> "NFTeacherCoupling":
+        if ctx is None:
+            raise ValueError(f"coupling {cfg.name} needs the training data set and a run loader")
+        teacher = load_teacher(cfg.teacher, ctx.load_run)
+        require_same_data(cfg.teacher, teacher.data_fingerprint, ctx.dataset, "method.coupling.teacher")
+        return cls(teacher, ctx.dataset.train, cfg.mode, cfg.draws, cfg.seed, cfg.dtype, cfg.batch,
+                   cache_dir_of(cfg), cache_spec(teacher, ctx.dataset, cfg))
 
     def prepare(self, device: torch.device | str) -> None:
         """Move teacher and data to `device`; estimate sigma_f (online) or load and check the cache."""
@@ -154,15 +90,9 @@ class NFTeacherCoupling(Coupling):
         if self.mode == "online":
             self.teacher.flow.to(device)
             if self.sigma is None:
-                n = sigma_points(len(self.data))
-                index = torch.arange(n)
-                z = teacher_encode(self.teacher.flow, perturbed(self.data, index, torch.zeros_like(index),
-                                                               self.teacher.eta, self.seed), self.dtype, self.batch_size)
-                self.sigma = estimate_sigma(z)
+                self.sigma = teacher_sigma(self.teacher, self.data, self.seed, self.dtype, self.batch_size)
             return
         if self._cache is None:
-            from nfm.coupling_cache import load_cache
-
             self._cache, self.sigma = load_cache(self.cache_dir, self.cache_spec)
         if self._cache.device != device:
             self._cache = self._cache.to(device)
@@ -174,7 +104,7 @@ class NFTeacherCoupling(Coupling):
         return index, draw
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError("nf_teacher chooses which images it pairs: call pairs(x, generator)")
+        raise NotImplementedError(f"{self.name} chooses which images it pairs: call pairs(x, generator)")
 
     @torch.no_grad()
     def pairs(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -193,5 +123,20 @@ class NFTeacherCoupling(Coupling):
         return self.data[index].to(x.dtype), (z / self.sigma).to(x.dtype)
 
 
-COUPLINGS["nf_teacher"] = NFTeacherCoupling
+class NFTeacherOTCoupling(NFTeacherCoupling):
+    """NFM-OT: fresh N(0, I) noise re-paired with the teacher latents of the batch by exact minibatch OT.
+
+    For the batch's teacher latents z_i (already divided by sigma_f) and fresh eps_j ~ N(0, I), the
+    student trains on (x_i, eps_{pi(i)}) with pi = argmin_pi sum_i |z_i - eps_{pi(i)}|^2 (`ot.emd`).
+    """
+
+    name = "nf_teacher_ot"
+
+    @torch.no_grad()
+    def pairs(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x_i, eps_{pi(i)}): a permutation of a Gaussian batch, assigned by OT against the teacher latents."""
+        data, z = super().pairs(x, generator)
+        eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        perm = torch.from_numpy(exact_assignment(squared_costs(z, eps))).to(z.device)
+        return data, eps[perm]
 

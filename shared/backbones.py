@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from shared.registry import register_model
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -82,7 +81,6 @@ class TimeMLP(nn.Module):
         return (out, h) if return_features else out
 
 
-@register_model("mlp", MLPConfig)
 def build_mlp(cfg: MLPConfig, data_shape: tuple[int, ...]) -> TimeMLP:
     """MLP for data of any shape, flattened to prod(shape) inputs."""
     if not data_shape or min(data_shape) < 1:
@@ -185,7 +183,6 @@ class TimeUNet(nn.Module):
         return out, mid.mean(dim=(2, 3))
 
 
-@register_model("unet", UNetConfig)
 def build_unet(cfg: UNetConfig, data_shape: tuple[int, ...]) -> TimeUNet:
     """UNet for square images of shape (C, H, H)."""
     return TimeUNet(cfg, data_shape)

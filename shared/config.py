@@ -1,9 +1,11 @@
 """Dataclass configs, YAML recipes and dotted `key=value` overrides: the project's one config system.
 
-A recipe is a YAML mapping whose top-level keys are the fields of `RunConfig`. The `model` and
-`method` sections are polymorphic: their `name` picks a dataclass from the model / method registry
-(`shared.registry`), and every other key must be a field of that dataclass. Unknown keys are
-rejected with the valid choices listed, so a typo never silently falls back to a default.
+A recipe is a YAML mapping whose top-level keys are the fields of `RunConfig`. Some sections are
+polymorphic (`model`, `method`, `method.coupling`): their `name` picks a dataclass from a table of
+choices that the application passes in (`choices`, keyed by the section's dotted path), and every
+other key must be a field of that dataclass. Unknown keys are rejected with the valid keys listed, so
+a typo never silently falls back to a default; a dataclass may list keys that moved elsewhere in a
+`MOVED_KEYS` mapping (old key -> new spelling) so that old recipes get a precise message.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import yaml
 
@@ -140,11 +142,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with the valid ones listed."""
+Choices = Mapping[str, Mapping[str, type]]  # dotted section path -> {name: config dataclass}
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "", choices: Choices | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the valid ones listed.
+
+    `where` is the dotted prefix of `cls`'s section (e.g. "method."); a field whose dotted path is a key
+    of `choices` is a polymorphic section built by its `name`.
+    """
     data = dict(data or {})
+    choices = choices or {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    moved = getattr(cls, "MOVED_KEYS", {})
+    for key in sorted(set(data) & set(moved)):
+        raise ConfigError(f"{where}{key} has moved: {moved[key]}")
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(
@@ -155,35 +168,38 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
         if f.name not in data:
             continue
         value, annotation = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(annotation):
+        if where + f.name in choices:
+            kwargs[f.name] = build_choice(where + f.name, value, choices)
+        elif dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{f.name}: expected a mapping, got {value!r}")
-            kwargs[f.name] = from_dict(annotation, value, f"{where}{f.name}.")
+            kwargs[f.name] = from_dict(annotation, value, f"{where}{f.name}.", choices)
         else:
             kwargs[f.name] = _coerce(value, annotation, where + f.name)
     return cls(**kwargs)
 
 
-def _build_choice(section: str, data: dict[str, Any] | None, choices: dict[str, type]) -> Any:
-    """Build a polymorphic section (`model`, `method`) whose `name` selects a dataclass."""
+def build_choice(section: str, data: Any, choices: Choices) -> Any:
+    """Build a polymorphic section (`model`, `method`, `method.coupling`) whose `name` selects a dataclass."""
+    table = choices[section]
+    listed = ", ".join(sorted(table))
+    if isinstance(data, str) and data in table:
+        raise ConfigError(f"{section}: write the choice as a section, {section}: {{name: {data}}} "
+                          f"(on the command line {section}.name={data}); choices: {listed}")
     if not isinstance(data, dict) or "name" not in data:
-        raise ConfigError(f"{section}: a `name` is required; choices: {', '.join(sorted(choices))}")
+        raise ConfigError(f"{section}: a section with a `name` is required; choices: {listed}")
     name = data["name"]
-    if name not in choices:
-        raise ConfigError(f"{section}.name: unknown {section} {name!r}; choices: {', '.join(sorted(choices))}")
-    return from_dict(choices[name], data, f"{section}.")
+    if name not in table:
+        raise ConfigError(f"{section}.name: unknown {section.rsplit('.', 1)[-1]} {name!r}; choices: {listed}")
+    return from_dict(table[name], data, f"{section}.", choices)
 
 
-def build_run_config(data: dict[str, Any]) -> RunConfig:
-    """Validate a full recipe mapping into a `RunConfig`."""
-    from shared import registry
-
+def build_run_config(data: dict[str, Any], choices: Choices) -> RunConfig:
+    """Validate a full recipe mapping into a `RunConfig`; `choices` must cover `model` and `method`."""
     data = dict(data)
-    model = _build_choice("model", data.pop("model", None), registry.model_configs())
-    method = _build_choice("method", data.pop("method", None), registry.method_configs())
-    cfg = from_dict(RunConfig, data)
-    cfg.model, cfg.method = model, method
-    return cfg
+    for section in ("model", "method"):
+        data.setdefault(section, None)
+    return from_dict(RunConfig, data, "", choices)
 
 
 # ---------------------------------------------------------------- recipes and overrides
@@ -218,17 +234,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate."""
+def load_recipe(path: str | Path, overrides: list[str] | None, choices: Choices) -> RunConfig:
+    """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate against `choices`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found (expected a YAML file such as recipes/toy2d/fm_independent.yaml)")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {str(path)!r}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping, got {type(data).__name__}")
     data.setdefault("name", f"{path.parent.name}-{path.stem}")
-    return build_run_config(apply_overrides(data, overrides or []))
+    return build_run_config(apply_overrides(data, overrides or []), choices)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -48,6 +48,18 @@ class Dataset:
     val_labels: Tensor | None = None
 
     @property
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the train/test data before a validation split was carved (same for every val_fraction)."""
+        return self.meta.get("fingerprint_before_validation", self.fingerprint)
+
+    def fit_split(self) -> tuple[Tensor, Tensor | None]:
+        """All non-test data (train plus validation) and its labels: what evaluation-only networks train on."""
+        if self.val is None:
+            return self.train, self.train_labels
+        labels = None if self.train_labels is None else torch.cat([self.train_labels, self.val_labels])
+        return torch.cat([self.train, self.val]), labels
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one sample."""
         return tuple(self.train.shape[1:])
@@ -364,7 +376,8 @@ def carve_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     digest = hashlib.sha256(f"{dataset.fingerprint}/val{fraction}/{seed}".encode()).hexdigest()[:16]
     return dataclasses.replace(dataset, train=dataset.train[keep].contiguous(), val=dataset.train[held].contiguous(),
                                train_labels=None if labels is None else labels[keep],
-                               val_labels=None if labels is None else labels[held], fingerprint=digest)
+                               val_labels=None if labels is None else labels[held], fingerprint=digest,
+                               meta={**dataset.meta, "fingerprint_before_validation": dataset.fingerprint})
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -41,7 +41,7 @@ def generate_with(run: Run, n: int, sample_fn: Callable[[Tensor], Any], seed: in
     gen = torch.Generator(device=device).manual_seed(seed)
     out, nfe, seconds = [], 0, 0.0
     for start in range(0, n, batch_size):
-        noise = run.method.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
+        noise = run.sampler.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
         sync(device)
         t0 = time.perf_counter()
         result = sample_fn(noise)
@@ -55,7 +55,7 @@ def generate_with(run: Run, n: int, sample_fn: Callable[[Tensor], Any], seed: in
 @torch.no_grad()
 def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0, batch_size: int = 500) -> Samples:
     """Draw `n` samples from a run's model in batches; noise is seeded so every setting sees the same noise."""
-    return generate_with(run, n, lambda noise: run.method.sample(run.model, noise, steps=steps, solver=solver,
+    return generate_with(run, n, lambda noise: run.sampler.sample(run.model, noise, steps=steps, solver=solver,
                                                                  grid=grid), seed, batch_size)
 
 
@@ -73,27 +73,36 @@ def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n:
     return rows
 
 
+def evaluation_points(run: Run, split: str, n: int, seed: int) -> tuple[Tensor, torch.Generator]:
+    """The first n points of a split on the model's device, dequantized for image data with a generator
+    seeded by `seed`; the generator is returned so that later draws (probes) continue its stream."""
+    data = {"test": run.dataset.test, "train": run.dataset.train, "val": run.dataset.val}.get(split)
+    if data is None:
+        raise ValueError(f"no {split!r} split in this run's data; choices: train, test"
+                         + (", val" if run.dataset.val is not None else " (val needs data.val_fraction > 0)"))
+    device = next(run.model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = data[:n].to(device)
+    if run.dataset.levels is not None:
+        x = dequantize(x, run.dataset.levels, gen)
+    return x, gen
+
+
 @torch.no_grad()
 def reference_nll(run: Run, split: str = "test", n: int = 500, divergence: str = "auto", seed: int = 0,
                   batch_size: int = 250) -> dict[str, Any]:
     """Mean NLL (nats per sample, and bits/dim for images) of `n` points of a split under the run's model."""
-    data = {"test": run.dataset.test, "train": run.dataset.train}.get(split)
-    if data is None:
-        raise ValueError(f"unknown split {split!r}; choices: train, test")
-    device = next(run.model.parameters()).device
-    x = data[:n].to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if run.dataset.levels is not None:
-        x = dequantize(x, run.dataset.levels, gen)
+    x, gen = evaluation_points(run, split, n, seed)
+    device = x.device
     div = choose_divergence(divergence, run.dataset.dim)
     nll, nfe, t0 = [], [], time.perf_counter()
     for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
-        res = run.method.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
+        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
         nll.append(-res.logp.double().cpu())
         nfe.append(res.nfe)
     sync(device)
     nll_t = torch.cat(nll)
-    out = {"split": split, "n": len(nll_t), "divergence": div, "nll_nats": nll_t.mean().item(),
+    out = {"split": split, "n": len(nll_t), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div, "nll_nats": nll_t.mean().item(),
            "nll_nats_stderr": (nll_t.std() / math.sqrt(len(nll_t))).item() if len(nll_t) > 1 else 0.0,
            "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
     if run.dataset.levels is not None:

@@ -1,10 +1,13 @@
-"""The plug-in point for training methods: a loss object that also knows how its model samples and scores.
+"""The two interfaces every method implements: a loss for the trainer and a sampler for evaluation.
 
-The trainer only calls `method(model, batch, generator) -> (loss, logs)`. The CLI's `sample`, `nll`
-and `eval` call `method.sample` / `method.log_likelihood`, so a velocity-field student, a
-normalizing-flow teacher and a flow map all share one run format and one evaluation path.
+A loss is called as `loss(model, batch, generator) -> (scalar, logs)` and holds whatever it needs
+(coupling, path, time sampler, a frozen teacher). A sampler maps prior noise to data and scores
+data, and needs only the run's own model: `load_run` builds the sampler, never the loss.
+`VelocityFieldSampler` is the sampler of every velocity-field model v(x, t) (flow-matching students).
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -13,17 +16,38 @@ from shared.likelihood import LikelihoodResult, log_likelihood
 from shared.sampling import SampleResult, sample
 
 
-class Method:
-    """Base method for models that are velocity fields v(x, t): ODE sampling and ODE likelihood."""
+class Loss(Protocol):
+    """What the trainer calls once per step."""
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar training loss for one batch and a dict of detached per-batch diagnostics."""
-        raise NotImplementedError
+        ...
+
+
+class Sampler(Protocol):
+    """What `sample`, `nll` and `eval` call on a loaded run."""
+
+    exact_likelihood: bool  # True when log_likelihood is exact (a normalizing flow), not an estimate
+
+    def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
+                     generator: torch.Generator | None = None) -> Tensor: ...
+
+    def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
+               grid: str = "linear") -> SampleResult: ...
+
+    def log_likelihood(self, model: nn.Module, x: Tensor, divergence: str = "exact",
+                       generator: torch.Generator | None = None) -> LikelihoodResult: ...
+
+
+class VelocityFieldSampler:
+    """ODE sampling and ODE likelihood of a velocity field v(x, t) (t = 1 noise, t = 0 data)."""
+
+    exact_likelihood = False
 
     def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
                      generator: torch.Generator | None = None) -> Tensor:
-        """Draw the noise that sampling starts from (standard normal at t = 1)."""
+        """Draw the noise that sampling starts from (standard normal at t = 1), (n, *shape)."""
         return torch.randn(n, *shape, device=device, generator=generator)
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",

@@ -108,7 +108,7 @@ def _labels(dataset: Any) -> tuple[Tensor, Tensor]:
     if dataset.train_labels is None or dataset.test_labels is None:
         raise ValueError(f"data set {dataset.name!r} has no labels: the classifier feature extractor needs "
                          f"labels (for unlabelled RGB images set {INCEPTION_ENV} to use Inception features)")
-    return (torch.as_tensor(dataset.train_labels, dtype=torch.int64),
+    return (torch.as_tensor(dataset.fit_split()[1], dtype=torch.int64),
             torch.as_tensor(dataset.test_labels, dtype=torch.int64))
 
 
@@ -122,9 +122,9 @@ def _accuracy(model: ClassifierFeatures, images: Tensor, labels: Tensor, batch_s
 
 def train_classifier(dataset: Any, steps: int = 600, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      device: torch.device | str = "cpu") -> tuple[ClassifierFeatures, float]:
-    """Train the feature classifier on the train split (AdamW, cosine LR); returns it (eval mode) and test accuracy."""
+    """Train the feature classifier on all non-test data (AdamW, cosine LR); returns it (eval mode) and test accuracy."""
     train_y, test_y = _labels(dataset)
-    train_x = torch.as_tensor(dataset.train, dtype=torch.float32)
+    train_x = torch.as_tensor(dataset.fit_split()[0], dtype=torch.float32)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -166,8 +166,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def _load_classifier(weights: Path, meta_path: Path, dataset: Any, device: torch.device | str) -> ClassifierFeatures:
     """Rebuild a cached classifier from its JSON metadata and safetensors weights."""
     meta = json.loads(meta_path.read_text())
-    if meta["fingerprint"] != dataset.fingerprint:
-        raise ValueError(f"fingerprint {meta['fingerprint']!r} does not match the data ({dataset.fingerprint!r})")
+    if meta["fingerprint"] != dataset.base_fingerprint:
+        raise ValueError(f"fingerprint {meta['fingerprint']!r} does not match the data ({dataset.base_fingerprint!r})")
     model = ClassifierFeatures(meta["in_channels"], meta["n_classes"], name=f"classifier-{dataset.name}")
     model.load_state_dict(load_file(weights))
     model.test_accuracy = float(meta["test_accuracy"])
@@ -177,7 +177,7 @@ def _load_classifier(weights: Path, meta_path: Path, dataset: Any, device: torch
 def classifier_features(dataset: Any, device: torch.device | str = "cpu") -> ClassifierFeatures:
     """The data set's feature classifier, trained once per data fingerprint and cached, so all its FDs share one net."""
     _labels(dataset)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset.name}-{dataset.fingerprint}")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset.name}-{dataset.base_fingerprint}")
     weights = cache_dir() / "classifiers" / f"{stem}.safetensors"
     meta_path = weights.with_suffix(".json")
     if weights.exists() or meta_path.exists():
@@ -187,7 +187,7 @@ def classifier_features(dataset: Any, device: torch.device | str = "cpu") -> Cla
             warnings.warn(f"unreadable classifier cache {weights} ({type(err).__name__}: {err}); retraining",
                           stacklevel=2)
     model, accuracy = train_classifier(dataset, device=device)
-    meta = {"dataset": dataset.name, "fingerprint": dataset.fingerprint, "test_accuracy": accuracy,
+    meta = {"dataset": dataset.name, "fingerprint": dataset.base_fingerprint, "test_accuracy": accuracy,
             "n_classes": model.head.out_features, "in_channels": model.body[0].in_channels}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights.parent.mkdir(parents=True, exist_ok=True)

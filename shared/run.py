@@ -1,27 +1,29 @@
-"""The run directory: one format for every model, rebuilt from the config saved next to its weights.
+"""Runs: train the run a config describes, and rebuild a finished run from its directory.
 
-    <out_dir>/<name>/
-        config.yaml          resolved config, written before the first step
-        metrics.jsonl        one line per log interval
-        checkpoints/         see shared.checkpoint (latest -> step_XXXXXXXX/)
-        samples/, eval.json, nll.json   outputs of `flowdistill sample / eval / nll`
+The run directory's layout lives in `shared.rundir`. Every function that builds components takes the
+application's `Catalog` (`shared.catalog`), so this module knows no model or method by name. Training
+validates data, model and loss before the run directory is touched; loading a run builds its sampler
+only, never its loss, so a student's teachers are not loaded to sample or score it.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from shared import registry
+from shared.catalog import BuildContext, Catalog
 from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
 from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, load_recipe, to_dict
 from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.method import Method
-from shared.rundir import CONFIG, best_dir, checkpoints_dir, weights_file
+from shared.rundir import best_dir, checkpoints_dir, config_path, weights_file
+
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
 
 
@@ -33,15 +35,14 @@ class Run:
     config: RunConfig
     dataset: Dataset
     model: nn.Module
-    method: Method
+    sampler: Any  # shared.method.Sampler: prior_sample, sample, log_likelihood
     step: int
 
 
-def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
+def build_model(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> nn.Module:
     """Instantiate the model named by `cfg.model.name` for the data's per-sample shape (seeded)."""
-    registry.load_plugins()
     torch.manual_seed(cfg.seed)
-    return registry.MODELS[cfg.model.name].build(cfg.model, dataset.shape)
+    return catalog.models[cfg.model.name].build(cfg.model, dataset.shape)
 
 
 def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
@@ -73,10 +74,27 @@ def evaluation_weights(run_dir: str | Path, choice: str = "auto") -> tuple[Path,
     return path, int(steps[path.parent])
 
 
-def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
-    """Instantiate the loss object named by `cfg.method.name`."""
-    registry.load_plugins()
-    return registry.METHODS[cfg.method.name].build(cfg.method, cfg, dataset)
+def build_loss(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Callable:
+    """The training loss of `cfg.method` (it may load the runs the method depends on, e.g. a teacher)."""
+    ctx = BuildContext(cfg, dataset, run_dir_of(cfg), partial(load_run, catalog=catalog), catalog.nested)
+    return catalog.methods[cfg.method.name].build(cfg.method, ctx)
+
+
+def build_sampler(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Any:
+    """The sampler and likelihood of `cfg.method`'s model (loads no other run)."""
+    return catalog.methods[cfg.method.name].sampler(cfg.method, cfg, dataset)
+
+
+def require_same_data(source: str | Path, fingerprint: str, dataset: Dataset, what: str) -> None:
+    """Refuse a run (teacher, reference) trained on other data than `dataset`; `what` names the setting.
+
+    `fingerprint` is the other run's `Dataset.base_fingerprint`: a validation split carved from the same
+    training data does not make it other data.
+    """
+    if fingerprint != dataset.base_fingerprint:
+        raise ValueError(f"{what}={source} was trained on other data (fingerprint {fingerprint}) than this run's "
+                         f"{dataset.name!r} data ({dataset.base_fingerprint}): use the same data.* settings as "
+                         "that run")
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -84,10 +102,10 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def resolve_config(source: str | Path, overrides: list[str]) -> RunConfig:
+def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -> RunConfig:
     """A config from a recipe file or from an existing run directory's `config.yaml`."""
     source = Path(source)
-    return load_recipe(source / CONFIG if source.is_dir() else source, overrides)
+    return load_recipe(config_path(source) if source.is_dir() else source, overrides, catalog.config_choices())
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -103,7 +121,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Path:
     """Create the run directory and write `config.yaml`; refuse to mix two different runs in one folder."""
     run_dir = run_dir_of(cfg)
-    saved_path = run_dir / CONFIG
+    saved_path = config_path(run_dir)
     if saved_path.is_file() and not overwrite:
         if not resume:
             raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
@@ -115,8 +133,6 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)")
     elif overwrite and run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_path, dump_yaml(cfg))
@@ -130,16 +146,18 @@ def finished_step(cfg: RunConfig) -> int:
 
 
 def check_dequantize(cfg: RunConfig, levels: int | None) -> int | None:
-    """The quantisation levels the trainer dequantizes with when `data.dequantize` is set (else None)."""
+    """The quantisation levels the trainer dequantizes with when `data.dequantize` is set (else None).
+
+    Refused for continuous data and for methods that draw their own data noise (the method config's
+    `data_noise()` names it), since the two would stack.
+    """
     if not cfg.data.dequantize:
         return None
     if levels is None:
         raise ValueError(f"data.dequantize needs quantised image data; {cfg.data.name!r} is continuous")
-    if cfg.method.name == "nll":
-        raise ValueError("a tarflow teacher dequantizes through method.dequantize (with model.eta=0), "
-                         "not data.dequantize")
-    if getattr(cfg.method, "coupling", "") == "nf_teacher":
-        raise ValueError("the nf_teacher coupling draws its own data (x + eta*eps'); data.dequantize does not apply")
+    own = cfg.method.data_noise() if hasattr(cfg.method, "data_noise") else ""
+    if own:
+        raise ValueError(f"method {cfg.method.name!r} draws its own data noise ({own}); data.dequantize does not apply")
     return levels
 
 
@@ -159,25 +177,29 @@ def data_noise(shift: int, dequantize_levels: int | None, levels: int | None):
     return transform
 
 
-def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train the run a config describes in `<out_dir>/<name>/` (all Accelerate processes take part)."""
+def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train the run a config describes in `<out_dir>/<name>/` (all Accelerate processes take part).
+
+    Data, model and loss are built (and so validated) before the run directory is created or replaced.
+    """
     from accelerate import Accelerator
 
     from shared.trainer import Trainer
 
     # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    dataset = load_dataset(cfg.data)
+    levels = check_dequantize(cfg, dataset.levels)
+    transform = data_noise(cfg.data.shift, levels, dataset.levels)
+    model = build_model(cfg, dataset, catalog)
+    if cfg.train.init_from and not resume:
+        fresh = init_from_run(model, cfg.train.init_from)
+        accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
+    method = build_loss(cfg, dataset, catalog)
     if accelerator.is_main_process:
         prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     run_dir = run_dir_of(cfg)
-    dataset = load_dataset(cfg.data)
-    levels = check_dequantize(cfg, dataset.levels)
-    model = build_model(cfg, dataset)
-    if cfg.train.init_from and not resume:
-        fresh = init_from_run(model, cfg.train.init_from)
-        accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
-    method = build_method(cfg, dataset)
     accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
@@ -186,7 +208,7 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     if dataset.val is not None:
         val = (dataset.val,) if dataset.val_labels is None else (dataset.val, dataset.val_labels)
     trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator,
-                      batch_transform=data_noise(cfg.data.shift, levels, dataset.levels), val_data=val)
+                      batch_transform=transform, val_data=val)
     if resume and trainer.resume():
         accelerator.print(f"resumed from step {trainer.step}")
     record = trainer.fit()
@@ -195,18 +217,26 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     return run_dir
 
 
-def load_run(run_dir: str | Path, weights: str = "auto", device: str | torch.device = "cpu") -> Run:
+def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", device: str | torch.device = "cpu") -> Run:
     """Rebuild a run's model from its saved config and load its evaluation weights.
 
     `weights`: `auto` (best-on-validation if the run validated, else EMA, else raw), `best`, `ema`, `model`.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG}); pass the folder `flowdistill train` created")
-    cfg = build_run_config(yaml.safe_load((run_dir / CONFIG).read_text()))
+    if not config_path(run_dir).is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {config_path(run_dir).name}); "
+                              "pass the folder `flowdistill train` created")
+    cfg = build_run_config(yaml.safe_load(config_path(run_dir).read_text()), catalog.config_choices())
     path, step = evaluation_weights(run_dir, weights)
     dataset = load_dataset(cfg.data)
-    model = build_model(cfg, dataset)
+    model = build_model(cfg, dataset, catalog)
     load_weights(path, model)
     model.to(device).eval()
-    return Run(run_dir, cfg, dataset, model, build_method(cfg, dataset), step)
+    return Run(run_dir, cfg, dataset, model, build_sampler(cfg, dataset, catalog), step)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as torch.device(name)."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

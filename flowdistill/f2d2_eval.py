@@ -10,36 +10,24 @@ log p on the same points is reported next to the ODE-reference gap.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
 from f2d2.guidance import guided_sample
-from shared.cli import int_list
-from shared.data import bits_per_dim, dequantize
-from shared.evaluate import sync
+from flowdistill.api import load_run
+from shared.data import bits_per_dim
+from shared.evaluate import evaluation_points, format_table, generate, generate_with, sync, write_json
 from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
-from shared.registry import register_command
-from shared.sampling import GRIDS
-
-if TYPE_CHECKING:
-    from shared.run import Run
+from shared.metrics import feature_extractor, sample_quality
+from shared.run import Run, require_same_data
 
 LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
-
-
-def test_points(run: Run, n: int, seed: int) -> tuple[Tensor, torch.Generator]:
-    """The first n test points, dequantized for image data, and the generator that then draws the probes."""
-    device = next(run.model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = run.dataset.test[:n].to(device)
-    return (dequantize(x, run.dataset.levels, gen) if run.dataset.levels is not None else x), gen
 
 
 def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[str, Any]:
@@ -58,12 +46,10 @@ def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[
 
 def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
     """The ODE reference: the teacher run's likelihood, or the map's own tangent u(x, t, t) without a teacher."""
-    from shared.run import load_run
-
     teacher = run.config.method.teacher
     if teacher:
         ref = load_run(teacher, device=next(run.model.parameters()).device)
-        return f"teacher {ref.config.name}", lambda x, g: ref.method.log_likelihood(ref.model, x, divergence, g)
+        return f"teacher {ref.config.name}", lambda x, g: ref.sampler.log_likelihood(ref.model, x, divergence, g)
     return "tangent u(x,t,t)", lambda x, g: log_likelihood(lambda y, t: run.model(y, t, t)[0], x, divergence,
                                                             generator=g)
 
@@ -71,9 +57,6 @@ def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
 def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iterations: int, extractor: Any,
                     batch_size: int, grid: str) -> tuple[float, int, float]:
     """Sample quality, NFE and seconds of self-guided sampling on the same seeded noise as `generate`."""
-    from shared.evaluate import generate_with
-    from shared.metrics import sample_quality
-
     s = generate_with(run, n, lambda noise: guided_sample(run.model, noise, steps, lr, iterations, grid), seed,
                       batch_size)
     return sample_quality(s.x, run.dataset, extractor)["value"], s.nfe, s.seconds
@@ -83,21 +66,16 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
              guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500,
              grid: str = "linear") -> dict[str, Any]:
     """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost."""
-    from shared.evaluate import generate
-    from shared.metrics import feature_extractor, sample_quality
-    from shared.run import load_run
-
     data, model = run.dataset, run.model
     div = choose_divergence(divergence, data.dim)
-    x, gen = test_points(run, n_nll, seed)
+    x, gen = evaluation_points(run, "test", n_nll, seed)
     ref_name, ref_fn = reference_fn(run, div)
     ref = score(ref_fn, x, gen, batch_size)
     nf = None
     if nf_teacher:
         nf_run = load_run(nf_teacher, device=x.device)
-        if nf_run.dataset.fingerprint != data.fingerprint:
-            raise ValueError(f"--nf-teacher {nf_teacher} was trained on other data ({nf_run.dataset.name})")
-        nf = score(lambda y, g: nf_run.method.log_likelihood(nf_run.model, y), x, gen, batch_size)
+        require_same_data(nf_teacher, nf_run.dataset.base_fingerprint, data, "--nf-teacher")
+        nf = score(lambda y, g: nf_run.sampler.log_likelihood(nf_run.model, y), x, gen, batch_size)
     extractor = feature_extractor(data, device=str(x.device)) if data.kind == "image" else None
     analytic = data.meta.get("log_density")
 
@@ -145,14 +123,11 @@ COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nl
            "ref_nfe", "speedup", "metric", "quality", "guided_quality", "guided_nfe"]
 
 
-def cmd_f2d2_eval(args: argparse.Namespace) -> int:
+def run_f2d2_eval(args: Any) -> int:
     """Print the Markdown table; write f2d2-eval[-GRID].json and .png into the run directory."""
-    from shared.evaluate import format_table, write_json
     from shared.plots import save_curves
-    from shared.run import load_run
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    run = load_run(args.run, weights=args.weights, device=device)
+    run = load_run(args.run, weights=args.weights, device=args.device)
     if run.config.method.name != "f2d2":
         raise ValueError(f"{args.run} is a {run.config.method.name!r} run; f2d2-eval needs an f2d2 run")
     ev = run.config.eval
@@ -173,26 +148,3 @@ def cmd_f2d2_eval(args: argparse.Namespace) -> int:
     save_curves(curves, out / f"{stem}.png", "K (NFE)", "mean |log p_K - log p_ref| (nats)", result["run"])
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
-
-
-@register_command("f2d2-eval", "F2D2 run: few-step NLL vs the teacher's ODE reference, naive baseline, sample "
-                               "quality (optionally self-guided) at K = 1, 2, 4, 8; writes f2d2-eval.json/png")
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `flowdistill f2d2-eval`."""
-    parser.add_argument("run", help="run directory of an f2d2 run")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
-                       help="which weights to load: auto (best-on-validation, else EMA, else raw), best, ema, model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
-    parser.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
-    parser.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "
-                        "shorter jumps near the data, where the data-to-noise map expands most)")
-    parser.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
-    parser.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
-    parser.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")
-    parser.add_argument("--guidance-steps", type=int, default=0, help="Adam steps of self-guidance (0: none)")
-    parser.add_argument("--guidance-lr", type=float, default=0.1, help="Adam learning rate of self-guidance")
-    parser.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
-                                                          "(default: the run's method.nf_teacher)")
-    parser.add_argument("--batch-size", type=int, default=500, help="batch of scoring and sampling")
-    parser.set_defaults(func=cmd_f2d2_eval)

@@ -10,7 +10,6 @@ images), its path curvature is measured, and everything lands in `<out_dir>/<nam
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -23,12 +22,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from flowdistill.api import load_run, resolve_config, resolve_device, train
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
 from shared.evaluate import Samples, format_table, generate, quality_vs_steps, write_json
 from shared.metrics import feature_extractor, sample_quality
-from shared.registry import register_command
-from shared.rundir import config_path
-from shared.run import Run, finished_step, load_run, resolve_config, run_dir_of, train_run
+from shared.run import Run, finished_step, run_dir_of
+from shared.rundir import config_path, read_metrics
 from shared.sampling import sample
 
 
@@ -80,14 +79,14 @@ def ensure_trained(cfg: RunConfig) -> Path:
     """Train a run unless its checkpoint already reached `train.steps`; resume an unfinished one."""
     if finished_step(cfg) >= cfg.train.steps:
         return run_dir_of(cfg)
-    return train_run(cfg, resume=config_path(run_dir_of(cfg)).is_file())
+    return train(cfg, resume=config_path(run_dir_of(cfg)).is_file())
 
 
 def curvature(run: Run, steps: int, n: int, seed: int = 0) -> float:
     """Mean over an Euler trajectory of |v(x_t, t) - (x_1 - x_0)|^2 per dimension: 0 for straight paths."""
     device = next(run.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    noise = run.method.prior_sample(n, run.dataset.shape, device, gen)
+    noise = run.sampler.prior_sample(n, run.dataset.shape, device, gen)
     traj = sample(run.model, noise, steps=steps, solver="euler", return_trajectory=True).trajectory
     velocities = (traj[:-1] - traj[1:]) * steps  # dx/dt of each step: t runs from 1 (noise) down to 0 (data)
     chord = traj[0] - traj[-1]  # the constant velocity of the straight path between the two ends
@@ -96,13 +95,13 @@ def curvature(run: Run, steps: int, n: int, seed: int = 0) -> float:
 
 def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, loss) from a run's metrics log."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
 def train_seconds(run_dir: Path, batch_size: int) -> float:
     """Training wall time estimated from the logged throughput of every interval."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in read_metrics(run_dir) if "samples_per_s" in r]
     seconds, last = 0.0, 0
     for r in rows:
         seconds += (r["step"] - last) * batch_size / max(r["samples_per_s"], 1e-9)
@@ -297,8 +296,7 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
     out = Path(spec.out_dir) / spec.name
     if not state.is_main_process:
         return out
-    device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if spec.device == "auto" else spec.device))
+    device = resolve_device(spec.device)
     first = load_run(run_dir_of(next(iter(student_cfgs.values()))[0]), device=device)
     extractor = feature_extractor(first.dataset, device=str(device)) if first.dataset.kind == "image" else None
     teachers, panels = [], {}
@@ -340,22 +338,3 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
     plot_samples(panels, first.dataset.levels, first.dataset.test if first.dataset.kind == "vector" else None,
                  out / "samples.png")
     return out
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Train the same student on each coupling (and the teachers), then compare quality vs NFE, straightness and speed."""
-    spec = load_spec(args.spec, args.overrides)
-    command = " ".join(["flowdistill compare", args.spec, *args.overrides])
-    out = run_comparison(spec, command)
-    if (out / "comparison.md").is_file():
-        print((out / "comparison.md").read_text())
-        print(f"wrote {out}/comparison.md, results.json, quality_vs_nfe.png, loss_curves.png, samples.png")
-    return 0
-
-
-@register_command("compare", cmd_compare.__doc__)
-def configure_compare(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `flowdistill compare`."""
-    parser.add_argument("spec", help="comparison spec (YAML), e.g. recipes/toy2d/compare.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0] n_samples=500")
-    parser.set_defaults(func=cmd_compare)

@@ -1,0 +1,271 @@
+"""`flowdistill` command line: every subcommand in one place, imports deferred until a command runs.
+
+    train      train the run a recipe describes              sample   draw samples from a run
+    nll        likelihood of a split (exact for flows)       eval     sample quality vs number of steps
+    couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
+    f2d2-eval  few-step NLL and sampling of an F2D2 run
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+GRIDS = ("linear", "quadratic")  # the time grids of shared.sampling (listed here so --help imports no torch)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers such as 1,2,4,8."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the model a recipe describes, in `<out_dir>/<name>/`."""
+    from flowdistill.api import resolve_config
+
+    cfg = resolve_config(args.recipe, args.overrides)
+    if args.dry_run:
+        from shared.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    from accelerate import PartialState
+
+    from flowdistill.api import train
+
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    state = PartialState()
+    if state.is_main_process and cfg.train.sample_grid:
+        write_samples(run_dir, steps=max(cfg.eval.steps), solver=cfg.eval.solver, grid=cfg.eval.grid,
+                      n=None, seed=0, device=str(state.device))
+    return 0
+
+
+def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int, device: str,
+                  out: Path | None = None, weights: str = "auto") -> Path:
+    """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds)."""
+    import numpy as np
+
+    from flowdistill.api import load_run, sample
+    from shared.checkpoint import atomic_write_bytes
+    from shared.plots import save_samples_figure
+    from shared.rundir import samples_dir
+
+    run = load_run(run_dir, weights=weights, device=device)
+    n = n or (64 if run.dataset.kind == "image" else 2000)
+    s = sample(run, n, steps, solver, grid, seed)
+    out = Path(out) if out else samples_dir(run_dir) / f"steps{steps}-{solver}-{grid}.png"
+    title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
+    save_samples_figure(s.x, out, run.dataset.levels, run.dataset.test if run.dataset.kind == "vector" else None, title)
+    buf = io.BytesIO()
+    np.savez(buf, samples=s.x.numpy(), nfe=s.nfe, seconds=s.seconds)
+    atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
+    print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {s.nfe} NFE, {s.seconds:.2f} s)")
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Draw samples from a trained run; writes a PNG (grid or scatter) and an .npz next to it."""
+    write_samples(Path(args.run), args.steps, args.solver, args.grid, args.n, args.seed, args.device,
+                  Path(args.out) if args.out else None, args.weights)
+    return 0
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    """Likelihood of a split: exact for flows, ODE (exact or Hutchinson divergence) otherwise; writes nll-<split>.json."""
+    from flowdistill.api import load_run
+    from shared.evaluate import reference_nll, write_json
+
+    run = load_run(args.run, weights=args.weights, device=args.device)
+    res = reference_nll(run, args.split, args.n or run.config.eval.nll_samples,
+                        args.divergence or run.config.eval.divergence, args.seed)
+    res["step"] = run.step
+    line = f"{res['split']}: NLL {res['nll_nats']:.4f} ± {res['nll_nats_stderr']:.4f} nats/sample"
+    if "bits_per_dim" in res:
+        line += f", {res['bits_per_dim']:.4f} bits/dim"
+    print(line + f" ({res['n']} points, {res['divergence']} divergence, {res['nfe_mean']:.0f} NFE, {res['seconds']:.1f} s)")
+    write_json(Path(args.run) / f"nll-{args.split}.json", res)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Sample quality vs number of steps: Markdown table on stdout, eval.json and eval.png in the run."""
+    from flowdistill.api import load_run
+    from shared.evaluate import format_table, quality_vs_steps, write_json
+    from shared.plots import save_curves
+
+    run = load_run(args.run, weights=args.weights, device=args.device)
+    ev = run.config.eval
+    steps = args.steps or list(ev.steps)
+    solver, grid = args.solver or ev.solver, args.grid or ev.grid
+    rows = quality_vs_steps(run, steps, solver, grid, args.n or ev.n_samples, args.seed)
+    print(format_table(rows, ["steps", "solver", "grid", "nfe", "metric", "value", "extractor", "seconds", "samples_per_s"]))
+    out = Path(args.run)
+    write_json(out / "eval.json", {"run": run.config.name, "step": run.step, "rows": rows})
+    label = f"{rows[0]['metric']} ({rows[0]['extractor'] or 'data'})"
+    save_curves({f"{solver}/{grid}": ([r["nfe"] for r in rows], [r["value"] for r in rows])}, out / "eval.png",
+                "NFE", label, run.config.name)
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    return 0
+
+
+def cmd_couplings(args: argparse.Namespace) -> int:
+    """Precompute the NFM teacher pairs a student recipe trains on (method.coupling.mode=precomputed)."""
+    from flowdistill.api import load_run, resolve_config
+    from nfm.coupling_cache import extract
+
+    extract(resolve_config(args.recipe, args.overrides), load_run, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train the same student on each coupling (and the teachers), then compare quality vs NFE, straightness and speed."""
+    from flowdistill.compare import load_spec, run_comparison
+
+    spec = load_spec(args.spec, args.overrides)
+    out = run_comparison(spec, " ".join(["flowdistill compare", args.spec, *args.overrides]))
+    if (out / "comparison.md").is_file():
+        print((out / "comparison.md").read_text())
+        print(f"wrote {out}/comparison.md, results.json, quality_vs_nfe.png, loss_curves.png, samples.png")
+    return 0
+
+
+def cmd_f2d2_eval(args: argparse.Namespace) -> int:
+    """F2D2 run: few-step NLL vs the teacher's ODE reference, naive baseline, sample quality (optionally
+    self-guided) at K = 1, 2, 4, 8; writes f2d2-eval.json/png."""
+    from flowdistill.f2d2_eval import run_f2d2_eval
+
+    return run_f2d2_eval(args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every command that reads a finished run shares."""
+    parser.add_argument("run", help="run directory written by `flowdistill train`")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
+                        help="which weights to load: auto (best-on-validation, else EMA, else raw), best, ema, model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise, dequantization and probes")
+
+
+def add_recipe_args(parser: argparse.ArgumentParser, help_overrides: str) -> None:
+    """A recipe and its dotted key=value overrides."""
+    parser.add_argument("recipe", help="YAML recipe (train also takes an existing run directory with --resume)")
+    parser.add_argument("overrides", nargs="*", help=help_overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per job."""
+    parser = argparse.ArgumentParser(prog="flowdistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Any) -> argparse.ArgumentParser:
+        doc = " ".join(func.__doc__.split())
+        p = sub.add_parser(name, help=doc, description=doc)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", cmd_train)
+    add_recipe_args(p, "dotted key=value overrides, e.g. train.steps=2000 seed=1")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    p = command("sample", cmd_sample)
+    add_run_args(p)
+    p.add_argument("--steps", type=positive_int, default=8, help="solver steps")
+    p.add_argument("--solver", default="euler", help="euler, heun, or an adaptive torchdiffeq method (dopri5)")
+    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of fixed-step solvers")
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    p.add_argument("--out", default="", help="output PNG path (default: <run>/samples/...)")
+
+    p = command("nll", cmd_nll)
+    add_run_args(p)
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--n", type=int, default=0, help="points to score (default: eval.nll_samples of the run)")
+    p.add_argument("--divergence", default="", help="exact, hutchinson or auto (default: the run's eval.divergence)")
+
+    p = command("eval", cmd_eval)
+    add_run_args(p)
+    p.add_argument("--steps", type=int_list, default=None, help="comma-separated step counts, e.g. 1,2,4,8,16,32")
+    p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
+    p.add_argument("--grid", default="", help="linear or quadratic (default: the run's eval.grid)")
+    p.add_argument("--n", type=int, default=0, help="samples per row (default: the run's eval.n_samples)")
+
+    p = command("couplings", cmd_couplings)
+    add_recipe_args(p, "dotted key=value overrides, e.g. method.coupling.draws=8")
+    p.add_argument("--overwrite", action="store_true", help="delete a cache of another setup and start over")
+
+    p = command("compare", cmd_compare)
+    p.add_argument("spec", help="comparison spec (YAML), e.g. recipes/toy2d/compare.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0] n_samples=500")
+
+    p = command("f2d2-eval", cmd_f2d2_eval)
+    add_run_args(p)
+    p.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
+    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "
+                   "shorter jumps near the data, where the data-to-noise map expands most)")
+    p.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
+    p.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
+    p.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")
+    p.add_argument("--guidance-steps", type=int, default=0, help="Adam steps of self-guidance (0: none)")
+    p.add_argument("--guidance-lr", type=float, default=0.1, help="Adam learning rate of self-guidance")
+    p.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
+                                                     "(default: the run's method.nf_teacher)")
+    p.add_argument("--batch-size", type=int, default=500, help="batch of scoring and sampling")
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions reported as one line and exit code 2 (imported only once an error is being matched)."""
+    from shared.checkpoint import CheckpointError
+    from shared.trainer import TrainingDiverged
+
+    return CheckpointError, TrainingDiverged, ValueError, FileNotFoundError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `flowdistill` console script and `python -m flowdistill`."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):  # overrides may also follow options: `train RUN --resume train.steps=3000`
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        print(f"flowdistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

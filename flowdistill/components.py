@@ -1,0 +1,40 @@
+"""The application's component tables: every model, method and coupling a recipe can name.
+
+Adding a component means writing its module (config dataclass + builder) and one line here. Nothing
+registers itself on import; `CATALOG` is passed down to `shared.run` and `shared.config`.
+"""
+from __future__ import annotations
+
+from f2d2.flowmap import FlowMapConfig, build_flowmap
+from f2d2.losses import F2D2Config, build_f2d2_loss, build_f2d2_sampler
+from nfm.couplings import (IndependentConfig, IndependentCoupling, MinibatchOTConfig, MinibatchOTCoupling,
+                           SemidiscreteOTConfig, SemidiscreteOTCoupling)
+from nfm.losses import FlowMatchingConfig, build_flow_matching_loss, build_velocity_sampler
+from nfm.tarflow import TarFlowConfig, build_tarflow
+from nfm.teacher import TeacherConfig, build_teacher_loss, build_teacher_sampler
+from nfm.teacher_coupling import NFTeacherConfig, NFTeacherCoupling, NFTeacherOTCoupling
+from shared.backbones import MLPConfig, UNetConfig, build_mlp, build_unet
+from shared.catalog import Catalog, Choice, MethodChoice
+
+MODELS: dict[str, Choice] = {
+    "mlp": Choice(MLPConfig, build_mlp),  # velocity field on vectors or flattened images
+    "unet": Choice(UNetConfig, build_unet),  # diffusers UNet2DModel velocity field on images
+    "tarflow": Choice(TarFlowConfig, build_tarflow),  # transformer autoregressive normalizing flow
+    "flowmap": Choice(FlowMapConfig, build_flowmap),  # F2D2 flow map (u, D) on an mlp or unet backbone
+}
+
+METHODS: dict[str, MethodChoice] = {
+    "fm": MethodChoice(FlowMatchingConfig, build_flow_matching_loss, build_velocity_sampler),  # flow matching
+    "nll": MethodChoice(TeacherConfig, build_teacher_loss, build_teacher_sampler),  # maximum likelihood (flows)
+    "f2d2": MethodChoice(F2D2Config, build_f2d2_loss, build_f2d2_sampler),  # flow map with divergence head
+}
+
+COUPLINGS: dict[str, Choice] = {
+    "independent": Choice(IndependentConfig, IndependentCoupling.from_config),
+    "minibatch_ot": Choice(MinibatchOTConfig, MinibatchOTCoupling.from_config),
+    "semidiscrete_ot": Choice(SemidiscreteOTConfig, SemidiscreteOTCoupling.from_config),
+    "nf_teacher": Choice(NFTeacherConfig, NFTeacherCoupling.from_config),  # NFM
+    "nf_teacher_ot": Choice(NFTeacherConfig, NFTeacherOTCoupling.from_config),  # NFM-OT
+}
+
+CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS})

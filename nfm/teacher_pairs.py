@@ -1,0 +1,109 @@
+"""The teacher side of NFM pairs: a frozen flow, the addressed noise eps'(i, d), encodes and sigma_f.
+
+    z = f_teacher(x_i + eta * eps'(i, d)) / sigma_f
+
+`eta` is the teacher's own training noise (saved in its model config); `sigma_f` is the RMS of the
+teacher outputs over the first `SIGMA_POINTS` training images (draw 0). eps'(i, d) comes from a
+generator seeded by (seed, i, d), so a pair is a function of its address and the teacher alone:
+the online coupling and the precomputed cache (`nfm.coupling_cache`) produce the same pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from nfm.tarflow import TarFlow, encode_batched
+from shared.checkpoint import sha256_file
+from shared.rundir import config_path
+
+SIGMA_POINTS = 4096  # training images (draw 0) whose teacher outputs define sigma_f
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TeacherHandle:
+    """A frozen flow teacher with what identifies it: run directory, step, weights hash and data."""
+
+    flow: TarFlow
+    run_dir: Path
+    step: int
+    weights_sha256: str
+    data_fingerprint: str
+
+    @property
+    def eta(self) -> float:
+        """The noise level the teacher was trained with (its couplings must use the same)."""
+        return float(self.flow.eta)
+
+
+def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torch.device | str = "cpu"
+                 ) -> TeacherHandle:
+    """Load a teacher run's evaluation weights (frozen, eval mode) and the hash of the file they came from."""
+    from shared.run import evaluation_weights
+
+    run_dir = Path(run_dir)
+    if not str(run_dir) or not config_path(run_dir).is_file():
+        raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
+                         f"(from `flowdistill train recipes/.../teacher.yaml`); {str(run_dir)!r} is not one")
+    run = load_run(run_dir, device=device)
+    if not isinstance(run.model, TarFlow):
+        raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
+                         "NFM couplings need a normalizing-flow teacher")
+    path, _ = evaluation_weights(run_dir)
+    run.model.requires_grad_(False)
+    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint)
+
+
+def pair_seed(seed: int, index: int, draw: int) -> int:
+    """The generator seed of eps' for image `index`, draw `draw` (independent of batch and process)."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def pair_noise(seed: int, index: Tensor, draw: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """eps' (B, *shape) on the CPU for the addresses (index[b], draw[b])."""
+    out = torch.empty(len(index), *shape)
+    gen = torch.Generator()
+    for row, (i, d) in enumerate(zip(index.tolist(), draw.tolist())):
+        gen.manual_seed(pair_seed(seed, i, d))
+        out[row] = torch.randn(shape, generator=gen)
+    return out
+
+
+def teacher_encode(flow: TarFlow, x: Tensor, dtype: str = "fp32", batch_size: int = 256) -> Tensor:
+    """f_teacher(x) (B, *shape), fp32 on x's device, for perturbed inputs x; bf16 runs the transformers."""
+    if dtype not in TEACHER_DTYPES:
+        raise ValueError(f"method.coupling.dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
+    # fp32 also switches off an autocast the trainer may have opened around the loss
+    with torch.autocast(x.device.type, enabled=False):
+        return encode_batched(flow, x.float(), batch_size=batch_size, dtype=TEACHER_DTYPES[dtype])[0]
+
+
+def perturbed(data: Tensor, index: Tensor, draw: Tensor, eta: float, seed: int) -> Tensor:
+    """x_i + eta * eps'(i, d): the teacher's input for each address, on data's device."""
+    noise = pair_noise(seed, index.cpu(), draw.cpu(), tuple(data.shape[1:])).to(data.device, data.dtype)
+    return data[index.to(data.device)] + eta * noise
+
+
+def estimate_sigma(z_draw0: Tensor) -> float:
+    """sigma_f: RMS over all entries of teacher outputs (images 0..SIGMA_POINTS-1, draw 0)."""
+    return float(z_draw0.double().pow(2).mean().sqrt())
+
+
+def sigma_points(n: int) -> int:
+    """How many training images define sigma_f."""
+    return min(n, SIGMA_POINTS)
+
+
+def teacher_sigma(teacher: TeacherHandle, data: Tensor, seed: int, dtype: str = "fp32", batch_size: int = 256
+                  ) -> float:
+    """sigma_f computed by encoding draw 0 of the first `sigma_points(N)` images of `data`."""
+    index = torch.arange(sigma_points(len(data)))
+    z = teacher_encode(teacher.flow, perturbed(data, index, torch.zeros_like(index), teacher.eta, seed), dtype,
+                       batch_size)
+    return estimate_sigma(z)
