@@ -2,7 +2,8 @@
 
 Each variant trains `<recipe> + overrides` (resuming a run that exists), then loads its evaluation
 weights (best on validation when the recipe validates) and reports validation and test bits/dim
-(exact, dequantized, whole split), the FD of 1,000 samples, parameters and training minutes.
+(exact, dequantized, whole split), the FD of 1,000 samples against the validation and the test
+split (choose on `val_*`, report `test_*`), parameters and training minutes.
 
     python bench/teacher_ablation.py recipes/digits/teacher_bpd.yaml bench/ablations/digits_teacher.yaml \
         --out docs/nfm/teachers/digits_ablation --threads 1
@@ -27,7 +28,7 @@ from shared.metrics import feature_extractor, sample_quality
 from shared.run import run_dir_of
 from shared.rundir import config_path
 
-COLUMNS = ["variant", "params", "train_minutes", "best_step", "val_bpd", "test_bpd", "sample_fd", "overrides"]
+COLUMNS = ["variant", "params", "train_minutes", "best_step", "val_bpd", "test_bpd", "val_fd", "test_fd", "overrides"]
 
 
 def evaluate_variant(run_dir: Path, n_samples: int) -> dict[str, Any]:
@@ -40,7 +41,10 @@ def evaluate_variant(run_dir: Path, n_samples: int) -> dict[str, Any]:
         data = getattr(run.dataset, split)
         row[f"{split}_bpd"] = reference_nll(run, split, len(data), "exact")["bits_per_dim"]
     samples = generate(run, n_samples, 1, "euler", "linear", seed=0)
-    row["sample_fd"] = sample_quality(samples.x, run.dataset, feature_extractor(run.dataset))["value"]
+    extractor = feature_extractor(run.dataset)
+    for split in ("val", "test"):
+        if split == "test" or run.dataset.val is not None:
+            row[f"{split}_fd"] = sample_quality(samples.x, run.dataset, extractor, split=split)["value"]
     row["sample_seconds"] = samples.seconds
     return row
 

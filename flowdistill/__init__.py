@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Run", "RunConfig", "Samples", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
+__all__ = ["Run", "RunConfig", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
            "train"]
 
 

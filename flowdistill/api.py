@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -17,11 +17,9 @@ from torch import Tensor
 from flowdistill.components import CATALOG
 from shared import run as runs
 from shared.config import RunConfig
-from shared.evaluate import Samples, generate
-from shared.likelihood import choose_divergence
 from shared.run import Run, resolve_device
 
-__all__ = ["Run", "RunConfig", "Samples", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
+__all__ = ["Run", "RunConfig", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
            "train"]
 
 
@@ -42,14 +40,18 @@ def load_run(run_dir: str | Path, weights: str = "auto", device: str | torch.dev
     return runs.load_run(run_dir, CATALOG, weights=weights, device=resolve_device(device))
 
 
-def sample(run: Run, n: int, steps: int = 8, solver: str = "euler", grid: str = "linear", seed: int = 0) -> Samples:
-    """`n` samples (n, *shape) of a loaded run with their NFE per sample and wall seconds."""
+def sample(run: Run, n: int, steps: int = 8, solver: str = "euler", grid: str = "linear", seed: int = 0) -> Any:
+    """`n` samples (n, *shape) of a loaded run with their NFE per sample and wall seconds (`shared.evaluate.Samples`)."""
+    from shared.evaluate import generate
+
     return generate(run, n, steps, solver, grid, seed)
 
 
 @torch.no_grad()
 def log_likelihood(run: Run, x: Tensor, divergence: str = "auto", seed: int = 0) -> Tensor:
     """log p(x) (B,) in nats per sample under a loaded run (exact for flows, ODE or few-step otherwise)."""
+    from shared.likelihood import choose_divergence
+
     device = next(run.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run.sampler.log_likelihood(run.model, x.to(device), divergence=choose_divergence(divergence, x[0].numel()),

@@ -1,5 +1,6 @@
 """`flowdistill` command line: every subcommand in one place, imports deferred until a command runs.
 
+    run        the main job: a data set through every stage to a report
     train      train the run a recipe describes              sample   draw samples from a run
     nll        likelihood of a split (exact for flows)       eval     sample quality vs number of steps
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
@@ -152,6 +153,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: teacher -> NF couplings -> students with every coupling -> F2D2 -> evaluation -> report."""
+    from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
+
+    pipeline = Pipeline(load_pipeline(args.pipeline, args.overrides))
+    if args.plan:
+        print(pipeline.plan())
+        return 0
+    stages = select_stages(args.only.split(",") if args.only else None, args.start, args.until)
+    command = " ".join(["flowdistill run", args.pipeline, *args.overrides])
+    seconds = run_pipeline(pipeline, stages, command=command)
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return 0
+
+
 def cmd_f2d2_eval(args: argparse.Namespace) -> int:
     """F2D2 run: few-step NLL vs the teacher's ODE reference, naive baseline, sample quality (optionally
     self-guided) at K = 1, 2, 4, 8; writes f2d2-eval.json/png."""
@@ -189,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=doc, description=doc)
         p.set_defaults(func=func)
         return p
+
+    p = command("run", cmd_run)
+    p.add_argument("pipeline", help="pipeline spec (YAML), e.g. recipes/digits/pipeline.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0,1]")
+    p.add_argument("--plan", action="store_true", help="print the stages, what is done and what would run; run nothing")
+    p.add_argument("--only", default="", help="comma-separated stages to run (teacher, couplings, students, f2d2, "
+                                              "evaluate, report)")
+    p.add_argument("--from", dest="start", default=None, help="first stage to run")
+    p.add_argument("--until", default=None, help="last stage to run")
 
     p = command("train", cmd_train)
     add_recipe_args(p, "dotted key=value overrides, e.g. train.steps=2000 seed=1")

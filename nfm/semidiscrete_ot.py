@@ -160,7 +160,7 @@ def load_potential(path: str | Path, fingerprint: str | None = None, n: int | No
     if fingerprint is not None and saved != fingerprint:
         raise CheckpointError(f"the semidiscrete OT potential {path} was fitted on data with fingerprint {saved}, "
                               f"but this run's data has fingerprint {fingerprint}; delete the file to refit, or set "
-                              f"method.sdot_potential to another path")
+                              f"method.coupling.potential to another path")
     if n is not None and g.shape != (n,):
         raise CheckpointError(f"the semidiscrete OT potential {path} has {tuple(g.shape)} entries; "
                               f"the data has {n} train points")

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from shared.paths import standard_normal_logprob
 from shared.sampling import ADAPTIVE_SOLVERS, CountingField
@@ -128,6 +127,8 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
     else:
         options = dict(step_t=times)  # step exactly onto t = 1 rather than interpolating there
     delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    from torchdiffeq import odeint  # imported here: it pulls in scipy
+
     xs, deltas = odeint(dynamics, (x, delta0), times, rtol=rtol, atol=atol, method=method, options=options)
     z = xs[-1]
     return LikelihoodResult(standard_normal_logprob(z) + deltas[-1], field.nfe, z)

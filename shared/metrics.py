@@ -17,12 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import ot
 import torch
 import torch.nn.functional as F
-from cleanfid import fid as cleanfid_fid
-from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import build_resizer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -32,7 +28,7 @@ INCEPTION_ENV = "FLOWDISTILL_INCEPTION"  # clean-fid's Inception torchscript fil
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the file name clean-fid loads
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 EXTRACTORS = ("auto", "classifier", "inception")
-_REFERENCE_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> {fingerprint: features}
+_REFERENCE_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # extractor -> {(fingerprint, split): features}
 
 
 def _points(x: Tensor, max_points: int, generator: torch.Generator | None) -> np.ndarray:
@@ -46,6 +42,8 @@ def _points(x: Tensor, max_points: int, generator: torch.Generator | None) -> np
 def wasserstein2(a: Tensor, b: Tensor, max_points: int = 2000, generator: torch.Generator | None = None) -> float:
     """Exact W2 between uniform empirical measures on a (N,D) and b (M,D); big clouds are subsampled (cubic solver)."""
     xa, xb = _points(a, max_points, generator), _points(b, max_points, generator)
+    import ot
+
     cost = ot.dist(xa, xb)  # squared Euclidean
     w2_sq = ot.emd2(ot.unif(len(xa)), ot.unif(len(xb)), cost, numItermax=10_000_000)
     return math.sqrt(max(float(w2_sq), 0.0))
@@ -63,6 +61,8 @@ def frechet_distance(feat_a: np.ndarray | Tensor, feat_b: np.ndarray | Tensor) -
     """Fréchet distance between Gaussians fitted to two (N,F) feature sets, with clean-fid's own formula."""
     a, b = _numpy_features(feat_a), _numpy_features(feat_b)
     stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    from cleanfid import fid as cleanfid_fid
+
     return float(cleanfid_fid.frechet_distance(*stats))
 
 
@@ -219,6 +219,9 @@ class InceptionFeatures:
                 f"(or the folder holding it); flowdistill never downloads. Fetch it once where there is network, "
                 f"from {INCEPTION_URL}")
         self.device = torch.device(device)
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
         self.model = InceptionV3W(str(path.parent), download=False).to(self.device).eval()
         self.resize = build_resizer("clean")  # PIL bicubic to 299x299 on float [0, 255] pixels, no quantisation
 
@@ -255,25 +258,35 @@ def _features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256
     return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
-def _reference_features(extractor: FeatureExtractor, dataset: Any) -> Tensor:
-    """Test-split features, computed once per extractor object and data fingerprint (evaluations repeat them)."""
+def _reference_split(dataset: Any, split: str) -> Tensor:
+    """The split samples are scored against: `test` (reporting) or `val` (model selection)."""
+    data = {"test": dataset.test, "val": dataset.val}.get(split)
+    if data is None:
+        raise ValueError(f"cannot score against split {split!r}; choices: test, val (val needs data.val_fraction > 0)")
+    return data
+
+
+def _reference_features(extractor: FeatureExtractor, dataset: Any, split: str = "test") -> Tensor:
+    """Features of a split, computed once per extractor object, data fingerprint and split."""
     per_data = _REFERENCE_FEATURES.setdefault(extractor, {})
-    if dataset.fingerprint not in per_data:
-        per_data[dataset.fingerprint] = _features(extractor, torch.as_tensor(dataset.test, dtype=torch.float32))
-    return per_data[dataset.fingerprint]
+    key = (dataset.fingerprint, split)
+    if key not in per_data:
+        per_data[key] = _features(extractor, torch.as_tensor(_reference_split(dataset, split), dtype=torch.float32))
+    return per_data[key]
 
 
 def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | None = None,
-                   max_points: int = 2000) -> dict[str, Any]:
-    """Score samples against the test split: W2 for vectors, FD on extractor features for images clamped to [-1, 1]."""
+                   max_points: int = 2000, split: str = "test") -> dict[str, Any]:
+    """Score samples against a split (test by default; val for selection): W2 for vectors, FD on extractor
+    features for images clamped to [-1, 1]."""
     if tuple(samples.shape[1:]) != tuple(dataset.shape):
         raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, "
                          f"data set {dataset.name!r} has {tuple(dataset.shape)}")
     if dataset.kind == "vector":
         if extractor is not None:
             raise ValueError("vector data is scored with wasserstein2; a feature extractor does not apply")
-        value = wasserstein2(samples, dataset.test, max_points, torch.Generator().manual_seed(0))
+        value = wasserstein2(samples, _reference_split(dataset, split), max_points, torch.Generator().manual_seed(0))
         return {"metric": "w2", "value": value, "extractor": None}
     extractor = extractor if extractor is not None else feature_extractor(dataset)
-    value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset))
+    value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset, split))
     return {"metric": "fd", "value": value, "extractor": extractor.name}

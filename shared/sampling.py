@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 GRIDS = ("linear", "quadratic")
 FIXED_SOLVERS = ("euler", "heun")
@@ -103,5 +102,7 @@ def sample(model: Callable[..., Tensor], noise: Tensor, steps: int = 8, solver: 
         times = torch.tensor([1.0, 0.0], device=noise.device, dtype=noise.dtype)
     # Land a step exactly on t = 0 instead of reading the end point off the solver's interpolant.
     options = dict(step_t=times[[0, -1]])
+    from torchdiffeq import odeint  # imported here: it pulls in scipy
+
     states = odeint(lambda t, x: field(x, t), noise, times, rtol=rtol, atol=atol, method=solver, options=options)
     return SampleResult(states[-1], field.nfe, states if return_trajectory else None)

@@ -1,0 +1,265 @@
+"""`flowdistill run PIPELINE`: one data set through teacher, couplings, students, F2D2, evaluation, report.
+
+Stages, in order (each a plain call of what the single commands use):
+
+    teacher     the normalizing-flow teacher (`train`)
+    couplings   its NFM pairs, precomputed once for every NFM student (`couplings`)
+    students    the same student with each coupling, at equal budget, once per seed (`train`)
+    f2d2        F2D2 flow maps (u stage, then joint stage) on chosen students (`train`)
+    evaluate    quality vs NFE, curvature, teacher sampling, few-step NLL (`eval`, `f2d2-eval`)
+    report      report.md and a self-contained report.html (`flowdistill.report`)
+
+Every run of a stage lives in `<out_dir>/<name>/runs/<label>-<key>/`, the key a hash of its resolved
+config, which names the directories of the runs it reads (so their keys are part of it). A finished
+run whose key matches is reused, an interrupted one resumes from its checkpoint, and changing a value
+reruns exactly the runs whose config it changes and everything downstream of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from flowdistill.api import resolve_config
+from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from shared.run import finished_step, run_dir_of
+
+STAGES = ("teacher", "couplings", "students", "f2d2", "evaluate", "report")
+NF_COUPLINGS = ("nf_teacher", "nf_teacher_ot")
+UNKEYED = ("name", "out_dir", "train.progress", "train.sample_grid", "train.log_every", "train.ckpt_every")
+
+
+@dataclass
+class PipelineConfig:
+    """What a pipeline trains and how it scores it (`recipes/<data>/pipeline.yaml`)."""
+
+    name: str = ""  # output folder `<out_dir>/<name>` (default: the file's parent folder + "-pipeline")
+    out_dir: str = "runs"  # parent of the pipeline folder
+    teacher: str = ""  # "recipe [key=value ...]" of the normalizing-flow teacher
+    student: str = ""  # "recipe [key=value ...]" of the student trained with every coupling
+    couplings: tuple[str, ...] = ("independent", "minibatch_ot", "semidiscrete_ot", "nf_teacher", "nf_teacher_ot")
+    coupling_mode: str = "precomputed"  # NFM students read the couplings stage's cache, or encode online
+    coupling_overrides: dict = field(default_factory=dict)  # coupling name -> extra key=value list for its students
+    seeds: tuple[int, ...] = (0,)  # student seeds
+    f2d2_u: str = ""  # "recipe [key=value ...]" of the F2D2 u stage ("" skips F2D2)
+    f2d2_joint: str = ""  # "recipe [key=value ...]" of the F2D2 joint (u + D) stage
+    f2d2_on: tuple[str, ...] = ("nf_teacher", "independent")  # couplings whose seed-0 student F2D2 distils
+    steps: tuple[int, ...] = (1, 2, 4, 8)  # NFE at which students and flow maps are scored
+    solvers: tuple[str, ...] = ("euler",)  # fixed-step solvers of the students
+    grids: tuple[str, ...] = ("linear",)  # time grids of the students
+    n_samples: int = 500  # samples per quality value
+    curvature_steps: int = 32  # Euler steps of the trajectories whose straightness is measured
+    curvature_samples: int = 200  # trajectories per curvature value
+    nll_points: int = 200  # test points of the few-step likelihood table
+    device: str = "auto"  # evaluation device
+
+
+@dataclass
+class PlannedRun:
+    """One training run of a stage: its label, resolved config and key."""
+
+    stage: str
+    label: str
+    config: RunConfig
+    key: str
+    role: dict[str, str] = field(default_factory=dict)  # e.g. {"coupling": "nf_teacher", "seed": "0"}
+
+    @property
+    def dir(self) -> Path:
+        return run_dir_of(self.config)
+
+    def status(self) -> str:
+        """`done`, `partial (step k/N)` or `to run`."""
+        step = finished_step(self.config) if self.dir.is_dir() else 0
+        if step >= self.config.train.steps:
+            return "done"
+        return f"partial (step {step}/{self.config.train.steps})" if step else "to run"
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline spec and apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline {str(path)!r} not found (expected a YAML file such as recipes/digits/pipeline.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline {str(path)!r} must be a YAML mapping")
+    data.setdefault("name", f"{path.parent.name}-pipeline")
+    spec = from_dict(PipelineConfig, apply_overrides(data, overrides or []))
+    if not spec.teacher or not spec.student:
+        raise ConfigError(f"pipeline {str(path)!r} needs a teacher and a student entry")
+    if bool(spec.f2d2_u) != bool(spec.f2d2_joint):
+        raise ConfigError("pipeline: set both f2d2_u and f2d2_joint, or neither")
+    if not isinstance(spec.coupling_overrides, dict):
+        raise ConfigError("pipeline coupling_overrides must map coupling names to lists of key=value overrides")
+    unknown = sorted(set(spec.f2d2_on) - set(spec.couplings)) + sorted(set(spec.coupling_overrides) - set(spec.couplings))
+    if unknown:
+        raise ConfigError(f"pipeline f2d2_on / coupling_overrides name couplings it does not train: {', '.join(unknown)}")
+    return spec
+
+
+def config_key(cfg: RunConfig) -> str:
+    """10 hex chars of sha256 over the resolved config without its name, folder and logging settings."""
+    flat = _flatten(to_dict(cfg))
+    for k in UNKEYED:
+        flat.pop(k, None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+class Pipeline:
+    """The planned runs of every stage of one spec; `run` executes the selected stages in order."""
+
+    def __init__(self, spec: PipelineConfig):
+        self.spec = spec
+        self.root = Path(spec.out_dir) / spec.name
+        self.runs_dir = self.root / "runs"
+        self.teacher = self._plan("teacher", "teacher", spec.teacher, [])
+        self.students = [self._plan("students", f"{c}-s{seed}", spec.student, self._coupling_overrides(c) +
+                                    [f"seed={seed}"], {"coupling": c, "seed": str(seed)})
+                         for c in spec.couplings for seed in spec.seeds]
+        self.f2d2: list[PlannedRun] = []
+        if spec.f2d2_u:
+            for c in spec.f2d2_on:
+                base = next(r for r in self.students if r.role == {"coupling": c, "seed": str(spec.seeds[0])})
+                u = self._plan("f2d2", f"f2d2_u-{c}", spec.f2d2_u,
+                               [f"method.teacher={base.dir}", f"train.init_from={base.dir}"], {"on": c, "part": "u"})
+                joint = self._plan("f2d2", f"f2d2-{c}", spec.f2d2_joint,
+                                   [f"method.teacher={base.dir}", f"train.init_from={u.dir}"], {"on": c, "part": "joint"})
+                self.f2d2 += [u, joint]
+
+    def _coupling_overrides(self, coupling: str) -> list[str]:
+        out = [f"method.coupling.name={coupling}"]
+        if coupling in NF_COUPLINGS:
+            out += [f"method.coupling.teacher={self.teacher.dir}", f"method.coupling.mode={self.spec.coupling_mode}"]
+        extra = self.spec.coupling_overrides.get(coupling, [])
+        return out + (shlex.split(extra) if isinstance(extra, str) else list(extra))
+
+    def _plan(self, stage: str, label: str, entry: str, extra: list[str], role: dict[str, str] | None = None
+              ) -> PlannedRun:
+        parts = shlex.split(entry)
+        cfg = resolve_config(parts[0], [*parts[1:], *extra])
+        key = config_key(cfg)
+        cfg.name, cfg.out_dir = f"{label}-{key}", str(self.runs_dir)
+        return PlannedRun(stage, label, cfg, key, role or {})
+
+    # ------------------------------------------------------------------ plan and selection
+
+    def runs_of(self, stage: str) -> list[PlannedRun]:
+        """The training runs a stage consists of (none for couplings, evaluate, report)."""
+        return {"teacher": [self.teacher], "students": self.students, "f2d2": self.f2d2}.get(stage, [])
+
+    def evaluation_key(self) -> str:
+        """Key of the evaluation: every run's key plus the scoring settings."""
+        keys = [r.key for s in ("teacher", "students", "f2d2") for r in self.runs_of(s)]
+        settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device")}
+        return hashlib.sha256(json.dumps([keys, settings], sort_keys=True).encode()).hexdigest()[:10]
+
+    def evaluation_path(self) -> Path:
+        return self.root / f"evaluation-{self.evaluation_key()}.json"
+
+    def stage_status(self, stage: str) -> str:
+        """One line: what is done and what would run."""
+        if stage == "couplings":
+            nf = [r for r in self.students if r.role["coupling"] in NF_COUPLINGS]
+            if not nf or self.spec.coupling_mode != "precomputed":
+                return "nothing to precompute"
+            from nfm.coupling_cache import MANIFEST, cache_dir_of
+
+            root = cache_dir_of(nf[0].config.method.coupling)
+            return "done" if (root / MANIFEST).is_file() else f"to run ({root})"
+        if stage == "evaluate":
+            return "done" if self.evaluation_path().is_file() else "to run"
+        if stage == "report":
+            return "done" if (self.root / "report" / "report.html").is_file() else "to run"
+        runs = self.runs_of(stage)
+        if not runs:
+            return "nothing to train"
+        done = sum(r.status() == "done" for r in runs)
+        return f"{done}/{len(runs)} runs done"
+
+    def plan(self) -> str:
+        """The stages, what is already done and what would run, one line per stage and per run."""
+        lines = [f"pipeline {self.spec.name} -> {self.root}"]
+        for i, stage in enumerate(STAGES, 1):
+            lines.append(f"  {i}/{len(STAGES)} {stage}: {self.stage_status(stage)}")
+            for r in self.runs_of(stage):
+                lines.append(f"      {r.label:<28} {r.status():<26} {r.dir}")
+        return "\n".join(lines)
+
+
+def select_stages(only: list[str] | None = None, start: str | None = None, until: str | None = None) -> list[str]:
+    """The stages to run: `only` (a list), or the range `start`..`until` (inclusive) of STAGES."""
+    for name in [*(only or []), start, until]:
+        if name is not None and name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if only:
+        return [s for s in STAGES if s in only]
+    first = STAGES.index(start) if start else 0
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    if first > last:
+        raise ConfigError(f"--from {start} comes after --until {until}")
+    return list(STAGES[first:last + 1])
+
+
+def record_timing(pipeline: Pipeline, stage: str, seconds: float) -> None:
+    """Add a stage's wall seconds to `<pipeline>/timings.json` (the report's timing table)."""
+    from shared.checkpoint import atomic_write_text
+
+    path = pipeline.root / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[stage] = seconds
+    atomic_write_text(path, json.dumps(timings, indent=1) + "\n")
+
+
+def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], None] = print,
+                 command: str = "") -> dict[str, float]:
+    """Run the selected stages in order; returns seconds per stage (all processes take part in training)."""
+    from accelerate import PartialState
+
+    from flowdistill.api import load_run, train
+    from flowdistill.pipeline_eval import evaluate_pipeline
+    from flowdistill.report import write_report
+    from nfm.coupling_cache import extract
+
+    state = PartialState()
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        t0 = time.perf_counter()
+        log(f"[stage {i}/{len(stages)}] {stage}: {pipeline.stage_status(stage)} "
+            f"(elapsed {time.perf_counter() - t_all:.0f} s)")
+        if stage == "couplings":
+            nf = [r for r in pipeline.students if r.role["coupling"] in NF_COUPLINGS]
+            if nf and pipeline.spec.coupling_mode == "precomputed":
+                extract(nf[0].config, load_run)
+        elif stage == "evaluate":
+            if state.is_main_process and not pipeline.evaluation_path().is_file():
+                evaluate_pipeline(pipeline)
+            state.wait_for_everyone()
+        elif stage == "report":
+            if state.is_main_process:
+                log(f"wrote {write_report(pipeline, command)}")
+            state.wait_for_everyone()
+        else:
+            for j, planned in enumerate(pipeline.runs_of(stage), 1):
+                status = planned.status()
+                log(f"  run {j}/{len(pipeline.runs_of(stage))} {planned.label}: {status}")
+                if status != "done":
+                    train(planned.config, resume=planned.dir.is_dir() and (planned.dir / "config.yaml").is_file())
+        seconds[stage] = time.perf_counter() - t0
+        if state.is_main_process and stage != "report":
+            record_timing(pipeline, stage, seconds[stage])
+    return seconds

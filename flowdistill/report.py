@@ -1,0 +1,154 @@
+"""The pipeline's report: `report.md` with PNGs next to it, and a self-contained `report.html`.
+
+Every number comes from the evaluate stage's JSON (`evaluation-<key>.json`) and the stage timings
+(`timings.json`); nothing is typed in. The HTML embeds its images as data URIs and loads nothing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.checkpoint import atomic_write_text
+
+if TYPE_CHECKING:
+    from flowdistill.pipeline import Pipeline
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:260px}figcaption{font-size:12px}
+code{background:#f5f5f5;padding:1px 4px}"""
+
+
+def fmt(value: Any) -> str:
+    """Numbers to 4 significant digits, everything else as text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+class Doc:
+    """A report written once as Markdown and once as HTML from the same calls."""
+
+    def __init__(self, figures: Path):
+        self.md: list[str] = []
+        self.html: list[str] = []
+        self.figures = figures
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md += ["#" * level + " " + text, ""]
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def text(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        if not rows:
+            return
+        self.md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        self.md += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows] + [""]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+                       for r in rows)
+        self.html.append(f"<table><tr>{head}</tr>{body}</table>")
+
+    def images(self, named: dict[str, str]) -> None:
+        self.md += [f"![{title}](figures/{name})" for title, name in named.items()] + [""]
+        cells = "".join(f"<figure><img alt='{html.escape(t)}' src='{self._data_uri(n)}'><figcaption>{html.escape(t)}"
+                        f"</figcaption></figure>" for t, n in named.items())
+        self.html.append(f"<div class='grid'>{cells}</div>")
+
+    def image(self, title: str, name: str) -> None:
+        self.md += [f"![{title}](figures/{name})", ""]
+        self.html.append(f"<img alt='{html.escape(title)}' src='{self._data_uri(name)}'>")
+
+    def _data_uri(self, name: str) -> str:
+        return "data:image/png;base64," + base64.b64encode((self.figures / name).read_bytes()).decode()
+
+
+def quality_table(students: list[dict[str, Any]], solver: str, grid: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per coupling, one column per NFE: mean ± std over seeds."""
+    sel = [r for r in students if r["solver"] == solver and r["grid"] == grid]
+    nfes = sorted({r["nfe"] for r in sel})
+    rows = []
+    for coupling in dict.fromkeys(r["student"] for r in sel):
+        row: dict[str, Any] = {"coupling": coupling}
+        for r in sel:
+            if r["student"] == coupling:
+                row[f"NFE {r['nfe']}"] = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] else f"{r['mean']:.4g}"
+        rows.append(row)
+    return rows, ["coupling"] + [f"NFE {n}" for n in nfes]
+
+
+def speed_rows(students: list[dict[str, Any]], teacher: dict[str, Any]) -> list[dict[str, Any]]:
+    """Sampling time per sample of each (coupling, NFE) and its speed-up over the teacher's sampling."""
+    return [{"coupling": r["student"], "solver": r["solver"], "grid": r["grid"], "nfe": r["nfe"],
+             "quality": r["mean"], "ms_per_sample": 1000 * r["seconds_per_sample"],
+             "speedup_vs_teacher": teacher["seconds_per_sample"] / max(r["seconds_per_sample"], 1e-12)}
+            for r in students]
+
+
+def build(result: dict[str, Any], timings: dict[str, float], figures: Path, command: str) -> Doc:
+    """Lay out the report from the evaluation JSON."""
+    doc = Doc(figures)
+    teacher, metric = result["teacher"], result["teacher"]["metric"]
+    doc.heading(f"flowdistill report: {result['pipeline']}", 1)
+    doc.text(f"Command: {command}. Quality is {metric} against the test split (lower is better); "
+             f"hardware: {result['hardware']['cpu']}, {result['hardware']['cores']} cores, "
+             f"device {result['hardware']['device']}, torch {result['hardware']['torch']}.")
+    doc.heading("Teacher")
+    doc.table([teacher], ["name", "params", "eta", "nfe", "metric", "value", "seconds_per_sample"])
+    doc.heading("Students: quality vs NFE")
+    for solver in dict.fromkeys(r["solver"] for r in result["students"]):
+        for grid in dict.fromkeys(r["grid"] for r in result["students"]):
+            rows, cols = quality_table(result["students"], solver, grid)
+            doc.text(f"{solver} solver, {grid} time grid ({metric}, mean ± std over seeds):")
+            doc.table(rows, cols)
+    doc.image("quality vs NFE", result["quality_figure"])
+    doc.heading("Straightness and training")
+    doc.table(result["straightness"], ["coupling", "curvature", "curvature_std", "final_loss", "train_seconds"])
+    doc.heading("Sampling time and NFE")
+    doc.table(speed_rows(result["students"], teacher),
+              ["coupling", "solver", "grid", "nfe", "quality", "ms_per_sample", "speedup_vs_teacher"])
+    if result["f2d2"]:
+        doc.heading("F2D2: few-step likelihood vs the ODE reference")
+        for table in result["f2d2"]:
+            doc.text(f"{table['label']} (distilled from the {table['on']} student), reference: {table['reference']}, "
+                     f"{table['n']} test points; NLL in nats per sample.")
+            columns = [c for c in ("K", "nfe", "nll", "ref_nll", "mae", "bpd", "ref_bpd", "naive_nll", "seconds",
+                                   "ref_seconds", "ref_nfe", "speedup", "quality") if c in table["rows"][0]]
+            doc.table(table["rows"], columns)
+    doc.heading("Samples")
+    doc.images(result["sample_figures"])
+    if result.get("trajectories"):
+        doc.heading("Sampling trajectories (2D)")
+        doc.image("trajectories", result["trajectories"])
+    doc.heading("Stage timings")
+    doc.table([{"stage": k, "seconds": v} for k, v in timings.items()], ["stage", "seconds"])
+    doc.heading("Runs")
+    doc.table([{"run": k, "directory": v} for k, v in result["runs"].items()], ["run", "directory"])
+    return doc
+
+
+def write_report(pipeline: Pipeline, command: str = "") -> Path:
+    """Write `<pipeline>/report/report.md`, its figures and `report.html`; returns the HTML path."""
+    result = json.loads(pipeline.evaluation_path().read_text())
+    timings_path = pipeline.root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    source = pipeline.root / result["figures"]
+    out = pipeline.root / "report"
+    figures = out / "figures"
+    if figures.exists():
+        shutil.rmtree(figures)
+    shutil.copytree(source, figures)
+    doc = build(result, timings, figures, command or f"flowdistill run (pipeline {result['pipeline']})")
+    atomic_write_text(out / "report.md", "\n".join(doc.md) + "\n")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result['pipeline'])}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>\n")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
