@@ -227,6 +227,7 @@ def record_timing(pipeline: Pipeline, stage: str, seconds: float) -> None:
 def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], None] = print,
                  command: str = "") -> dict[str, float]:
     """Run the selected stages in order; returns seconds per stage (all processes take part in training)."""
+    import torch
     from accelerate import PartialState
 
     from flowdistill.api import load_run, train
@@ -234,11 +235,12 @@ def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], Non
     from flowdistill.report import write_report
     from nfm.coupling_cache import extract
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes talk through gloo
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         t0 = time.perf_counter()
+        log = log if state.is_main_process else (lambda text: None)
         log(f"[stage {i}/{len(stages)}] {stage}: {pipeline.stage_status(stage)} "
             f"(elapsed {time.perf_counter() - t_all:.0f} s)")
         if stage == "couplings":

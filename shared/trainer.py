@@ -141,6 +141,7 @@ class Trainer:
         """Load the run's latest checkpoint if there is one; returns whether it did."""
         path = latest_checkpoint(checkpoints_dir(self.run_dir))
         if path is None:
+            self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
             return False
         state = load_checkpoint(path, self.raw_model, self.ema.model if self.ema else None, self.optimizer)
         self.step = state["step"]

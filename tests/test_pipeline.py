@@ -1,0 +1,161 @@
+"""`flowdistill run`: stage keys and reuse, stage selection, kill-and-rerun identity, the report, 2 processes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowdistill.cli import main
+from flowdistill.pipeline import Pipeline, config_key, load_pipeline, select_stages
+from shared.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "recipes" / "toy2d"
+SMALL = "data.n_train=600 data.n_test=300 train.log_every=10 train.ckpt_every=10 train.progress=false"
+
+
+def tiny_spec(tmp_path: Path, name: str = "p", **changes) -> Path:
+    """A toy pipeline that trains in seconds: two couplings, one F2D2 chain, few samples."""
+    spec = {
+        "name": name, "out_dir": str(tmp_path),
+        "teacher": f"{TOY / 'teacher.yaml'} train.steps=30 train.batch_size=128 model.blocks=2 {SMALL}",
+        "student": f"{TOY / 'fm_independent.yaml'} train.steps=30 train.batch_size=128 model.hidden=32 {SMALL}",
+        "couplings": ["independent", "nf_teacher"],
+        "coupling_overrides": {"nf_teacher": ["method.coupling.draws=2", "method.coupling.shard=256"]},
+        "f2d2_u": f"{TOY / 'f2d2_u.yaml'} train.steps=20 train.batch_size=128 model.hidden=32 {SMALL}",
+        "f2d2_joint": f"{TOY / 'f2d2_joint.yaml'} train.steps=20 train.batch_size=128 model.hidden=32 {SMALL}",
+        "f2d2_on": ["nf_teacher"], "steps": [1, 2], "n_samples": 200, "curvature_steps": 8,
+        "curvature_samples": 50, "nll_points": 50,
+    }
+    spec.update(changes)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def numbers(evaluation: dict) -> dict:
+    """The evaluation's numbers without timings and without names that hold the output folder."""
+    drop = re.compile(r"seconds|per_s|speedup|hardware|^run$|^runs$|^key$|^figures$|^reference$|^name$")
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not drop.search(k)}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(evaluation)
+
+
+def test_keys_follow_the_config_and_the_inputs(tmp_path):
+    base = Pipeline(load_pipeline(tiny_spec(tmp_path)))
+    again = Pipeline(load_pipeline(tiny_spec(tmp_path)))
+    assert [r.dir for r in base.students] == [r.dir for r in again.students]
+    changed = Pipeline(load_pipeline(tiny_spec(tmp_path), ["teacher=" + base.spec.teacher.replace("steps=30", "steps=31")]))
+    assert changed.teacher.key != base.teacher.key
+    by_coupling = {r.role["coupling"]: r for r in changed.students}
+    old = {r.role["coupling"]: r for r in base.students}
+    assert by_coupling["independent"].key == old["independent"].key  # does not read the teacher
+    assert by_coupling["nf_teacher"].key != old["nf_teacher"].key  # reads it: its config names the teacher dir
+    assert all(a.key != b.key for a, b in zip(changed.f2d2, base.f2d2))  # downstream of the NFM student
+    cfg = base.teacher.config
+    cfg_logging = Pipeline(load_pipeline(tiny_spec(tmp_path))).teacher.config
+    cfg_logging.train.log_every = 7  # logging settings do not change what is trained
+    assert config_key(cfg) == config_key(cfg_logging)
+
+
+def test_stage_selection():
+    assert select_stages() == ["teacher", "couplings", "students", "f2d2", "evaluate", "report"]
+    assert select_stages(until="students") == ["teacher", "couplings", "students"]
+    assert select_stages(start="f2d2") == ["f2d2", "evaluate", "report"]
+    assert select_stages(only=["report", "teacher"]) == ["teacher", "report"]
+    with pytest.raises(ConfigError, match="unknown stage 'studnets'"):
+        select_stages(only=["studnets"])
+    with pytest.raises(ConfigError, match="comes after"):
+        select_stages(start="report", until="teacher")
+
+
+def test_bad_specs_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="f2d2_on"):
+        load_pipeline(tiny_spec(tmp_path, f2d2_on=["minibatch_ot"]))
+    with pytest.raises(ConfigError, match="both f2d2_u and f2d2_joint"):
+        load_pipeline(tiny_spec(tmp_path, f2d2_joint=""))
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
+    spec = tiny_spec(tmp_path)
+    assert main(["run", str(spec), "--until", "students"]) == 0
+    pipeline = Pipeline(load_pipeline(spec))
+    assert all(r.status() == "done" for r in [pipeline.teacher, *pipeline.students])
+    assert all(r.status() == "to run" for r in pipeline.f2d2) and not pipeline.evaluation_path().exists()
+    capsys.readouterr()
+    assert main(["run", str(spec), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "3/6 students: 2/2 runs done" in plan and "4/6 f2d2: 0/2 runs done" in plan
+    mtimes = {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students}
+    assert main(["run", str(spec)]) == 0
+    assert {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students} == mtimes
+    evaluation = json.loads(pipeline.evaluation_path().read_text())
+    report = (pipeline.root / "report" / "report.md").read_text()
+    for row in evaluation["students"]:  # every number in the report is the JSON's
+        assert f"{row['mean']:.4g}" in report
+    for table in evaluation["f2d2"]:
+        for row in table["rows"]:
+            assert f"{row['nll']:.4g}" in report and f"{row['ref_nll']:.4g}" in report
+    assert f"{evaluation['teacher']['value']:.4g}" in report
+    page = (pipeline.root / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "http" not in page
+    assert main(["run", str(spec), "--only", "students"]) == 0  # reused: nothing retrains
+    assert "to run" not in Pipeline(load_pipeline(spec)).plan()
+
+
+@pytest.mark.slow
+def test_killed_pipeline_reruns_to_the_same_results(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flowdistill", "run"]
+    straight = tiny_spec(tmp_path / "a")
+    assert subprocess.run([*cmd, str(straight)], cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
+    killed = tiny_spec(tmp_path / "b")
+    rng = random.Random(0)
+    for _ in range(3):  # three kills at random moments, then a run to the end
+        proc = subprocess.Popen([*cmd, str(killed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 8.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run([*cmd, str(killed)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = Pipeline(load_pipeline(straight))
+    b = Pipeline(load_pipeline(killed))
+    assert numbers(json.loads(a.evaluation_path().read_text())) == numbers(json.loads(b.evaluation_path().read_text()))
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_has_the_structure_of_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    spec = tiny_spec(tmp_path, couplings=["independent", "nf_teacher"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "flowdistill", "run", str(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pipeline = Pipeline(load_pipeline(spec))
+    evaluation = json.loads(pipeline.evaluation_path().read_text())
+    assert [r["student"] for r in evaluation["students"]] == ["independent"] * 2 + ["nf_teacher"] * 2
+    assert all(math.isfinite(r["mean"]) for r in evaluation["students"])
+    assert all(math.isfinite(r["nll"]) for t in evaluation["f2d2"] for r in t["rows"])
+    assert "2 process(es)" in out.stdout
+    headings = [ln for ln in (pipeline.root / "report" / "report.md").read_text().splitlines() if ln.startswith("#")]
+    assert headings[:3] == ["# flowdistill report: p", "## Teacher", "## Students: quality vs NFE"]
