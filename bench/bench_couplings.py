@@ -3,13 +3,14 @@
 For each recipe family (toy2d, digits, mnist; data, student and batch size from its fm_independent.yaml) and for
 batch sizes {recipe batch, 256, 1024}, the median wall time of:
     independent      z ~ N(0, I)
-    minibatch_ot     exact OT (ot.emd on the CPU), and its entropic variant (ot_reg below)
+    minibatch_ot     exact OT (ot.emd on the CPU), and its entropic variant (reg = OT_REG below)
     semidiscrete_ot  fresh noise + chunked MIPS against the N train points (throughput in queries/s)
     nf_teacher       online: one teacher encode of x + eta*eps' per batch (fp32 and bf16);
                      precomputed: a gather from the coupling cache
     student step     FM loss forward + backward + AdamW step of the recipe's model (independent coupling)
-The SD-FM fit is timed per iteration at the recipe's sdot_batch and extrapolated to its sdot_iters; the
-precomputed NFM cache's extraction throughput (perturb + teacher encode at teacher_batch, images/s) is timed too.
+The SD-FM fit is timed per iteration at the recipe's method.coupling.batch and extrapolated to its
+method.coupling.iters; the precomputed NFM cache's extraction throughput (perturb + teacher encode at the
+nf_teacher recipe's method.coupling.batch, images/s) is timed too.
 The teacher is the recipe's TarFlow, randomly initialised (throughput does not depend on the weights).
 
 Run from the repository root:  python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist]
@@ -24,12 +25,14 @@ from typing import Any, Callable
 import torch
 
 from bench.common import RESULTS, add_common_args, machine, markdown_table, median, setup, timed
+from flowdistill.api import resolve_config
+from flowdistill.components import CATALOG
 from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from nfm.semidiscrete_ot import SemidiscretePotential, dual_step
-from nfm.teacher_coupling import NFTeacherCoupling, TeacherHandle, perturbed, teacher_encode
+from nfm.teacher_coupling import NFTeacherCoupling
+from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
-from shared.config import load_recipe
 from shared.data import load_dataset
 from shared.run import build_model
 
@@ -66,9 +69,9 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 def student_step(cfg: Any, dataset: Any, device: torch.device, batch: int) -> Callable[[], None]:
     """One FM training step of the recipe's model on a fixed batch (forward, backward, AdamW)."""
-    model = build_model(cfg, dataset).to(device).train()
+    model = build_model(cfg, dataset, CATALOG).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    loss_fn = FlowMatchingLoss(FlowMatchingConfig())
+    loss_fn = FlowMatchingLoss(FlowMatchingConfig(), IndependentCoupling())
     x = dataset.train[torch.arange(batch) % len(dataset.train)].to(device)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -83,20 +86,20 @@ def student_step(cfg: Any, dataset: Any, device: torch.device, batch: int) -> Ca
 
 def nf_couplings(name: str, dataset: Any, device: torch.device) -> tuple[NFTeacherCoupling, NFTeacherCoupling]:
     """Online and precomputed NFM couplings around the recipe's (randomly initialised) teacher."""
-    teacher_cfg = load_recipe(RECIPES / CASES[name] / "teacher.yaml")
-    nf_cfg = load_recipe(RECIPES / CASES[name] / "fm_nf_teacher.yaml").method
+    teacher_cfg = resolve_config(RECIPES / CASES[name] / "teacher.yaml")
+    nf_cfg = resolve_config(RECIPES / CASES[name] / "fm_nf_teacher.yaml").method.coupling
     torch.manual_seed(0)
-    flow = build_model(teacher_cfg, dataset).to(device).eval().requires_grad_(False)
-    teacher = TeacherHandle(flow, Path("."), 0, "", dataset.fingerprint)
-    online = NFTeacherCoupling(teacher, dataset.train, "online", nf_cfg.teacher_draws, batch_size=nf_cfg.teacher_batch)
-    cached = NFTeacherCoupling(teacher, dataset.train, "precomputed", nf_cfg.teacher_draws)
-    cached._cache = torch.randn(len(dataset.train), nf_cfg.teacher_draws, *dataset.shape, device=device)
+    flow = build_model(teacher_cfg, dataset, CATALOG).to(device).eval().requires_grad_(False)
+    teacher = TeacherHandle(flow, Path("."), 0, "", dataset.base_fingerprint)
+    online = NFTeacherCoupling(teacher, dataset.train, "online", nf_cfg.draws, batch_size=nf_cfg.batch)
+    cached = NFTeacherCoupling(teacher, dataset.train, "precomputed", nf_cfg.draws)
+    cached._cache = torch.randn(len(dataset.train), nf_cfg.draws, *dataset.shape, device=device)
     cached.sigma = 1.0
     return online, cached
 
 
 def extraction_rate(coupling: NFTeacherCoupling, dtype: str, device: torch.device, images: int = 1024) -> float:
-    """Images/s of cache extraction: perturb with the addressed eps' and encode, teacher_batch at a time."""
+    """Images/s of cache extraction: perturb with the addressed eps' and encode, method.coupling.batch at a time."""
     data = coupling.data.to(device)
     index = torch.arange(images) % len(data)
     draw = torch.zeros_like(index)
@@ -107,12 +110,12 @@ def extraction_rate(coupling: NFTeacherCoupling, dtype: str, device: torch.devic
 
 def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the coupling table for one recipe family, and its fit-cost row."""
-    cfg = load_recipe(RECIPES / CASES[name] / "fm_independent.yaml")
-    sd_cfg = load_recipe(RECIPES / CASES[name] / "fm_semidiscrete_ot.yaml").method
+    cfg = resolve_config(RECIPES / CASES[name] / "fm_independent.yaml")
+    sd_cfg = resolve_config(RECIPES / CASES[name] / "fm_semidiscrete_ot.yaml").method.coupling
     dataset = load_dataset(cfg.data)
     n, dim = len(dataset.train), dataset.dim
     generator = torch.Generator(device=device).manual_seed(0)
-    sdot = SemidiscreteOTCoupling(dataset.train, dataset.fingerprint, chunk=sd_cfg.sdot_chunk)
+    sdot = SemidiscreteOTCoupling(dataset.train, dataset.fingerprint, chunk=sd_cfg.chunk)
     sdot.potential = SemidiscretePotential(torch.randn(n, generator=torch.Generator().manual_seed(0)),
                                            dataset.fingerprint)
     sdot.prepare(device)
@@ -140,10 +143,10 @@ def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int
         print(json.dumps(row), flush=True)
     y = dataset.train.reshape(n, -1).to(device)
     g = sdot.potential.g.to(device)
-    ms = time_ms(lambda: dual_step(g, y, sd_cfg.sdot_batch, generator, sd_cfg.sdot_chunk), device, FIT_ITERS)
-    fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.sdot_batch, "ms_per_iter": ms,
-           "sdot_iters": sd_cfg.sdot_iters, "est_fit_s": ms * sd_cfg.sdot_iters / 1000,
-           "mips_pairs_per_s": sd_cfg.sdot_batch * n / (ms / 1000),
+    ms = time_ms(lambda: dual_step(g, y, sd_cfg.batch, generator, sd_cfg.chunk), device, FIT_ITERS)
+    fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.batch, "ms_per_iter": ms,
+           "sdot_iters": sd_cfg.iters, "est_fit_s": ms * sd_cfg.iters / 1000,
+           "mips_pairs_per_s": sd_cfg.batch * n / (ms / 1000),
            "extract_images_per_s": extraction_rate(online, "fp32", device),
            "extract_bf16_images_per_s": extraction_rate(online, "bf16", device)}
     print(json.dumps(fit), flush=True)
@@ -170,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "student step: FM loss forward + backward + AdamW on the recipe's model (independent coupling)",
              "NFM online: perturb (per-address seeded eps') + teacher encode of the batch; cached: a gather from the "
              "(N, draws, ...) cache on the device; extraction: 1024 images, one timed pass",
-             f"fit: {FIT_ITERS} timed SD-FM dual iterations, extrapolated to the recipe's sdot_iters (plus a final "
-             "evaluation of about 10 N noise draws, not included)"]
+             f"fit: {FIT_ITERS} timed SD-FM dual iterations, extrapolated to the recipe's method.coupling.iters "
+             "(plus a final evaluation of about 10 N noise draws, not included)"]
     payload = {"bench": "bench_couplings", "machine": machine(device), "settings": vars(args), "notes": notes,
                "rows": rows, "fit_rows": fits}
     info = payload["machine"]

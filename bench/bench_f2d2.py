@@ -5,7 +5,7 @@
 
     python -m bench.bench_f2d2 --device cpu --cases toy,digits      # training-step cost only
 
-With --runs (per run, via f2d2.report.evaluate; writes bench/results/f2d2-<device>-nll.json): for
+With --runs (per run, via flowdistill.f2d2_eval.evaluate; writes bench/results/f2d2-<device>-nll.json): for
 K = 1, 2, 4, 8 the mean per-sample |log p_K - log p_ref| of F2D2 and of the naive estimate without
 D, the mean NLL gap, and the wall time of the reference ODE likelihood over that of the K-step one.
 Without --runs (per case of bench/common.py; writes ...-train.json): time per training step and
@@ -23,10 +23,11 @@ import torch
 from bench.common import BenchCase, add_common_args, median, report, selected_cases, setup, timed
 from f2d2.flowmap import FlowMapConfig, build_flowmap
 from f2d2.losses import F2D2, F2D2Config
+from flowdistill.components import MODELS
+from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from shared.backbones import MLPConfig
 from shared.data import load_dataset
-from shared.registry import MODELS
 
 LOSSES = {  # name -> F2D2 settings (None: plain flow matching on the same backbone without s)
     "fm (plain)": None,
@@ -52,7 +53,7 @@ def bench_losses(name: str, case: BenchCase, device: torch.device, repeats: int)
         torch.manual_seed(0)
         if settings is None:
             model = MODELS[case.model.name].build(case.model, data.shape).to(device)
-            method = FlowMatchingLoss(FlowMatchingConfig())
+            method = FlowMatchingLoss(FlowMatchingConfig(), IndependentCoupling())
         else:
             model = build_flowmap(flowmap_config(case), data.shape).to(device)
             divergence = "exact" if data.kind == "vector" else "hutchinson"
@@ -78,8 +79,8 @@ def bench_losses(name: str, case: BenchCase, device: torch.device, repeats: int)
 
 def bench_runs(runs: list[str], device: torch.device, n: int, n_samples: int) -> list[dict]:
     """One row per (run, K): likelihood errors and the wall-time ratio reference / few-step."""
-    from f2d2.report import evaluate
-    from shared.run import load_run
+    from flowdistill.api import load_run
+    from flowdistill.f2d2_eval import evaluate
 
     rows = []
     for path in runs:

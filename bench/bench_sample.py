@@ -2,7 +2,7 @@
 
 By default the models are flow-matching backbones at random initialisation (throughput does not depend
 on the weights) sampled with `shared.sampling.sample`; `--run DIR` benchmarks a trained run instead,
-through its method's own `sample`, so any model of the project works. NFE/s counts single-sample
+through its sampler's own `sample`, so any model of the project works. NFE/s counts single-sample
 network evaluations: batched forward calls x batch size per second.
 
 Run from the repository root:  python -m bench.bench_sample [--device cpu|cuda] [--run DIR] [--repeats R]
@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from bench.common import add_common_args, median, report, selected_cases, setup, timed
+from flowdistill.api import load_run
+from flowdistill.components import CATALOG
 from shared.data import load_dataset
-from shared.run import build_model, load_run
+from shared.run import build_model
 from shared.sampling import FIXED_SOLVERS, SampleResult, sample
 
 COLUMNS = {"case": "case", "solver": "solver", "steps": "steps", "nfe": "NFE", "batch": "batch",
@@ -67,13 +69,13 @@ def targets(args: argparse.Namespace, device: torch.device) -> dict[str, Target]
     if args.run:
         run = load_run(args.run, weights=args.weights, device=device)
         batch = args.batch or (256 if run.dataset.kind == "image" else 1000)
-        noise = run.method.prior_sample(batch, run.dataset.shape, device, gen)
+        noise = run.sampler.prior_sample(batch, run.dataset.shape, device, gen)
         note = f"run {run.dir.name} ({run.config.model.name}, {args.weights} weights, step {run.step})"
-        return {run.dir.name: Target(partial(run.method.sample, run.model), noise, note)}
+        return {run.dir.name: Target(partial(run.sampler.sample, run.model), noise, note)}
     out = {}
     for name, case in selected_cases(args.cases, device).items():
         dataset = load_dataset(case.run_config().data)
-        model = build_model(case.run_config(), dataset).to(device).eval()
+        model = build_model(case.run_config(), dataset, CATALOG).to(device).eval()
         noise = torch.randn(args.batch or case.sample_batch, *dataset.shape, device=device, generator=gen)
         out[name] = Target(partial(sample, model), noise, f"{case.note}, random init")
     return out

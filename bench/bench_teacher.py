@@ -19,7 +19,7 @@ import torch
 
 from bench.common import median, pick_device, report, timed
 from nfm.tarflow import TarFlow, TarFlowConfig
-from nfm.teacher import TeacherConfig, TeacherNLL
+from nfm.teacher import TeacherConfig, TeacherSampler
 
 MODELS = {  # name -> (data shape, config) as in recipes/digits/teacher*.yaml and recipes/mnist/teacher*.yaml
     "digits-p2": ((1, 8, 8), TarFlowConfig(patch=2, width=128, blocks=4, layers=2, head_dim=64)),
@@ -69,7 +69,7 @@ def seconds(fn, device: torch.device, repeats: int) -> float:
 def measure(name: str, args: argparse.Namespace, device: torch.device, decode_batch: int) -> list[dict[str, Any]]:
     """One row per dtype for a model; the fp32 row also holds the cached vs uncached decode."""
     flow = build(name, device)
-    method = TeacherNLL(TeacherConfig(denoise=True), levels=256)
+    sampler = TeacherSampler(TeacherConfig(denoise=True))
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.encode_batch, *flow.data_shape, device=device, generator=gen)
     z = torch.randn(decode_batch, *flow.data_shape, device=device, generator=gen)
@@ -84,7 +84,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, decode_ba
 
         def sample() -> None:
             with precision():
-                method.sample(flow, z)
+                sampler.sample(flow, z)
 
         enc, smp = seconds(encode, device, args.repeats), seconds(sample, device, args.repeats)
         rows.append({"model": name, "tokens": flow.n_tokens, "dtype": str(dtype).removeprefix("torch."),

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from bench.common import BenchCase, add_common_args, median, report, selected_cases, setup
 from shared.config import RunConfig, TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.run import build_method, build_model
+from flowdistill.components import CATALOG
+from shared.run import build_loss, build_model
 from shared.rundir import metrics_path
 from shared.trainer import Trainer
 
@@ -115,8 +116,8 @@ class TrainerLoop:
 
     def __init__(self, cfg: TrainConfig, run_cfg: RunConfig, dataset: Dataset, accelerator: Accelerator, run_dir: Path):
         self.cfg, self.metrics = cfg, metrics_path(run_dir)
-        self.trainer = Trainer(cfg, run_cfg.seed, build_model(run_cfg, dataset), build_method(run_cfg, dataset),
-                               (dataset.train,), run_dir, accelerator)
+        self.trainer = Trainer(cfg, run_cfg.seed, build_model(run_cfg, dataset, CATALOG),
+                               build_loss(run_cfg, dataset, CATALOG), (dataset.train,), run_dir, accelerator)
         self.seen = 0
 
     def run(self, intervals: int) -> list[float]:
@@ -143,7 +144,7 @@ def measure(name: str, case: BenchCase, steps: int, args: argparse.Namespace, de
                           progress=False, sample_grid=False)
         run_cfg = case.run_config(cfg)
         with tempfile.TemporaryDirectory() as tmp:
-            loops = {"bare": BareLoop(cfg, build_model(run_cfg, dataset).to(device), data, run_cfg.seed),
+            loops = {"bare": BareLoop(cfg, build_model(run_cfg, dataset, CATALOG).to(device), data, run_cfg.seed),
                      "trainer": TrainerLoop(cfg, run_cfg, dataset, accelerator, Path(tmp))}
             for loop in loops.values():
                 loop.run(1)

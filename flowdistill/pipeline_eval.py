@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,8 +19,7 @@ from flowdistill.compare import CompareConfig, aggregate, evaluate_student, eval
 from shared.evaluate import generate, write_json
 from shared.metrics import feature_extractor
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
+Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline imports this module)
 
 
 def hardware(device: torch.device) -> dict[str, Any]:

@@ -10,12 +10,11 @@ import html
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shared.checkpoint import atomic_write_text
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
+Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline imports this module)
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -133,6 +132,26 @@ def build(result: dict[str, Any], timings: dict[str, float], figures: Path, comm
     doc.heading("Runs")
     doc.table([{"run": k, "directory": v} for k, v in result["runs"].items()], ["run", "directory"])
     return doc
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def screenshot(page: Path, png: Path, width: int = 1200, height: int = 2400, browser: str = "chromium") -> Path:
+    """Render an HTML file to a PNG with headless Chromium (offline; raises if the browser is missing or fails)."""
+    import subprocess
+    import tempfile
+
+    exe = shutil.which(browser)
+    if exe is None:
+        raise FileNotFoundError(f"{browser} not found: install it (Debian: apt-get install chromium) to render reports")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                        f"--screenshot={png.resolve()}", page.resolve().as_uri()],
+                       check=True, capture_output=True, timeout=120)
+    return png
 
 
 def write_report(pipeline: Pipeline, command: str = "") -> Path:

@@ -30,3 +30,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TOY_TEACHER = "recipes/toy2d/teacher.yaml"
+SMALL_TEACHER = ["model.width=32", "model.head_dim=16", "model.blocks=4", "data.n_train=1000", "data.n_test=200",
+                 "train.batch_size=128", "train.progress=false", "train.sample_grid=false"]
+
+
+@pytest.fixture(scope="session")
+def train_tiny_teacher():
+    """`train(root, name, steps=40, seed=0) -> run dir`: a small TarFlow teacher on 1000 eight-gaussians points."""
+    from pathlib import Path
+
+    from flowdistill.cli import main
+
+    recipe = str(Path(__file__).resolve().parents[1] / TOY_TEACHER)
+
+    def train(root: Path, name: str, steps: int = 40, seed: int = 0) -> Path:
+        assert main(["train", recipe, f"out_dir={root}", f"name={name}", f"train.steps={steps}", f"seed={seed}",
+                     *SMALL_TEACHER]) == 0
+        return root / name
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def nf_teacher_run(tmp_path_factory, train_tiny_teacher):
+    """One tiny trained TarFlow teacher run shared by the NFM coupling tests (never modified by them)."""
+    return train_tiny_teacher(tmp_path_factory.mktemp("nf"), "teacher")

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.func import jvp
 
-from shared import registry
 from shared.backbones import MLPConfig, UNetConfig, build_mlp, build_unet, timestep_embedding
 
 
@@ -160,9 +159,9 @@ def test_unet_supports_forward_mode_ad():
     assert torch.allclose((tangent * g).sum(), (gx * v).sum() + gt.sum(), rtol=1e-3, atol=1e-3)
 
 
-def test_registry_has_models():
-    import shared.backbones  # noqa: F401
+def test_component_table_has_models():
+    from flowdistill.components import MODELS
 
-    assert {"mlp", "unet"} <= set(registry.MODELS)
-    assert registry.MODELS["mlp"].config_cls is MLPConfig
-    assert registry.MODELS["unet"].config_cls is UNetConfig
+    assert {"mlp", "unet"} <= set(MODELS)
+    assert MODELS["mlp"].config is MLPConfig and MODELS["mlp"].build is build_mlp
+    assert MODELS["unet"].config is UNetConfig and MODELS["unet"].build is build_unet

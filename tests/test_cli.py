@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.cli import main
+from flowdistill.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "recipes" / "toy2d" / "fm_independent.yaml")
@@ -126,7 +126,8 @@ def test_two_process_accelerate_launch_trains(tmp_path):
 def test_init_from_copies_matching_weights_and_reports_new_ones(tmp_path, capsys):
     import torch
 
-    from shared.run import init_from_run, load_run
+    from flowdistill.api import load_run
+    from shared.run import init_from_run
 
     source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
     assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=0", "model.hidden=16",

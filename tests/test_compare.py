@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nfm.compare import aggregate, entry_config, load_spec, reach_table, run_comparison
-from shared.cli import main
+from flowdistill.cli import main
+from flowdistill.compare import aggregate, entry_config, load_spec, reach_table, run_comparison
 from shared.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ def _spec(root: Path) -> Path:
                         "model.width=32", "model.head_dim=16", "model.blocks=4", "train.batch_size=128", *SMALL_DATA])
     students = [f"{TOY / 'fm_independent.yaml'} name=independent",
                 f"{TOY / 'fm_minibatch_ot.yaml'} name=minibatch_ot",
-                f"{TOY / 'fm_semidiscrete_ot.yaml'} name=semidiscrete_ot method.sdot_iters=200",
-                f"{TOY / 'fm_nf_teacher.yaml'} name=nfm method.teacher={out / 'teacher'}"]
+                f"{TOY / 'fm_semidiscrete_ot.yaml'} name=semidiscrete_ot method.coupling.iters=200",
+                f"{TOY / 'fm_nf_teacher.yaml'} name=nfm method.coupling.teacher={out / 'teacher'}"]
     spec = {"name": "cmp", "out_dir": str(root / "out"), "teachers": [teacher], "students": students,
             "common": [f"out_dir={out}", "train.steps=150", "train.batch_size=256", "model.hidden=64",
                        "train.log_every=50", *SMALL_DATA],
@@ -109,9 +109,10 @@ def test_every_comparison_spec_resolves_to_valid_runs(path, monkeypatch):
     assert len({c.name for c in teachers + students}) == len(teachers) + len(students)
     assert {c.data.name for c in students} == {path.parent.name.replace("toy2d", "8gaussians")}
     assert {c.train.steps for c in students} == {students[0].train.steps}  # one budget for every coupling
-    for cfg in students:
-        if cfg.method.coupling == "nf_teacher":
-            assert cfg.method.teacher in {f"{t.out_dir}/{t.name}" for t in teachers}
+    nfm = [cfg for cfg in students if cfg.method.coupling.name in ("nf_teacher", "nf_teacher_ot")]
+    assert nfm  # every comparison has NFM students, each reading one of the spec's teachers
+    for cfg in nfm:
+        assert cfg.method.coupling.teacher in {f"{t.out_dir}/{t.name}" for t in teachers}
 
 
 def test_spec_errors_are_specific(tmp_path, capsys):

@@ -6,11 +6,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, load_recipe
+from flowdistill.components import CATALOG
+from shared import config
+from shared.config import ConfigError, RunConfig, apply_overrides, dump_yaml
 
+CHOICES = CATALOG.config_choices()
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.name != "compare.yaml")  # compare: test_compare.py
+SPECS = {"compare.yaml", "pipeline.yaml"}  # specs of several runs, not run recipes (compare: test_compare.py)
+RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.name not in SPECS)
 TOY = ROOT / "recipes" / "toy2d" / "fm_independent.yaml"
+MINIBATCH_OT = ROOT / "recipes" / "digits" / "fm_minibatch_ot.yaml"
+
+
+def load_recipe(path, overrides=None):
+    """`shared.config.load_recipe` against the application's component tables."""
+    return config.load_recipe(path, overrides, CHOICES)
+
+
+def build_run_config(data):
+    return config.build_run_config(data, CHOICES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -68,3 +82,45 @@ def test_malformed_override_and_missing_recipe():
         load_recipe("recipes/none/nothing.yaml")
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+@pytest.mark.parametrize("old, new", [
+    ("method.ot_reg=0.1", "method.coupling.reg"),
+    ("method.sdot_iters=200", "method.coupling.iters"),
+    ("method.teacher=runs/t", "method.coupling.teacher"),
+    ("method.teacher_mode=precomputed", "method.coupling.mode"),
+    ("method.teacher_draws=3", "method.coupling.draws"),
+])
+def test_old_flat_coupling_keys_say_where_they_moved(old, new):
+    with pytest.raises(ConfigError, match="has moved") as err:
+        load_recipe(MINIBATCH_OT, [old])
+    assert f"{old.split('=')[0]} has moved" in str(err.value) and f"it is {new} now" in str(err.value)
+
+
+def test_new_coupling_keys_are_accepted():
+    cfg = load_recipe(MINIBATCH_OT, ["method.coupling.reg=0.1"])
+    assert cfg.method.coupling.name == "minibatch_ot" and cfg.method.coupling.reg == pytest.approx(0.1)
+    cfg = load_recipe(TOY, ["method.coupling.name=nf_teacher_ot", "method.coupling.teacher=runs/t",
+                            "method.coupling.draws=3"])
+    assert (cfg.method.coupling.name, cfg.method.coupling.teacher, cfg.method.coupling.draws) == \
+        ("nf_teacher_ot", "runs/t", 3)
+    with pytest.raises(ConfigError, match="method.coupling.reg.*valid keys"):
+        load_recipe(TOY, ["method.coupling.reg=0.1"])  # the independent coupling has no reg
+
+
+def test_plain_string_coupling_is_refused_with_the_section_spelling(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(MINIBATCH_OT, ["method.coupling=minibatch_ot"])
+    assert "method.coupling.name=minibatch_ot" in str(err.value) and "write the choice as a section" in str(err.value)
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model: {name: mlp}\nmethod: {name: fm, coupling: nf_teacher}\n")
+    with pytest.raises(ConfigError, match="method.coupling.name=nf_teacher"):
+        load_recipe(recipe)
+
+
+def test_unknown_coupling_name_lists_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_recipe(MINIBATCH_OT, ["method.coupling.name=sinkhorn"])
+    message = str(err.value)
+    assert "unknown coupling 'sinkhorn'" in message
+    assert "choices: independent, minibatch_ot, nf_teacher, nf_teacher_ot, semidiscrete_ot" in message

@@ -1,12 +1,16 @@
 """F2D2 losses: zero at the true map of Gaussian data, analytic divergence targets, dyadic pairs, validation."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap
 from shared.gaussian import GaussianFlowMap, GaussianVelocity
-from f2d2.losses import F2D2, F2D2Config, build_f2d2, dyadic_pairs
+from f2d2.flowmap import FlowMapSampler
+from f2d2.losses import F2D2, F2D2Config, build_f2d2_loss, build_f2d2_sampler, check_f2d2, dyadic_pairs
+from shared.catalog import BuildContext
 from shared.config import RunConfig
 
 MEAN = torch.tensor([0.5, -1.0, 2.0])
@@ -106,15 +110,35 @@ def test_unet_losses_backpropagate_and_u_stage_leaves_the_head_alone(variant):
         assert any(k.startswith("d_") for k in logs) == (d_weight > 0)
 
 
-def test_builder_validates_the_recipe():
+def _refused_teacher_load(run_dir, **kw):
+    raise AssertionError(f"no teacher run should be loaded (asked for {run_dir})")
+
+
+def build_f2d2(cfg: F2D2Config, run_cfg: RunConfig, data) -> F2D2:
+    """The f2d2 loss for `run_cfg` on `data` (a teacher-free config never loads a run)."""
+    return build_f2d2_loss(cfg, BuildContext(run_cfg, data, Path("unused"), _refused_teacher_load))
+
+
+@pytest.mark.parametrize("cfg, model, match", [
+    (F2D2Config(), FlowMapConfig(), "needs method.teacher"),
+    (F2D2Config(variant="lsd", div_source="self"), FlowMapConfig(), "variant"),
+    (F2D2Config(div_source="self", boot_fraction=1.0), FlowMapConfig(), "boot_fraction"),
+    (F2D2Config(div_source="self"), type("M", (), {"name": "mlp"})(), "model.name: flowmap"),
+])
+def test_builder_validates_the_recipe(cfg, model, match):
+    run_cfg = RunConfig(model=model)
+    data = type("D", (), {"dim": 2, "fingerprint": "x", "base_fingerprint": "x"})()
+    with pytest.raises(ValueError, match=match):
+        check_f2d2(cfg, run_cfg)
+    with pytest.raises(ValueError, match=match):  # the loss (training) ...
+        build_f2d2(cfg, run_cfg, data)
+    with pytest.raises(ValueError, match=match):  # ... and the sampler (loading a run) both check
+        build_f2d2_sampler(cfg, run_cfg, data)
+
+
+def test_builders_of_a_valid_recipe():
     run_cfg = RunConfig(model=FlowMapConfig())
-    data = type("D", (), {"dim": 2, "fingerprint": "x"})()
-    with pytest.raises(ValueError, match="needs method.teacher"):
-        build_f2d2(F2D2Config(), run_cfg, data)
-    with pytest.raises(ValueError, match="variant"):
-        build_f2d2(F2D2Config(variant="lsd", div_source="self"), run_cfg, data)
-    with pytest.raises(ValueError, match="boot_fraction"):
-        build_f2d2(F2D2Config(div_source="self", boot_fraction=1.0), run_cfg, data)
-    with pytest.raises(ValueError, match="model.name: flowmap"):
-        build_f2d2(F2D2Config(div_source="self"), RunConfig(model=type("M", (), {"name": "mlp"})()), data)
+    data = type("D", (), {"dim": 2, "fingerprint": "x", "base_fingerprint": "x"})()
     assert build_f2d2(F2D2Config(div_source="self"), run_cfg, data).div_kind == "exact"
+    sampler = build_f2d2_sampler(F2D2Config(div_source="self", nll_steps=3), run_cfg, data)
+    assert isinstance(sampler, FlowMapSampler) and sampler.nll_steps == 3 and not sampler.exact_likelihood

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from f2d2.flowmap import few_step_log_likelihood
-from f2d2.report import reference_fn, score
-from shared.cli import main
-from shared.run import load_run
+from flowdistill.api import load_run
+from flowdistill.cli import main
+from flowdistill.f2d2_eval import reference_fn, score
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "toy2d"
 COMMON = ["data.n_train=8000", "data.n_test=1000", "model.hidden=128", "train.batch_size=256", "train.progress=false",

@@ -3,8 +3,6 @@ the cached classifier extractor, the local-only Inception extractor and sample_q
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from shared import metrics
+from shared.data import Dataset
 
 
-def halves_dataset(n_train: int = 400, n_test: int = 300, channels: int = 1, seed: int = 0) -> SimpleNamespace:
+def halves_dataset(n_train: int = 400, n_test: int = 300, channels: int = 1, seed: int = 0) -> Dataset:
     """Two classes of noisy 8x8 images: bright left half (label 0) or bright right half (label 1)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -27,16 +26,16 @@ def halves_dataset(n_train: int = 400, n_test: int = 300, channels: int = 1, see
 
     train, train_labels = split(n_train)
     test, test_labels = split(n_test)
-    return SimpleNamespace(name="halves", train=train, test=test, train_labels=train_labels, test_labels=test_labels,
-                           levels=None, fingerprint=f"halves{channels}-{seed}", shape=(channels, 8, 8), kind="image",
-                           dim=channels * 64)
+    data = Dataset("halves", train, test, train_labels, test_labels, None, f"halves{channels}-{seed}")
+    assert data.shape == (channels, 8, 8) and data.kind == "image" and data.dim == channels * 64
+    return data
 
 
-def vector_dataset(n: int = 300) -> SimpleNamespace:
+def vector_dataset(n: int = 300) -> Dataset:
     g = torch.Generator().manual_seed(1)
-    return SimpleNamespace(name="gauss", train=torch.randn(n, 2, generator=g), test=torch.randn(n, 2, generator=g),
-                           train_labels=None, test_labels=None, levels=None, fingerprint="gauss", shape=(2,),
-                           kind="vector", dim=2)
+    data = Dataset("gauss", torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g), None, None, None, "gauss")
+    assert data.shape == (2,) and data.kind == "vector" and data.dim == 2
+    return data
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""NFM coupling from a TarFlow teacher: round trip, online == precomputed, cache checks, resume, sharding."""
+"""NFM coupling from a TarFlow teacher: round trip, online == precomputed, cache checks, resume, sharding.
+
+The teacher run comes from the session fixtures `nf_teacher_run` / `train_tiny_teacher` (tests/conftest.py).
+"""
 from __future__ import annotations
 
 import json
@@ -11,37 +14,30 @@ import pytest
 import torch
 import yaml
 
+from flowdistill.api import load_run, resolve_config
+from flowdistill.cli import main
+from flowdistill.components import CATALOG
 from nfm.coupling_cache import MANIFEST, cache_dir_of, extract, load_cache, shard_path
-from nfm.teacher_coupling import NFTeacherCoupling, load_teacher, pair_noise
+from nfm.teacher_coupling import NFTeacherCoupling
+from nfm.teacher_pairs import load_teacher, pair_noise, perturbed, teacher_encode
 from shared.checkpoint import CheckpointError
-from shared.cli import main
-from shared.config import load_recipe
 from shared.data import load_dataset
-from shared.run import build_method
+from shared.run import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER = str(ROOT / "recipes" / "toy2d" / "teacher.yaml")
-SMALL_TEACHER = ["model.width=32", "model.head_dim=16", "model.blocks=4", "data.n_train=1000", "data.n_test=200",
-                 "train.batch_size=128", "train.progress=false", "train.sample_grid=false"]
-
-
-def _teacher(root: Path, name: str, steps: int = 40, seed: int = 0) -> Path:
-    assert main(["train", TEACHER, f"out_dir={root}", f"name={name}", f"train.steps={steps}", f"seed={seed}",
-                 *SMALL_TEACHER]) == 0
-    return root / name
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory) -> Path:
-    return _teacher(tmp_path_factory.mktemp("nf"), "teacher")
+def teacher_run(nf_teacher_run) -> Path:
+    return nf_teacher_run
 
 
-def _student_recipe(root: Path, teacher: Path, **method) -> Path:
+def _student_recipe(root: Path, teacher: Path, **coupling) -> Path:
     recipe = {
         "data": {"name": "8gaussians", "n_train": 1000, "n_test": 200},
         "model": {"name": "mlp", "hidden": 32, "depth": 2, "time_dim": 8},
-        "method": {"name": "fm", "coupling": "nf_teacher", "teacher": str(teacher), "teacher_draws": 3,
-                   "teacher_shard": 300, "teacher_cache": str(root / "cache"), **method},
+        "method": {"name": "fm", "coupling": {"name": "nf_teacher", "teacher": str(teacher), "draws": 3,
+                                              "shard": 300, "cache": str(root / "cache"), **coupling}},
         "train": {"steps": 10, "batch_size": 64, "progress": False, "sample_grid": False},
         "out_dir": str(root / "runs"),
     }
@@ -51,8 +47,8 @@ def _student_recipe(root: Path, teacher: Path, **method) -> Path:
 
 
 def _coupling(recipe: Path, *overrides: str) -> NFTeacherCoupling:
-    cfg = load_recipe(recipe, list(overrides))
-    return build_method(cfg, load_dataset(cfg.data)).coupling
+    cfg = resolve_config(recipe, overrides)
+    return build_loss(cfg, load_dataset(cfg.data), CATALOG).coupling
 
 
 def test_pairs_round_trip_through_the_teacher(tmp_path, teacher_run):
@@ -68,19 +64,17 @@ def test_pairs_round_trip_through_the_teacher(tmp_path, teacher_run):
     torch.testing.assert_close(decoded, noisy, atol=1e-4, rtol=0)
     # sigma_f makes the teacher outputs unit-RMS on the points it was estimated from
     all_index = torch.arange(len(coupling.data))
-    from nfm.teacher_coupling import perturbed, teacher_encode
-
     z0 = teacher_encode(coupling.teacher.flow, perturbed(coupling.data, all_index, torch.zeros_like(all_index), eta, 0))
     assert (z0 / coupling.sigma).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_online_and_precomputed_give_the_same_pairs(tmp_path, teacher_run):
     recipe = _student_recipe(tmp_path, teacher_run)
-    root = extract(load_recipe(recipe, ["method.teacher_mode=precomputed"]))
+    root = extract(resolve_config(recipe, ["method.coupling.mode=precomputed"]), load_run)
     manifest = json.loads((root / MANIFEST).read_text())
     assert manifest["pairs"] == 3000 and len(manifest["shards"]) == 4
     online = _coupling(recipe)
-    pre = _coupling(recipe, "method.teacher_mode=precomputed")
+    pre = _coupling(recipe, "method.coupling.mode=precomputed")
     for seed in (0, 1):
         xo, zo = online.pairs(torch.zeros(64, 2), torch.Generator().manual_seed(seed))
         xp, zp = pre.pairs(torch.zeros(64, 2), torch.Generator().manual_seed(seed))
@@ -89,41 +83,41 @@ def test_online_and_precomputed_give_the_same_pairs(tmp_path, teacher_run):
     assert pre.sigma == pytest.approx(online.sigma, rel=1e-6)
     # the same student trained both ways ends at the same loss
     for mode in ("online", "precomputed"):
-        assert main(["train", str(recipe), f"name={mode}", f"method.teacher_mode={mode}"]) == 0
+        assert main(["train", str(recipe), f"name={mode}", f"method.coupling.mode={mode}"]) == 0
     logs = [json.loads((tmp_path / "runs" / m / "metrics.jsonl").read_text().splitlines()[-1])
             for m in ("online", "precomputed")]
     assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-4)
 
 
-def test_cache_refuses_another_teacher_and_a_stale_one(tmp_path, teacher_run):
-    recipe = _student_recipe(tmp_path, teacher_run, teacher_mode="precomputed")
-    extract(load_recipe(recipe))
-    other = _teacher(tmp_path, "other", steps=5, seed=1)
+def test_cache_refuses_another_teacher_and_a_stale_one(tmp_path, teacher_run, train_tiny_teacher):
+    recipe = _student_recipe(tmp_path, teacher_run, mode="precomputed")
+    extract(resolve_config(recipe), load_run)
+    other = train_tiny_teacher(tmp_path, "other", steps=5, seed=1)
     with pytest.raises(CheckpointError, match="teacher_sha256"):
-        _coupling(recipe, f"method.teacher={other}").prepare("cpu")
+        _coupling(recipe, f"method.coupling.teacher={other}").prepare("cpu")
     with pytest.raises(CheckpointError, match="another setup.*--overwrite"):
-        extract(load_recipe(recipe, [f"method.teacher={other}"]))
+        extract(resolve_config(recipe, [f"method.coupling.teacher={other}"]), load_run)
     # a teacher trained further after extraction makes the cache stale
     assert main(["train", str(other), "--resume", "train.steps=8"]) == 0
-    extract(load_recipe(recipe, [f"method.teacher={other}"]), overwrite=True)
+    extract(resolve_config(recipe, [f"method.coupling.teacher={other}"]), load_run, overwrite=True)
     assert main(["train", str(other), "--resume", "train.steps=10"]) == 0
     with pytest.raises(CheckpointError, match="teacher_step: cache has 8, recipe needs 10"):
-        _coupling(recipe, f"method.teacher={other}").prepare("cpu")
+        _coupling(recipe, f"method.coupling.teacher={other}").prepare("cpu")
     with pytest.raises(CheckpointError, match="draws"):
-        load_cache(cache_dir_of(load_recipe(recipe).method), {**json.loads((tmp_path / "cache" / MANIFEST)
+        load_cache(cache_dir_of(resolve_config(recipe).method.coupling), {**json.loads((tmp_path / "cache" / MANIFEST)
                                                                            .read_text())["spec"], "draws": 5})
 
 
 def test_interrupted_extraction_resumes_and_corruption_is_caught(tmp_path, teacher_run):
-    recipe = _student_recipe(tmp_path, teacher_run, teacher_mode="precomputed")
-    root = extract(load_recipe(recipe))
+    recipe = _student_recipe(tmp_path, teacher_run, mode="precomputed")
+    root = extract(resolve_config(recipe), load_run)
     (root / MANIFEST).unlink()  # as if stopped before the end: shards 0 and 2 done, 1 and 3 missing
     shard_path(root, 1).unlink()
     shard_path(root, 3).unlink()
     kept = {s: shard_path(root, s).stat().st_mtime_ns for s in (0, 2)}
     with pytest.raises(CheckpointError, match="incomplete"):
         _coupling(recipe).prepare("cpu")
-    extract(load_recipe(recipe))
+    extract(resolve_config(recipe), load_run)
     assert {s: shard_path(root, s).stat().st_mtime_ns for s in (0, 2)} == kept  # not recomputed
     coupling = _coupling(recipe)
     coupling.prepare("cpu")
@@ -140,12 +134,12 @@ def test_teacher_on_other_data_and_wrong_recipes_are_refused(tmp_path, teacher_r
     with pytest.raises(ValueError, match="same data"):
         _coupling(recipe, "data.name=moons")
     with pytest.raises(ValueError, match="not one"):
-        load_teacher(tmp_path / "missing")
+        load_teacher(tmp_path / "missing", load_run)
     assert main(["couplings", str(ROOT / "recipes" / "toy2d" / "fm_independent.yaml")]) == 2
-    assert "expected 'nf_teacher'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="teacher_draws"):
-        _coupling(recipe, "method.teacher_mode=precomputed", "method.teacher_draws=0")
-    fresh = _coupling(recipe, "method.teacher_draws=0")  # online with fresh eps' at every step
+    assert "expected nf_teacher or nf_teacher_ot" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="method.coupling.draws"):
+        _coupling(recipe, "method.coupling.mode=precomputed", "method.coupling.draws=0")
+    fresh = _coupling(recipe, "method.coupling.draws=0")  # online with fresh eps' at every step
     _, z1 = fresh.pairs(torch.zeros(8, 2), torch.Generator().manual_seed(0))
     _, z2 = fresh.pairs(torch.zeros(8, 2), torch.Generator().manual_seed(1))
     assert not torch.allclose(z1, z2)
@@ -153,7 +147,7 @@ def test_teacher_on_other_data_and_wrong_recipes_are_refused(tmp_path, teacher_r
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) multi-process path")
 def test_two_processes_split_the_extraction(tmp_path, teacher_run):
-    recipe = _student_recipe(tmp_path, teacher_run, teacher_mode="precomputed")
+    recipe = _student_recipe(tmp_path, teacher_run, mode="precomputed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "flowdistill", "couplings",
@@ -162,7 +156,7 @@ def test_two_processes_split_the_extraction(tmp_path, teacher_run):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "1800 pairs computed here" in out.stdout  # the main process did 2 of the 4 shards (600 images x 3)
     pre = _coupling(recipe)
-    online = _coupling(recipe, "method.teacher_mode=online")
+    online = _coupling(recipe, "method.coupling.mode=online")
     xo, zo = online.pairs(torch.zeros(32, 2), torch.Generator().manual_seed(0))
     xp, zp = pre.pairs(torch.zeros(32, 2), torch.Generator().manual_seed(0))
     torch.testing.assert_close(zo, zp, atol=1e-5, rtol=1e-5)

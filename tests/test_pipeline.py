@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,16 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
     assert page.count("data:image/png;base64,") >= 4 and "http" not in page
     assert main(["run", str(spec), "--only", "students"]) == 0  # reused: nothing retrains
     assert "to run" not in Pipeline(load_pipeline(spec)).plan()
+    if shutil.which("chromium"):  # the page renders in a real browser
+        from PIL import Image
+
+        from flowdistill.report import screenshot
+
+        png = screenshot(pipeline.root / "report" / "report.html", tmp_path / "report.png", 900, 1200)
+        with Image.open(png) as img:
+            assert img.size == (900, 1200)
+            colours = img.convert("L").getextrema()
+        assert colours[0] < 100 < colours[1]  # text and tables drawn on the white page
 
 
 @pytest.mark.slow

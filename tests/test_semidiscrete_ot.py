@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from nfm import couplings
-from nfm.couplings import SDOT_FILE, IndependentCoupling, SemidiscreteOTCoupling, build_coupling
-from nfm.losses import FlowMatchingConfig
+from flowdistill.api import load_run
+from nfm.couplings import SDOT_FILE, IndependentCoupling, SemidiscreteOTConfig, SemidiscreteOTCoupling
 from nfm.semidiscrete_ot import (SemidiscretePotential, chi2_estimate, evaluate_potential, fit_potential,
                                  load_potential, mips, save_potential)
+from shared.catalog import BuildContext
 from shared.checkpoint import CheckpointError
 from shared.config import RunConfig
 from shared.data import Dataset
+from shared.run import run_dir_of
+from shared.rundir import couplings_dir
 
 CHI2_MAX = 0.05  # fitted potentials below must reach this non-uniformity (the SD-FM paper's saturation level)
 FIT = dict(iters=300, batch=1024, lr=0.05, progress=False)
@@ -111,18 +114,23 @@ def test_coupling_fits_once_saves_in_the_run_dir_and_reuses_the_potential(tmp_pa
     y = points((40, 2), 1)
     data = Dataset("toy", y, y[:4], None, None, None, "fp1")
     run_cfg = RunConfig(name="r", out_dir=str(tmp_path))
-    cfg = FlowMatchingConfig(coupling="semidiscrete_ot", sdot_iters=50, sdot_batch=256, sdot_lr=0.05)
-    first = build_coupling("semidiscrete_ot", cfg, data, run_cfg)
+    cfg = SemidiscreteOTConfig(iters=50, batch=256, lr=0.05)
+
+    def build_coupling(dataset: Dataset) -> SemidiscreteOTCoupling:
+        return SemidiscreteOTCoupling.from_config(cfg, BuildContext(run_cfg, dataset, run_dir_of(run_cfg), load_run))
+
+    first = build_coupling(data)
     x, z = first.pairs(torch.empty(16, 2), gen(0))
-    assert (tmp_path / "r" / SDOT_FILE).is_file()
+    assert (couplings_dir(tmp_path / "r") / SDOT_FILE).is_file()
 
     def no_refit(*args, **kwargs):
         raise AssertionError("the saved potential should have been reused")
 
     monkeypatch.setattr(couplings, "fit_potential", no_refit)
-    second = build_coupling("semidiscrete_ot", cfg, data, run_cfg)
+    second = build_coupling(data)
     x2, z2 = second.pairs(torch.empty(16, 2), gen(0))
     assert torch.equal(x, x2) and torch.equal(z, z2)
     other = Dataset("toy", y + 1, y[:4], None, None, None, "fp2")
-    with pytest.raises(CheckpointError, match="fingerprint fp1, but this run's data has fingerprint fp2"):
-        build_coupling("semidiscrete_ot", cfg, other, run_cfg).pairs(torch.empty(16, 2), gen(0))
+    with pytest.raises(CheckpointError, match="fingerprint fp1, but this run's data has fingerprint fp2") as err:
+        build_coupling(other).pairs(torch.empty(16, 2), gen(0))
+    assert "set method.coupling.potential to another path" in str(err.value)  # the key a recipe can set

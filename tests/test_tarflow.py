@@ -8,7 +8,6 @@ import torch
 from torch.autograd.functional import jacobian
 
 from nfm.tarflow import KVCache, TarFlow, TarFlowConfig, encode_batched
-from shared import registry
 from shared.paths import standard_normal_logprob
 
 INVERSE_ATOL = 1e-4  # max |decode(encode(x)) - x| in fp32
@@ -42,8 +41,10 @@ def labels_for(flow: TarFlow, n: int) -> torch.Tensor | None:
 
 
 def test_fresh_model_is_identity_and_registered():
-    registry.load_plugins()
-    flow = registry.MODELS["tarflow"].build(TarFlowConfig(width=32, head_dim=16), (1, 8, 8))
+    from flowdistill.components import MODELS
+
+    assert MODELS["tarflow"].config is TarFlowConfig
+    flow = MODELS["tarflow"].build(TarFlowConfig(width=32, head_dim=16), (1, 8, 8))
     x = torch.randn(5, 1, 8, 8)
     z, logdet = flow(x)
     assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(5))

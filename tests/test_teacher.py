@@ -11,14 +11,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from flowdistill.api import load_run
+from flowdistill.cli import main
 from nfm.tarflow import TarFlow, TarFlowConfig
-from nfm.teacher import TeacherConfig, TeacherNLL, build_teacher, categorical_baseline_bpd, tweedie_denoise
+from nfm.teacher import (TeacherConfig, TeacherNLL, TeacherSampler, build_teacher_loss, build_teacher_sampler,
+                         categorical_baseline_bpd, check_teacher, tweedie_denoise)
 from shared.backbones import MLPConfig
-from shared.cli import main
+from shared.catalog import BuildContext
 from shared.config import TrainConfig
 from shared.data import Dataset, bits_per_dim, dequantize, image_to_model
 from shared.paths import standard_normal_logprob
-from shared.run import load_run
 from shared.trainer import Trainer
 
 TINY = ["model.width=32", "model.head_dim=16", "model.blocks=2", "model.layers=1"]
@@ -62,11 +64,11 @@ def test_tweedie_step_on_a_gaussian_and_sample_nfe():
     model = flow(eta=0.1).eval()  # identity flow: grad log N(x) = -x, so the step shrinks x by 1 - eta^2
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(tweedie_denoise(model, x, 0.1), x * (1 - 0.01))
-    method = TeacherNLL(TeacherConfig(), levels=17)
-    out = method.sample(model, x)
+    sampler = TeacherSampler(TeacherConfig())
+    out = sampler.sample(model, x)
     torch.testing.assert_close(out.samples, x * (1 - 0.01))
     assert out.nfe == 2 * 15 + 2
-    plain = TeacherNLL(TeacherConfig(denoise=False), levels=17).sample(model, x)
+    plain = TeacherSampler(TeacherConfig(denoise=False)).sample(model, x)
     assert torch.equal(plain.samples, x) and plain.nfe == 2 * 15
 
 
@@ -76,7 +78,9 @@ def test_log_likelihood_is_exact_change_of_variables():
         for block in model.blocks:
             block.out.weight.normal_(0, 0.1)
     x = torch.randn(6, 1, 8, 8)
-    res = TeacherNLL(TeacherConfig(), levels=None).log_likelihood(model, x, divergence="hutchinson")
+    sampler = TeacherSampler(TeacherConfig())
+    assert sampler.exact_likelihood
+    res = sampler.log_likelihood(model, x, divergence="hutchinson")
     z, logdet = model.encode(x)
     torch.testing.assert_close(res.logp, standard_normal_logprob(z) + logdet)
     torch.testing.assert_close(res.z, z)
@@ -90,24 +94,30 @@ def test_conditional_training_step_and_guided_sampling():
             block.out.weight.normal_(0, 0.05)
     data = image_dataset(labels=True)
     run_cfg = SimpleNamespace(model=model.cfg)
-    method = build_teacher(TeacherConfig(guidance=1.0), run_cfg, data)
+    cfg = TeacherConfig(guidance=1.0)
+    method = build_teacher_loss(cfg, BuildContext(run_cfg, data, Path("unused"), load_run))
+    assert isinstance(method, TeacherNLL)
     loss, _ = method(model, (data.train, data.train_labels), torch.Generator().manual_seed(0))
     loss.backward()
     assert all(b.label.weight.grad.abs()[3].sum() > 0 for b in model.blocks)  # the null class is trained
-    out = method.sample(model.eval(), torch.randn(6, 1, 4, 4))
+    out = build_teacher_sampler(cfg, run_cfg, data).sample(model.eval(), torch.randn(6, 1, 4, 4))
     assert out.samples.shape == (6, 1, 4, 4) and torch.isfinite(out.samples).all()
 
 
-def test_build_rejects_inconsistent_settings():
-    data = image_dataset()
-    with pytest.raises(ValueError, match="model.eta=0"):
-        build_teacher(TeacherConfig(dequantize=True), SimpleNamespace(model=TarFlowConfig(eta=0.05)), data)
-    with pytest.raises(ValueError, match="model.name: tarflow"):
-        build_teacher(TeacherConfig(), SimpleNamespace(model=MLPConfig()), data)
-    with pytest.raises(ValueError, match="no labels"):
-        build_teacher(TeacherConfig(), SimpleNamespace(model=TarFlowConfig(num_classes=10)), data)
-    with pytest.raises(ValueError, match="guidance"):
-        build_teacher(TeacherConfig(guidance=2.0), SimpleNamespace(model=TarFlowConfig()), data)
+@pytest.mark.parametrize("cfg, model, match", [
+    (TeacherConfig(dequantize=True), TarFlowConfig(eta=0.05), "model.eta=0"),
+    (TeacherConfig(), MLPConfig(), "model.name: tarflow"),
+    (TeacherConfig(), TarFlowConfig(num_classes=10), "no labels"),
+    (TeacherConfig(guidance=2.0), TarFlowConfig(), "guidance"),
+])
+def test_build_rejects_inconsistent_settings(cfg, model, match):
+    data, run_cfg = image_dataset(), SimpleNamespace(model=model)
+    with pytest.raises(ValueError, match=match):
+        check_teacher(cfg, run_cfg, data)
+    with pytest.raises(ValueError, match=match):  # the loss (training) ...
+        build_teacher_loss(cfg, BuildContext(run_cfg, data, Path("unused"), load_run))
+    with pytest.raises(ValueError, match=match):  # ... and the sampler (loading a run) both check
+        build_teacher_sampler(cfg, run_cfg, data)
 
 
 def test_categorical_baseline():
@@ -134,12 +144,12 @@ def test_cli_train_nll_sample_eval_on_a_tiny_teacher(tmp_path):
     assert main(["train", "recipes/digits/teacher_bpd.yaml", *args]) == 0
     run_dir = tmp_path / "t"
     run = load_run(run_dir)
-    assert isinstance(run.model, TarFlow) and isinstance(run.method, TeacherNLL) and run.step == 20
+    assert isinstance(run.model, TarFlow) and isinstance(run.sampler, TeacherSampler) and run.step == 20
     assert main(["nll", str(run_dir), "--n", "100", "--device", "cpu"]) == 0
     res = json.loads((run_dir / "nll-test.json").read_text())
     assert res["n"] == 100 and res["nfe_mean"] == 1 and 0 < res["bits_per_dim"] < 8
     x = dequantize(run.dataset.test[:100], 17, torch.Generator().manual_seed(0))
-    direct = run.method.log_likelihood(run.model, x).logp.double().mean().item()
+    direct = run.sampler.log_likelihood(run.model, x).logp.double().mean().item()
     assert res["nll_nats"] == pytest.approx(-direct, rel=1e-5)
     out = tmp_path / "s.png"
     assert main(["sample", str(run_dir), "--n", "16", "--out", str(out), "--device", "cpu"]) == 0

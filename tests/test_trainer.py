@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from shared.backbones import MLPConfig, build_mlp
 from shared.checkpoint import latest_checkpoint, load_checkpoint
@@ -25,6 +26,11 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _fm() -> FlowMatchingLoss:
+    """Plain flow matching (independent coupling)."""
+    return FlowMatchingLoss(FlowMatchingConfig(), IndependentCoupling())
+
+
 def _data() -> tuple[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return (torch.randn(256, 2, generator=g) * 0.5 + 1.0,)
@@ -33,7 +39,7 @@ def _data() -> tuple[torch.Tensor]:
 def _trainer(run_dir, method=None, **kw) -> Trainer:
     torch.manual_seed(0)
     model = build_mlp(MLPConfig(hidden=32, depth=2, time_dim=16), (2,))
-    method = method or FlowMatchingLoss(FlowMatchingConfig())
+    method = method or _fm()
     return Trainer(_cfg(**kw), 0, model, method, _data(), run_dir, Accelerator(cpu=True))
 
 
@@ -77,7 +83,7 @@ class _InterruptAt:
 def test_interrupted_then_resumed_run_repeats_uninterrupted_losses(tmp_path):
     full = _trainer(tmp_path / "full")
     full.fit()
-    part = _trainer(tmp_path / "part", method=_InterruptAt(FlowMatchingLoss(FlowMatchingConfig()), at_call=23))
+    part = _trainer(tmp_path / "part", method=_InterruptAt(_fm(), at_call=23))
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step_00000023"
@@ -106,7 +112,7 @@ class _NaNAfter:
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    trainer = _trainer(tmp_path, method=_NaNAfter(FlowMatchingLoss(FlowMatchingConfig()), 12), ckpt_every=10)
+    trainer = _trainer(tmp_path, method=_NaNAfter(_fm(), 12), ckpt_every=10)
     with pytest.raises(TrainingDiverged) as err:
         trainer.fit()
     assert "step 15" in str(err.value) and "step_00000010" in str(err.value)
@@ -157,7 +163,7 @@ def test_dequantize_adds_cell_noise_that_is_a_function_of_seed_and_step(tmp_path
     for name in ("a", "b"):
         torch.manual_seed(0)
         model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
-        method = _RecordBatches(FlowMatchingLoss(FlowMatchingConfig()))
+        method = _RecordBatches(_fm())
         Trainer(_cfg(steps=4), 0, model, method, data, tmp_path / name, Accelerator(cpu=True),
                 batch_transform=data_noise(0, levels, levels)).fit()
         runs.append(torch.stack(method.batches))
@@ -172,18 +178,20 @@ def test_dequantize_adds_cell_noise_that_is_a_function_of_seed_and_step(tmp_path
 
 @pytest.mark.parametrize("recipe,levels,match", [
     ("toy2d/fm_independent.yaml", None, "needs quantised image data"),
-    ("digits/teacher_bpd.yaml", 17, "through method.dequantize"),
-    ("digits/fm_nf_teacher.yaml", 17, "nf_teacher coupling draws its own data"),
+    ("digits/teacher_bpd.yaml", 17, "draws its own data noise (method.dequantize or the model's x + eta*eps)"),
+    ("digits/fm_nf_teacher.yaml", 17, "draws its own data noise (the teacher's x + eta*eps')"),
 ])
 def test_data_dequantize_is_refused_where_it_cannot_apply(recipe, levels, match):
-    from shared.config import load_recipe
+    import re
+
+    from flowdistill.api import resolve_config
     from shared.run import check_dequantize
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
-    with pytest.raises(ValueError, match=match):
-        check_dequantize(load_recipe(recipes / recipe, ["data.dequantize=true"]), levels)
-    assert check_dequantize(load_recipe(recipes / "digits/fm_mlp.yaml"), 17) == 17
-    assert check_dequantize(load_recipe(recipes / "digits/fm_independent.yaml"), 17) is None
+    with pytest.raises(ValueError, match=re.escape(match)):
+        check_dequantize(resolve_config(recipes / recipe, ["data.dequantize=true"]), levels)
+    assert check_dequantize(resolve_config(recipes / "digits/fm_mlp.yaml"), 17) == 17
+    assert check_dequantize(resolve_config(recipes / "digits/fm_independent.yaml"), 17) is None
 
 
 class _ValidationLoss:
@@ -206,7 +214,7 @@ def test_best_on_validation_keeps_the_weights_of_the_lowest_validation_loss(tmp_
     val = (data[0][:32],)  # one validation batch per pass
     torch.manual_seed(0)
     model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
-    loss = _ValidationLoss(FlowMatchingLoss(FlowMatchingConfig()), [3.0, 1.0, 2.0, 4.0])
+    loss = _ValidationLoss(_fm(), [3.0, 1.0, 2.0, 4.0])
 
     def counting(model, batch, generator):
         out = loss(model, batch, generator)
@@ -232,7 +240,7 @@ def test_best_on_validation_keeps_the_weights_of_the_lowest_validation_loss(tmp_
 def test_validation_needs_a_validation_split(tmp_path):
     model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
     with pytest.raises(ValueError, match="data.val_fraction"):
-        Trainer(_cfg(eval_every=10), 0, model, FlowMatchingLoss(FlowMatchingConfig()), _data(), tmp_path,
+        Trainer(_cfg(eval_every=10), 0, model, _fm(), _data(), tmp_path,
                 Accelerator(cpu=True))
 
 
@@ -240,6 +248,6 @@ def test_validation_loss_is_deterministic_and_uses_a_fixed_noise_draw(tmp_path):
     data = _data()
     torch.manual_seed(0)
     model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
-    trainer = Trainer(_cfg(), 0, model, FlowMatchingLoss(FlowMatchingConfig()), data, tmp_path,
+    trainer = Trainer(_cfg(), 0, model, _fm(), data, tmp_path,
                       Accelerator(cpu=True), val_data=(data[0][:100],))
     assert trainer.validate() == trainer.validate()
