@@ -170,3 +170,11 @@ def test_two_process_pipeline_has_the_structure_of_one_process(tmp_path):
     assert "2 process(es)" in out.stdout
     headings = [ln for ln in (pipeline.root / "report" / "report.md").read_text().splitlines() if ln.startswith("#")]
     assert headings[:3] == ["# flowdistill report: p", "## Teacher", "## Students: quality vs NFE"]
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "recipes").glob("*/pipeline.yaml")), ids=lambda p: p.parent.name)
+def test_every_pipeline_recipe_plans(spec):
+    pipeline = Pipeline(load_pipeline(spec))
+    plan = pipeline.plan()
+    assert plan.startswith(f"pipeline {pipeline.spec.name}") and "1/6 teacher" in plan
+    assert {r.role["coupling"] for r in pipeline.students} == set(pipeline.spec.couplings)
