@@ -199,7 +199,46 @@ def build_run_config(data: dict[str, Any], choices: Choices) -> RunConfig:
     data = dict(data)
     for section in ("model", "method"):
         data.setdefault(section, None)
-    return from_dict(RunConfig, data, "", choices)
+    cfg = from_dict(RunConfig, data, "", choices)
+    check_ranges(cfg)
+    return cfg
+
+
+EVAL_SOLVERS = ("euler", "heun", "dopri5", "dopri8", "bosh3", "adaptive_heun")  # shared.sampling.SOLVERS
+RANGES = (  # (key, test, what is expected)
+    ("train.steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.lr", lambda v: v > 0, "a number > 0"),
+    ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("train.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("train.grad_clip", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("train.ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 disables EMA)"),
+    ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.ckpt_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
+    ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: no validation)"),
+    ("train.mixed_precision", lambda v: v in ("no", "bf16", "fp16"), "one of no, bf16, fp16"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("data.shift", lambda v: v >= 0, "an integer >= 0"),
+    ("eval.solver", lambda v: v in EVAL_SOLVERS, "one of " + ", ".join(EVAL_SOLVERS)),
+    ("eval.grid", lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
+    ("eval.steps", lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1"),
+    ("eval.n_samples", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.nll_samples", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Refuse values outside their range before anything runs, naming the key and what is expected."""
+    for key, ok, expected in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
+    if cfg.train.eval_every and cfg.data.val_fraction == 0:
+        raise ConfigError("train.eval_every > 0 needs a validation split: set data.val_fraction > 0 "
+                          "(e.g. data.val_fraction=0.1)")
 
 
 # ---------------------------------------------------------------- recipes and overrides

@@ -105,7 +105,11 @@ def run_dir_of(cfg: RunConfig) -> Path:
 def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -> RunConfig:
     """A config from a recipe file or from an existing run directory's `config.yaml`."""
     source = Path(source)
-    return load_recipe(config_path(source) if source.is_dir() else source, overrides, catalog.config_choices())
+    if not source.is_dir():
+        return load_recipe(source, overrides, catalog.config_choices())
+    cfg = load_recipe(config_path(source), overrides, catalog.config_choices())
+    cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
+    return cfg
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -128,7 +132,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
                               f"--overwrite to start over, or name=<new name> for a new run")
         saved = _flatten(yaml.safe_load(saved_path.read_text()))
         new = _flatten(to_dict(cfg))
-        changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        identity = {"name", "out_dir"}  # where the run lives, not what it trains
+        changed = sorted(k for k in set(saved) | set(new)
+                         if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)")
@@ -210,7 +216,7 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator,
                       batch_transform=transform, val_data=val)
     if resume and trainer.resume():
-        accelerator.print(f"resumed from step {trainer.step}")
+        accelerator.print(f"resumed at step {trainer.step}")
     record = trainer.fit()
     accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                                      if isinstance(v, float)))

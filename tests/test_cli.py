@@ -77,7 +77,7 @@ def test_digits_student_end_to_end_with_classifier_features(tmp_path, capsys):
 def test_resume_continues_and_extends(tmp_path, capsys):
     run = _train(tmp_path, TOY, "train.steps=20", "train.log_every=10", "model.hidden=16")
     assert main(["train", str(run), "--resume", "train.steps=30"]) == 0
-    assert "resumed from step 20" in capsys.readouterr().out
+    assert "resumed at step 20" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30]
 
@@ -130,10 +130,23 @@ def test_init_from_copies_matching_weights_and_reports_new_ones(tmp_path, capsys
     from shared.run import init_from_run
 
     source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
-    assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=0", "model.hidden=16",
-                 "model.second_time=true", f"train.init_from={source}", "train.sample_grid=false"]) == 0
-    assert "newly initialised: body.0.weight" in capsys.readouterr().out
+    assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=1", "train.lr=1e-12", "model.hidden=16",
+                 "model.depth=4", f"train.init_from={source}", "train.sample_grid=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "newly initialised: " in printed and "newly initialised: none" not in printed
     parent, child = load_run(source).model, load_run(tmp_path / "child").model
-    assert torch.equal(parent.out.weight, child.out.weight)
+    assert torch.allclose(parent.out.weight, child.out.weight, atol=1e-8)  # one step at lr 1e-12
     with pytest.raises(Exception, match="no checkpoint"):
         init_from_run(child, tmp_path / "nothing")
+
+
+def test_resume_continues_the_folder_it_is_given_after_a_move(tmp_path, capsys):
+    source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false",
+                    "train.ckpt_every=10")
+    moved = tmp_path / "moved"
+    source.rename(moved)
+    capsys.readouterr()
+    assert main(["train", str(moved), "--resume", "train.steps=20"]) == 0
+    assert "resumed at step 10" in capsys.readouterr().out
+    assert not source.exists()  # nothing recreated under the old name
+    assert (moved / "checkpoints" / "step_00000020").is_dir()

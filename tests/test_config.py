@@ -1,11 +1,13 @@
 """Config system: recipes, dotted overrides, unknown keys rejected with choices, round trip."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
 from shared import config
 from shared.config import ConfigError, RunConfig, apply_overrides, dump_yaml
@@ -124,3 +126,25 @@ def test_unknown_coupling_name_lists_the_choices():
     message = str(err.value)
     assert "unknown coupling 'sinkhorn'" in message
     assert "choices: independent, minibatch_ot, nf_teacher, nf_teacher_ot, semidiscrete_ot" in message
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.steps=0", "train.steps=0 is out of range: expected an integer >= 1"),
+    ("train.steps=-5", "train.steps=-5 is out of range"),
+    ("train.log_every=0", "train.log_every=0 is out of range"),
+    ("train.ckpt_every=0", "train.ckpt_every=0 is out of range"),
+    ("train.lr=-1", "train.lr=-1.0 is out of range: expected a number > 0"),
+    ("eval.solver=rk99", "eval.solver='rk99' is out of range: expected one of euler, heun"),
+    ("train.eval_every=100", "needs a validation split"),
+    ("data.val_fraction=1.5", "data.val_fraction=1.5 is out of range"),
+])
+def test_out_of_range_values_are_refused_before_anything_runs(override, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        resolve_config(TOY, [override])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nmodel: {name: mlp\n  hidden: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml', line \d+, column \d+: not valid YAML"):
+        resolve_config(bad, [])
