@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -44,20 +44,47 @@ def default_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write bytes through a temporary file in the same folder and rename it into place."""
+    """Write bytes so that readers see either the old or the new file (see `atomic_write_via`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+
+    atomic_write_via(path, write)
+
+
+def atomic_write_via(path: str | Path, write: Callable[[str], None]) -> None:
+    """Let `write(tmp_path)` fill a temporary file next to `path`, fsync it, rename it into place, fsync the folder.
+
+    A crash leaves either the old file or the new one, never a torn one; the temporary file is removed
+    on any error. The result gets the permissions a plain `open(path, "w")` would give.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

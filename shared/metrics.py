@@ -10,11 +10,10 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from shared.checkpoint import atomic_write_via
 
 CACHE_ENV = "FLOWDISTILL_CACHE"  # root of the on-disk cache (classifier weights)
 INCEPTION_ENV = "FLOWDISTILL_INCEPTION"  # clean-fid's Inception torchscript file (or its folder)
@@ -151,18 +152,6 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "flowdistill"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_classifier(weights: Path, meta_path: Path, dataset: Any, device: torch.device | str) -> ClassifierFeatures:
     """Rebuild a cached classifier from its JSON metadata and safetensors weights."""
     meta = json.loads(meta_path.read_text())
@@ -191,8 +180,8 @@ def classifier_features(dataset: Any, device: torch.device | str = "cpu") -> Cla
             "n_classes": model.head.out_features, "in_channels": model.body[0].in_channels}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, lambda tmp: save_file(state, tmp))
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write_via(weights, lambda tmp: save_file(state, tmp))
+    atomic_write_via(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return model
 
 

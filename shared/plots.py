@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,21 +12,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from shared.checkpoint import default_file_mode  # noqa: E402
+from shared.checkpoint import atomic_write_via  # noqa: E402
 from shared.data import model_to_image  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    """Save a figure as PNG atomically (see shared.checkpoint.atomic_write_via) and close it."""
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def image_grid(images: Tensor, levels: int, nrow: int | None = None) -> np.ndarray:

@@ -160,3 +160,20 @@ def test_two_processes_split_the_extraction(tmp_path, teacher_run):
     xo, zo = online.pairs(torch.zeros(32, 2), torch.Generator().manual_seed(0))
     xp, zp = pre.pairs(torch.zeros(32, 2), torch.Generator().manual_seed(0))
     torch.testing.assert_close(zo, zp, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_and_scoring_a_student_never_load_its_teacher(tmp_path, teacher_run, train_tiny_teacher):
+    import shutil
+
+    teacher = shutil.copytree(teacher_run, tmp_path / "teacher-copy")
+    recipe = _student_recipe(tmp_path, teacher)
+    assert main(["train", str(recipe), "name=student"]) == 0
+    cfg = resolve_config(recipe, ["name=student"])
+    assert cfg.method.run_dependencies() == {"teacher": str(teacher)}
+    shutil.rmtree(teacher)  # gone: training could not start now, sampling and scoring must not care
+    run = load_run(tmp_path / "runs" / "student")
+    samples = run.sampler.sample(run.model, torch.randn(16, 2), steps=2)
+    assert samples.samples.shape == (16, 2) and samples.nfe == 2
+    assert run.sampler.log_likelihood(run.model, torch.zeros(4, 2)).logp.isfinite().all()
+    with pytest.raises(ValueError, match="not one"):
+        _coupling(recipe)
