@@ -16,7 +16,7 @@ CUDA's max_memory_allocated; on CPU it is not measured.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 
@@ -26,7 +26,6 @@ from f2d2.losses import F2D2, F2D2Config
 from flowdistill.components import MODELS
 from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
-from shared.backbones import MLPConfig
 from shared.data import load_dataset
 
 LOSSES = {  # name -> F2D2 settings (None: plain flow matching on the same backbone without s)
@@ -40,8 +39,7 @@ LOSSES = {  # name -> F2D2 settings (None: plain flow matching on the same backb
 
 def flowmap_config(case: BenchCase) -> FlowMapConfig:
     """The flow-map twin of a benchmark case's backbone."""
-    fields = {k: v for k, v in asdict(case.model).items() if k not in ("name", "second_time")}
-    return FlowMapConfig(backbone="mlp" if isinstance(case.model, MLPConfig) else "unet", **fields)
+    return FlowMapConfig(backbone=replace(case.model, second_time=False))
 
 
 def bench_losses(name: str, case: BenchCase, device: torch.device, repeats: int) -> list[dict]:

@@ -21,8 +21,8 @@ Times follow shared.paths (t = 0 data, t = 1 noise): a jump with s < t moves tow
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,11 @@ from shared.likelihood import LikelihoodResult, choose_divergence, divergence_ex
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult, time_grid
 
-BACKBONES = ("mlp", "unet")
 FlowMapFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+_BACKBONE_KEYS = ("hidden", "depth", "time_dim", "layer_norm", "channels", "layers_per_block", "attention",
+                  "attention_head_dim", "norm_groups", "dropout")
 
 
 @dataclass
@@ -41,20 +44,15 @@ class FlowMapConfig:
     """A backbone taking (x, t, s) with an average-velocity output u and a scalar average-divergence head D."""
 
     name: str = "flowmap"
-    backbone: str = "mlp"  # mlp (any shape, flattened) or unet (square images)
-    hidden: int = 256  # mlp: width of hidden layers
-    depth: int = 4  # mlp: number of hidden layers
-    time_dim: int = 64  # sinusoidal embedding size of t and s (mlp input, D head input)
-    layer_norm: bool = False  # mlp: LayerNorm before each hidden activation
-    channels: tuple[int, ...] = (64, 128, 128)  # unet: output channels per resolution level
-    layers_per_block: int = 1  # unet: resnet layers per down block
-    attention: tuple[bool, ...] = (False, False, True)  # unet: which levels use self-attention
-    attention_head_dim: int = 32  # unet: channels per attention head (few large heads keep jvp memory low)
-    norm_groups: int = 16  # unet: GroupNorm groups
-    dropout: float = 0.0  # unet: dropout inside resnet blocks
+    backbone: Any = field(default_factory=MLPConfig)  # section {name: mlp | unet, <that backbone's own keys>}
     time_scale: float = 1.0  # times enter as time_scale * t: 1 keeps the backbone embedding; MeanFlow: ~0.01
     head_hidden: int = 128  # width of the two hidden layers of the D head
+    head_time_dim: int = 64  # sinusoidal embedding size of t and s in the D head
     div_scale: float = 0.0  # D = div_scale * head output (nats per unit time); 0 means the data dimension
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        key: f"it is model.backbone.{key} now, inside the backbone's own section "
+             f"(e.g. model: {{name: flowmap, backbone: {{name: mlp, {key}: ...}}}})" for key in _BACKBONE_KEYS}
 
 
 class DivergenceHead(nn.Module):
@@ -81,12 +79,11 @@ class FlowMapMLP(TimeMLP):
     """
 
     def __init__(self, cfg: FlowMapConfig, dim: int, div_scale: float):
-        super().__init__(MLPConfig(hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim,
-                                   layer_norm=cfg.layer_norm), dim)
-        self.s_embed = nn.Linear(cfg.time_dim, cfg.hidden)
+        super().__init__(replace(cfg.backbone, second_time=False), dim)
+        self.s_embed = nn.Linear(cfg.backbone.time_dim, cfg.backbone.hidden)
         nn.init.zeros_(self.s_embed.weight)
         nn.init.zeros_(self.s_embed.bias)
-        self.div_head = DivergenceHead(self.feature_dim, cfg.time_dim, cfg.head_hidden)
+        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
         self.div_scale, self.time_scale = div_scale, cfg.time_scale
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,12 +100,10 @@ class FlowMapUNet(TimeUNet):
     """TimeUNet with the second time s (its embedding zero-initialised) and a D head on the pooled mid block."""
 
     def __init__(self, cfg: FlowMapConfig, data_shape: tuple[int, ...], div_scale: float):
-        super().__init__(UNetConfig(channels=cfg.channels, layers_per_block=cfg.layers_per_block,
-                                    attention=cfg.attention, attention_head_dim=cfg.attention_head_dim,
-                                    norm_groups=cfg.norm_groups, dropout=cfg.dropout, second_time=True), data_shape)
+        super().__init__(replace(cfg.backbone, second_time=True), data_shape)
         nn.init.zeros_(self.unet.class_embedding.linear_2.weight)
         nn.init.zeros_(self.unet.class_embedding.linear_2.bias)
-        self.div_head = DivergenceHead(self.feature_dim, cfg.time_dim, cfg.head_hidden)
+        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
         self.div_scale, self.time_scale = div_scale, cfg.time_scale
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,16 +115,17 @@ class FlowMapUNet(TimeUNet):
 
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
     """Flow map on an MLP (any shape, flattened) or a UNet (square images) backbone."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choices: {', '.join(BACKBONES)}")
-    if cfg.head_hidden < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
-        raise ValueError(f"model.head_hidden must be >= 1, model.div_scale >= 0 and model.time_scale > 0, "
-                         f"got {cfg.head_hidden}, {cfg.div_scale} and {cfg.time_scale}")
+    if not isinstance(cfg.backbone, (MLPConfig, UNetConfig)):
+        raise ValueError(f"model.backbone must be an mlp or unet section, got {cfg.backbone!r}")
+    if cfg.head_hidden < 1 or cfg.head_time_dim < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
+        raise ValueError(f"model.head_hidden and model.head_time_dim must be >= 1, model.div_scale >= 0 and "
+                         f"model.time_scale > 0, got {cfg.head_hidden}, {cfg.head_time_dim}, {cfg.div_scale} and "
+                         f"{cfg.time_scale}")
     dim = 1
     for n in data_shape:
         dim *= int(n)
     scale = cfg.div_scale or float(dim)
-    if cfg.backbone == "mlp":
+    if isinstance(cfg.backbone, MLPConfig):
         return FlowMapMLP(cfg, dim, scale)
     return FlowMapUNet(cfg, data_shape, scale)
 

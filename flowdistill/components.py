@@ -37,4 +37,9 @@ COUPLINGS: dict[str, Choice] = {
     "nf_teacher_ot": Choice(NFTeacherConfig, NFTeacherOTCoupling.from_config),  # NFM-OT
 }
 
-CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS})
+BACKBONES: dict[str, Choice] = {  # the flow map's backbone section, model.backbone
+    "mlp": MODELS["mlp"],
+    "unet": MODELS["unet"],
+}
+
+CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES})

@@ -148,3 +148,13 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     bad.write_text("seed: 0\nmodel: {name: mlp\n  hidden: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml', line \d+, column \d+: not valid YAML"):
         resolve_config(bad, [])
+
+
+def test_flow_map_backbone_is_its_own_section():
+    recipe = ROOT / "recipes" / "digits" / "f2d2_u_mlp.yaml"
+    cfg = resolve_config(recipe, ["model.backbone.hidden=64"])
+    assert cfg.model.backbone.name == "mlp" and cfg.model.backbone.hidden == 64
+    with pytest.raises(ConfigError, match=r"model.hidden has moved: it is model.backbone.hidden now"):
+        resolve_config(recipe, ["model.hidden=64"])
+    with pytest.raises(ConfigError, match=r"model.backbone.name=unet"):
+        resolve_config(recipe, ["model.backbone=unet"])

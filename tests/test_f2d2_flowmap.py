@@ -73,7 +73,7 @@ def test_jvp_gives_the_eulerian_identity_of_the_exact_map():
 def test_mlp_flow_map_starts_as_its_teacher_with_a_zero_head(shape):
     torch.manual_seed(0)
     teacher = build_mlp(MLPConfig(hidden=32, depth=2, time_dim=16), shape)
-    fmap = build_flowmap(FlowMapConfig(hidden=32, depth=2, time_dim=16, head_hidden=8), shape)
+    fmap = build_flowmap(FlowMapConfig(backbone=MLPConfig(hidden=32, depth=2, time_dim=16), head_hidden=8, head_time_dim=16), shape)
     target = fmap.state_dict()
     matched = {k: v for k, v in teacher.state_dict().items() if k in target and target[k].shape == v.shape}
     assert set(matched) == set(teacher.state_dict())  # what train.init_from copies: every teacher tensor
@@ -88,7 +88,7 @@ def test_unet_flow_map_inits_from_teacher_and_supports_jvp():
     cfg = dict(channels=(16, 32), attention=(False, True), attention_head_dim=16, norm_groups=8)
     torch.manual_seed(0)
     teacher = TimeUNet(UNetConfig(**cfg), (1, 8, 8))
-    fmap = build_flowmap(FlowMapConfig(backbone="unet", head_hidden=8, div_scale=10.0, **cfg), (1, 8, 8))
+    fmap = build_flowmap(FlowMapConfig(backbone=UNetConfig(**cfg), head_hidden=8, div_scale=10.0), (1, 8, 8))
     target = fmap.state_dict()
     fmap.load_state_dict({k: v for k, v in teacher.state_dict().items() if target[k].shape == v.shape}, strict=False)
     x, t, s = torch.randn(3, 1, 8, 8), torch.rand(3), torch.rand(3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from shared.backbones import MLPConfig
 from f2d2.flowmap import FlowMapConfig, build_flowmap, few_step_sample
 from shared.gaussian import GaussianFlowMap, gaussian_log_density
 from f2d2.guidance import guide_noise, guided_sample, one_step_log_likelihood
@@ -33,7 +34,7 @@ def test_one_adam_step_raises_the_objective_and_is_counted():
 
 def test_guidance_through_a_network_leaves_its_parameters_untouched():
     torch.manual_seed(0)
-    model = build_flowmap(FlowMapConfig(hidden=16, depth=2, time_dim=8, head_hidden=8), (2,))
+    model = build_flowmap(FlowMapConfig(backbone=MLPConfig(hidden=16, depth=2, time_dim=8), head_hidden=8, head_time_dim=8), (2,))
     for p in model.div_head.parameters():
         torch.nn.init.normal_(p, 0, 0.5)
     before = [p.detach().clone() for p in model.parameters()]

@@ -10,6 +10,7 @@ from f2d2.flowmap import FlowMapConfig, build_flowmap
 from shared.gaussian import GaussianFlowMap, GaussianVelocity
 from f2d2.flowmap import FlowMapSampler
 from f2d2.losses import F2D2, F2D2Config, build_f2d2_loss, build_f2d2_sampler, check_f2d2, dyadic_pairs
+from shared.backbones import UNetConfig
 from shared.catalog import BuildContext
 from shared.config import RunConfig
 
@@ -94,8 +95,8 @@ def test_dyadic_pairs_are_grid_jumps_in_both_directions():
 @pytest.mark.parametrize("variant", ["shortcut", "meanflow"])
 def test_unet_losses_backpropagate_and_u_stage_leaves_the_head_alone(variant):
     torch.manual_seed(0)
-    cfg = FlowMapConfig(backbone="unet", channels=(16, 32), attention=(False, True), attention_head_dim=16,
-                        norm_groups=8, head_hidden=8)
+    cfg = FlowMapConfig(backbone=UNetConfig(channels=(16, 32), attention=(False, True), attention_head_dim=16,
+                                            norm_groups=8), head_hidden=8)
     model = build_flowmap(cfg, (1, 8, 8))
     x = torch.rand(6, 1, 8, 8) * 2 - 1
     for d_weight in (1.0, 0.0):

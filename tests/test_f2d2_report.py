@@ -23,7 +23,7 @@ from flowdistill.cli import main
 from flowdistill.f2d2_eval import reference_fn, score
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes" / "toy2d"
-COMMON = ["data.n_train=8000", "data.n_test=1000", "model.hidden=128", "train.batch_size=256", "train.progress=false",
+COMMON = ["data.n_train=8000", "data.n_test=1000", "train.batch_size=256", "train.progress=false",
           "train.sample_grid=false", "train.log_every=100"]
 DISTILL_TOL, INTERIOR_TOL, ALL_TOL = 0.15, 0.6, 0.8
 
@@ -33,9 +33,9 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("f2d2")
     teacher = out / "teacher"
     assert main(["train", str(ROOT / "fm_teacher_checkerboard.yaml"), f"out_dir={out}", "name=teacher",
-                 "train.steps=1500", "train.lr=0.003", *COMMON]) == 0
+                 "train.steps=1500", "train.lr=0.003", "model.hidden=128", *COMMON]) == 0
     assert main(["train", str(ROOT / "f2d2_joint_checkerboard.yaml"), f"out_dir={out}", "name=f2d2", "train.steps=800",
-                 f"method.teacher={teacher}", f"train.init_from={teacher}", *COMMON]) == 0
+                 f"method.teacher={teacher}", f"train.init_from={teacher}", "model.backbone.hidden=128", *COMMON]) == 0
     return teacher, out / "f2d2"
 
 
@@ -81,12 +81,14 @@ def test_f2d2_eval_rejects_other_runs(runs, capsys):
 def test_f2d2_eval_on_digits_reports_bits_per_dim_like_the_reference_nll(tmp_path):
     """Image data: the reference bits/dim equal `flowdistill nll` of the teacher on the same dequantized points."""
     digits = ROOT.parent / "digits"
-    tiny = ["model.hidden=64", "model.depth=2", "model.time_dim=16", "train.batch_size=64", "train.progress=false",
-            "train.sample_grid=false", "train.log_every=50"]
+    tiny = ["train.batch_size=64", "train.progress=false", "train.sample_grid=false", "train.log_every=50"]
+    mlp = ["model.hidden=64", "model.depth=2", "model.time_dim=16"]
     teacher = tmp_path / "fm"
-    assert main(["train", str(digits / "fm_mlp.yaml"), f"out_dir={tmp_path}", "name=fm", "train.steps=100", *tiny]) == 0
+    assert main(["train", str(digits / "fm_mlp.yaml"), f"out_dir={tmp_path}", "name=fm", "train.steps=100",
+                 *mlp, *tiny]) == 0
     assert main(["train", str(digits / "f2d2_joint_mlp.yaml"), f"out_dir={tmp_path}", "name=f2d2", "train.steps=30",
-                 f"method.teacher={teacher}", f"train.init_from={teacher}", "model.head_hidden=16", *tiny]) == 0
+                 f"method.teacher={teacher}", f"train.init_from={teacher}", "model.head_hidden=16",
+                 *[f"model.backbone.{m.split('.', 1)[1]}" for m in mlp], *tiny]) == 0
     assert main(["nll", str(teacher), "--n", "40", "--divergence", "exact", "--device", "cpu"]) == 0
     ref_bpd = json.loads((teacher / "nll-test.json").read_text())["bits_per_dim"]
     assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",

@@ -33,8 +33,8 @@ def tiny_spec(tmp_path: Path, name: str = "p", **changes) -> Path:
         "student": f"{TOY / 'fm_independent.yaml'} train.steps=30 train.batch_size=128 model.hidden=32 {SMALL}",
         "couplings": ["independent", "nf_teacher"],
         "coupling_overrides": {"nf_teacher": ["method.coupling.draws=2", "method.coupling.shard=256"]},
-        "f2d2_u": f"{TOY / 'f2d2_u.yaml'} train.steps=20 train.batch_size=128 model.hidden=32 {SMALL}",
-        "f2d2_joint": f"{TOY / 'f2d2_joint.yaml'} train.steps=20 train.batch_size=128 model.hidden=32 {SMALL}",
+        "f2d2_u": f"{TOY / 'f2d2_u.yaml'} train.steps=20 train.batch_size=128 model.backbone.hidden=32 {SMALL}",
+        "f2d2_joint": f"{TOY / 'f2d2_joint.yaml'} train.steps=20 train.batch_size=128 model.backbone.hidden=32 {SMALL}",
         "f2d2_on": ["nf_teacher"], "steps": [1, 2], "n_samples": 200, "curvature_steps": 8,
         "curvature_samples": 50, "nll_points": 50,
     }
