@@ -19,8 +19,10 @@ from shared.sampling import ADAPTIVE_SOLVERS, CountingField
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
-FIXED_METHODS = ("euler", "midpoint", "rk4")
-METHODS = ADAPTIVE_SOLVERS + FIXED_METHODS
+# The likelihood's fixed-grid solvers are torchdiffeq's (it integrates x and log p jointly); sampling's own
+# fixed-step solvers are euler and heun (shared.sampling.FIXED_SOLVERS). Both share the adaptive ones.
+LIKELIHOOD_FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+LIKELIHOOD_SOLVERS = ADAPTIVE_SOLVERS + LIKELIHOOD_FIXED_SOLVERS
 AUTO_EXACT_MAX_DIM = 64
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -102,9 +104,9 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
     divergence = choose_divergence(divergence, x[0].numel())
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; choices: {', '.join(PROBES)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choices: {', '.join(METHODS)}")
-    if method in FIXED_METHODS and (steps is None or steps < 1):
+    if method not in LIKELIHOOD_SOLVERS:
+        raise ValueError(f"unknown likelihood solver {method!r}; choices: {', '.join(LIKELIHOOD_SOLVERS)}")
+    if method in LIKELIHOOD_FIXED_SOLVERS and (steps is None or steps < 1):
         raise ValueError(f"fixed-step method {method!r} needs steps >= 1, got {steps}")
     field = CountingField(model, **extras)
     if divergence == "exact":
@@ -120,7 +122,7 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
         return div_fn(state[0], t.expand(x.shape[0]))
 
     times = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-    if method in FIXED_METHODS:
+    if method in LIKELIHOOD_FIXED_SOLVERS:
         # An explicit grid: `step_size=1/steps` can round into one extra, near-empty step.
         grid = torch.linspace(0, 1, steps + 1, dtype=x.dtype, device=x.device)
         options = dict(grid_constructor=lambda func, y0, t: grid)
