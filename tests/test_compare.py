@@ -100,7 +100,7 @@ def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
     assert reach["a"]["nfe"] == "not reached" and reach["a"]["quality"] == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/**/compare.yaml")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/**/compare*.yaml")), ids=lambda p: f"{p.parent.name}-{p.stem}")
 def test_every_comparison_spec_resolves_to_valid_runs(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     spec = load_spec(path)

@@ -14,8 +14,8 @@ from shared.config import ConfigError, RunConfig, apply_overrides, dump_yaml
 
 CHOICES = CATALOG.config_choices()
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"compare.yaml", "pipeline.yaml"}  # specs of several runs, not run recipes (compare: test_compare.py)
-RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.name not in SPECS)
+SPECS = ("compare", "pipeline")  # file-name prefixes of specs of several runs, not run recipes (test_compare.py)
+RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if not p.name.startswith(SPECS))
 TOY = ROOT / "recipes" / "toy2d" / "fm_independent.yaml"
 MINIBATCH_OT = ROOT / "recipes" / "digits" / "fm_minibatch_ot.yaml"
 
