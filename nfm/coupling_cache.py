@@ -69,8 +69,10 @@ def shard_path(root: Path, shard: int) -> Path:
 
 
 def _shard_ok(path: Path, sid: str, rows: int, draws: int) -> bool:
-    """Whether a shard on disk belongs to this spec and has the expected size (atomic writes: no torn files)."""
-    if not path.is_file():
+    """Whether a shard on disk is complete and intact: its sha256 matches the sidecar written after it,
+    and its header names this spec and the expected size (anything else is recomputed)."""
+    sidecar = path.with_suffix(".sha256")
+    if not path.is_file() or not sidecar.is_file() or sidecar.read_text().strip() != sha256_file(path):
         return False
     try:
         with safe_open(str(path), "pt") as fh:
@@ -79,6 +81,15 @@ def _shard_ok(path: Path, sid: str, rows: int, draws: int) -> bool:
     except Exception:  # unreadable leftovers are recomputed
         return False
     return meta.get("spec_id") == sid and list(shape[:2]) == [rows, draws]
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file of the cache, with an error that names the file when it is torn or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{what} {path} is unreadable ({err}); re-extract with `flowdistill couplings "
+                              f"<recipe> --overwrite`") from None
 
 
 def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, float]:
@@ -91,7 +102,7 @@ def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, f
                                   f"`flowdistill couplings <recipe>` again to finish it")
         raise CheckpointError(f"no coupling cache at {root}: run `flowdistill couplings <recipe>` first, "
                               f"or set method.coupling.mode=online")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, "coupling cache manifest")
     diff = spec_differences(manifest["spec"], spec)
     if diff:
         raise CheckpointError(f"coupling cache {root} is stale or belongs to another setup ({'; '.join(diff)}); "
@@ -113,7 +124,7 @@ def _prepare_root(root: Path, spec: dict[str, Any], overwrite: bool) -> None:
     for name in (MANIFEST, SPEC):
         path = root / name
         if path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path, "coupling cache file")
             diff = spec_differences(saved.get("spec", saved), spec)
             if diff:
                 raise CheckpointError(f"{root} already holds a coupling cache for another setup ({'; '.join(diff)}); "
@@ -166,6 +177,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
                                                                   method.seed), method.dtype, method.batch).cpu()
                          for d in range(draws)], dim=1)
         atomic_write_bytes(path, save({"z": z.contiguous(), "index": index}, metadata={"spec_id": sid}))
+        atomic_write_text(path.with_suffix(".sha256"), sha256_file(path) + "\n")
         computed += (stop - start) * draws
     seconds = time.perf_counter() - t0
     acc.wait_for_everyone()

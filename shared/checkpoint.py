@@ -104,7 +104,12 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, trainer_state: dict[str, Any] | None = None,
                     keep: int = 2) -> Path:
-    """Write `ckpt_root/step_<step>/` atomically, point `latest` at it and prune old checkpoints."""
+    """Write `ckpt_root/step_<step>/` durably, point `latest` at it and prune old checkpoints.
+
+    Every file is fsynced in a temporary folder, which is renamed into place (folder fsynced too); a
+    checkpoint of the same step that already exists (a resumed finished run) is moved aside first and
+    removed only after the new one is in place, so a crash never leaves the run without a good checkpoint.
+    """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -120,18 +125,42 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
         for f in tmp.iterdir():
             os.chmod(f, default_file_mode())
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp, default_file_mode() | 0o111)
+        fsync_dir(tmp)
         final = root / name
+        aside = root / f".{name}.previous"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / LATEST, name + "\n")
+    shutil.rmtree(aside, ignore_errors=True)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_temporaries(ckpt_root: str | Path) -> list[str]:
+    """Delete the hidden temporary folders of checkpoint writes that a kill interrupted; returns their names.
+
+    A `.step_X.previous` folder whose `step_X` is missing is the last good checkpoint of an interrupted
+    replace: it is moved back instead of deleted.
+    """
+    root = Path(ckpt_root)
+    removed = []
+    for path in sorted(root.glob(".step_*")) if root.is_dir() else []:
+        if path.name.endswith(".previous") and not (root / path.name[1:-len(".previous")]).exists():
+            os.replace(path, root / path.name[1:-len(".previous")])
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:

@@ -7,6 +7,7 @@ only, never its loss, so a student's teachers are not loaded to sample or score 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -139,10 +140,17 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)")
     elif overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        aside = replaced_dir(run_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(run_dir, aside)  # removed once the new run has its first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_path, dump_yaml(cfg))
     return run_dir
+
+
+def replaced_dir(run_dir: Path) -> Path:
+    """Where `--overwrite` keeps the previous run until the new one has written its first checkpoint."""
+    return run_dir.parent / f".{run_dir.name}.replaced"
 
 
 def finished_step(cfg: RunConfig) -> int:
@@ -217,6 +225,9 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
                       batch_transform=transform, val_data=val)
     if resume and trainer.resume():
         accelerator.print(f"resumed at step {trainer.step}")
+    aside = replaced_dir(run_dir)
+    if accelerator.is_main_process and aside.exists():
+        trainer.after_checkpoint.append(lambda: shutil.rmtree(aside, ignore_errors=True))
     record = trainer.fit()
     accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                                      if isinstance(v, float)))

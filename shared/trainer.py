@@ -22,9 +22,10 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, remove_temporaries,
+                               save_checkpoint)
 from shared.config import TrainConfig
-from shared.rundir import best_dir, checkpoints_dir, metrics_path
+from shared.rundir import best_dir, checkpoints_dir, metrics_path, read_metrics
 
 Batch = tuple[Tensor, ...]
 BatchTransform = Callable[[Batch, torch.Generator], Batch]
@@ -123,6 +124,7 @@ class Trainer:
             self.ema.model.to(acc.device)
         self.data = tuple(d.to(acc.device) for d in data)
         self.val_data = None if val_data is None else tuple(d.to(acc.device) for d in val_data)
+        self.after_checkpoint: list[Callable[[], None]] = []  # run on the main process after each checkpoint
         self.best_val = math.inf
         self.sampler = EpochSampler(len(self.data[0]), cfg.batch_size, seed, acc.process_index, acc.num_processes)
         self.generator = torch.Generator(device=acc.device)
@@ -139,6 +141,11 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint if there is one; returns whether it did."""
+        if self.accelerator.is_main_process:
+            for root in (checkpoints_dir(self.run_dir), best_dir(self.run_dir)):
+                for name in remove_temporaries(root):
+                    self.accelerator.print(f"removed {root / name}, left by an interrupted checkpoint write")
+        self.accelerator.wait_for_everyone()
         path = latest_checkpoint(checkpoints_dir(self.run_dir))
         if path is None:
             self._truncate_metrics(0)  # lines of an attempt killed before its first checkpoint
@@ -166,6 +173,8 @@ class Trainer:
                                    self.ema.model if self.ema else None, self.optimizer,
                                    {"interval_count": self._count, "interval_sums": sums, "best_val": self.best_val},
                                    keep=self.cfg.keep_checkpoints)
+            for callback in self.after_checkpoint:
+                callback()
         acc.wait_for_everyone()
         return path
 
@@ -174,8 +183,8 @@ class Trainer:
         path = metrics_path(self.run_dir)
         if not self.accelerator.is_main_process or not path.is_file():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        kept = [r for r in read_metrics(self.run_dir) if r["step"] <= step]  # a torn last line is dropped
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ validation
 

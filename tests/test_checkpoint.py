@@ -1,6 +1,8 @@
 """Checkpoints: atomic layout, round trip, and refusal of corrupt or truncated files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,34 @@ def test_latest_pointer_to_missing_folder_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         latest_checkpoint(tmp_path)
     assert verify_checkpoint(save_checkpoint(tmp_path, 9, _model()))["step"] == 9
+
+
+def test_rewriting_a_step_keeps_the_old_checkpoint_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    import os as _os
+
+    import torch
+
+    from shared.checkpoint import latest_checkpoint, remove_temporaries, save_checkpoint, verify_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    first = save_checkpoint(tmp_path, 5, model)
+    replace = _os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(".step_00000005.") and not Path(src).name.endswith(".previous") \
+                and Path(dst).name == "step_00000005":
+            raise OSError("disk full")  # the new folder cannot be put in place
+        return replace(src, dst)
+
+    monkeypatch.setattr("shared.checkpoint.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 5, model)
+    monkeypatch.setattr("shared.checkpoint.os.replace", replace)
+    assert (tmp_path / ".step_00000005.previous").is_dir()  # the old checkpoint, moved aside, not deleted
+    remove_temporaries(tmp_path)  # the next start puts it back
+    assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first)["step"] == 5
+    (tmp_path / ".step_00000009.abc").mkdir()  # a temp folder of a killed write
+    assert remove_temporaries(tmp_path) == [".step_00000009.abc"]
+    assert not list(tmp_path.glob(".step_*"))

@@ -177,3 +177,19 @@ def test_sampling_and_scoring_a_student_never_load_its_teacher(tmp_path, teacher
     assert run.sampler.log_likelihood(run.model, torch.zeros(4, 2)).logp.isfinite().all()
     with pytest.raises(ValueError, match="not one"):
         _coupling(recipe)
+
+
+def test_a_damaged_shard_is_recomputed_when_extraction_resumes(tmp_path, teacher_run):
+    recipe = _student_recipe(tmp_path, teacher_run, mode="precomputed")
+    root = extract(resolve_config(recipe), load_run)
+    good = shard_path(root, 1).read_bytes()
+    (root / MANIFEST).unlink()  # interrupted before sealing, with shard 1 damaged on disk
+    raw = bytearray(good)
+    raw[-1] ^= 0xFF
+    shard_path(root, 1).write_bytes(bytes(raw))
+    extract(resolve_config(recipe), load_run)
+    assert shard_path(root, 1).read_bytes() == good  # the header alone would have passed it
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps(manifest)[:40])  # a torn manifest names itself
+    with pytest.raises(CheckpointError, match="manifest.json is unreadable"):
+        _coupling(recipe).prepare("cpu")

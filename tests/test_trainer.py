@@ -251,3 +251,36 @@ def test_validation_loss_is_deterministic_and_uses_a_fixed_noise_draw(tmp_path):
     trainer = Trainer(_cfg(), 0, model, _fm(), data, tmp_path,
                       Accelerator(cpu=True), val_data=(data[0][:100],))
     assert trainer.validate() == trainer.validate()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    data = _data()
+    torch.manual_seed(0)
+    model = build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,))
+    Trainer(_cfg(steps=20, ckpt_every=10), 0, model, _fm(), data, tmp_path,
+            Accelerator(cpu=True)).fit()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 25, "loss": 0.')  # a write cut short
+    torch.manual_seed(0)
+    again = Trainer(_cfg(steps=30, ckpt_every=10), 0, build_mlp(MLPConfig(hidden=16, depth=1, time_dim=8), (2,)),
+                    _fm(), data, tmp_path, Accelerator(cpu=True))
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert again.resume()
+    again.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path):
+    from flowdistill.api import resolve_config, train
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "toy2d" / "fm_independent.yaml"
+    small = [f"out_dir={tmp_path}", "name=r", "train.steps=10", "train.ckpt_every=10", "model.hidden=16",
+             "train.progress=false", "data.n_train=500", "data.n_test=100", "train.batch_size=64"]
+    run = train(resolve_config(recipe, small))
+    with pytest.raises(Exception, match="unknown data set"):
+        train(resolve_config(recipe, small + ["data.name=nope"]), overwrite=True)
+    assert (run / "checkpoints" / "step_00000010").is_dir()  # a bad config deletes nothing
+    train(resolve_config(recipe, small + ["seed=1"]), overwrite=True)
+    assert not (tmp_path / ".r.replaced").exists() and (run / "checkpoints" / "step_00000010").is_dir()
+    assert "seed: 1" in (run / "config.yaml").read_text()
