@@ -284,3 +284,45 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     train(resolve_config(recipe, small + ["seed=1"]), overwrite=True)
     assert not (tmp_path / ".r.replaced").exists() and (run / "checkpoints" / "step_00000010").is_dir()
     assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_training_killed_at_ten_random_points_resumes_to_the_same_losses_and_weights(tmp_path):
+    """SIGKILL a training process 10 times at random moments (some land inside checkpoint writes)."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "recipes" / "toy2d" / "fm_independent.yaml"
+    args = [f"out_dir={tmp_path}", "train.steps=400", "train.ckpt_every=10", "train.log_every=5", "model.hidden=64",
+            "train.batch_size=64", "data.n_train=2000", "data.n_test=200", "train.progress=false",
+            "train.sample_grid=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(name: str, resume: bool) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "flowdistill", "train", str(recipe), f"name={name}", *args]
+        return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert train("reference", False).wait() == 0
+    rng = random.Random(7)
+    for _ in range(10):
+        proc = train("killed", (tmp_path / "killed" / "config.yaml").is_file())
+        time.sleep(rng.uniform(3.0, 7.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert train("killed", True).wait() == 0
+
+    def records(name: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+    assert records("killed") == records("reference")
+    final = {n: load_file(str(latest_checkpoint(tmp_path / n / "checkpoints") / "model.safetensors"))
+             for n in ("reference", "killed")}
+    assert all(torch.equal(final["reference"][k], final["killed"][k]) for k in final["reference"])
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))  # no temp folders left behind
