@@ -61,6 +61,7 @@ class TrainConfig:
     sample_grid: bool = True  # write a sample grid / scatter at the end of training
     init_from: str = ""  # run directory whose latest EMA weights initialise the model (staged training)
     eval_every: int = 0  # steps between validation-loss passes; the best weights go to checkpoints/best (0: off)
+    trackers: tuple[str, ...] = ()  # Accelerate trackers that also receive the metrics, e.g. [tensorboard] (<run>/tracking)
 
 
 @dataclass
@@ -219,6 +220,7 @@ RANGES = (  # (key, test, what is expected)
     ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
     ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: no validation)"),
     ("train.mixed_precision", lambda v: v in ("no", "bf16", "fp16"), "one of no, bf16, fp16"),
+    ("train.trackers", lambda v: set(v) <= {"tensorboard"}, "a list of Accelerate trackers: tensorboard"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("data.shift", lambda v: v >= 0, "an integer >= 0"),
     ("eval.solver", lambda v: v in EVAL_SOLVERS, "one of " + ", ".join(EVAL_SOLVERS)),

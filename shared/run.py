@@ -23,7 +23,7 @@ from shared.catalog import BuildContext, Catalog
 from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
 from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, load_recipe, to_dict
 from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.rundir import best_dir, checkpoints_dir, config_path, weights_file
+from shared.rundir import best_dir, checkpoints_dir, config_path, tracking_dir, weights_file
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
 
@@ -201,7 +201,9 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     from shared.trainer import Trainer
 
     # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=list(cfg.train.trackers) or None,
+                              project_dir=str(tracking_dir(run_dir_of(cfg))))
     dataset = load_dataset(cfg.data)
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)
@@ -214,6 +216,9 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
         prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     run_dir = run_dir_of(cfg)
+    if cfg.train.trackers:
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
+        accelerator.init_trackers(cfg.name, config=hparams)
     accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")
@@ -229,6 +234,8 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     if accelerator.is_main_process and aside.exists():
         trainer.after_checkpoint.append(lambda: shutil.rmtree(aside, ignore_errors=True))
     record = trainer.fit()
+    if cfg.train.trackers:
+        accelerator.end_training()
     accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                                                                      if isinstance(v, float)))
     return run_dir

@@ -7,6 +7,7 @@
         checkpoints/best/    the evaluation weights with the lowest validation loss (when validated)
         samples/             outputs of `flowdistill sample`
         couplings/           precomputed coupling caches keyed by their settings
+        tracking/            Accelerate tracker logs (TensorBoard) when train.trackers is set
         eval.json, nll-<split>.json
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 SAMPLES = "samples"
 COUPLINGS = "couplings"
+TRACKING = "tracking"
 WEIGHT_CHOICES = ("auto", "best", "ema", "model")
 
 
@@ -48,6 +50,11 @@ def metrics_path(run_dir: str | Path) -> Path:
 def samples_dir(run_dir: str | Path) -> Path:
     """Where `flowdistill sample` writes pictures and arrays."""
     return Path(run_dir) / SAMPLES
+
+
+def tracking_dir(run_dir: str | Path) -> Path:
+    """Where Accelerate's trackers (TensorBoard) write."""
+    return Path(run_dir) / TRACKING
 
 
 def couplings_dir(run_dir: str | Path) -> Path:

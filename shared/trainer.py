@@ -271,6 +271,8 @@ class Trainer:
         if acc.is_main_process:
             with open(metrics_path(self.run_dir), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.cfg.trackers:
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         return record
 
     def fit(self) -> dict[str, Any]:

@@ -326,3 +326,20 @@ def test_training_killed_at_ten_random_points_resumes_to_the_same_losses_and_wei
              for n in ("reference", "killed")}
     assert all(torch.equal(final["reference"][k], final["killed"][k]) for k in final["reference"])
     assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))  # no temp folders left behind
+
+
+def test_tensorboard_tracker_receives_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowdistill.api import resolve_config, train
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "toy2d" / "fm_independent.yaml"
+    run = train(resolve_config(recipe, [f"out_dir={tmp_path}", "name=tb", "train.steps=20", "train.log_every=10",
+                                        "model.hidden=16", "train.batch_size=64", "data.n_train=500",
+                                        "data.n_test=100", "train.progress=false", "train.trackers=[tensorboard]"]))
+    events = list((run / "tracking").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [10, 20]
