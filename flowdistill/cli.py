@@ -95,19 +95,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
-    """Likelihood of a split: exact for flows, ODE (exact or Hutchinson divergence) otherwise; writes nll-<split>.json."""
+    """Likelihood of a split: exact for flows, ODE (exact or Hutchinson divergence) otherwise; writes
+    nll-<split>.json (summary) and nll-<split>.csv (per-sample log p, index, bits/dim, error to an exact density)."""
     from flowdistill.api import load_run
-    from shared.evaluate import reference_nll, write_json
+    from shared.evaluate import score_split, write_columns, write_json
 
     run = load_run(args.run, weights=args.weights, device=args.device)
-    res = reference_nll(run, args.split, args.n or run.config.eval.nll_samples,
-                        args.divergence or run.config.eval.divergence, args.seed)
+    res, columns = score_split(run, args.split, args.n, args.divergence or run.config.eval.divergence, args.seed)
     res["step"] = run.step
     line = f"{res['split']}: NLL {res['nll_nats']:.4f} ± {res['nll_nats_stderr']:.4f} nats/sample"
     if "bits_per_dim" in res:
         line += f", {res['bits_per_dim']:.4f} bits/dim"
+    if "exact_nll_nats" in res:
+        line += (f"; exact NLL {res['exact_nll_nats']:.4f}, gap {res['gap_to_exact_nats']:+.4f} ± "
+                 f"{res['gap_stderr']:.4f}, mean |error| {res['mean_abs_error_nats']:.4f} nats")
     print(line + f" ({res['n']} points, {res['divergence']} divergence, {res['nfe_mean']:.0f} NFE, {res['seconds']:.1f} s)")
-    write_json(Path(args.run) / f"nll-{args.split}.json", res)
+    out = Path(args.run)
+    write_json(out / f"nll-{args.split}.json", res)
+    write_columns(out / f"nll-{args.split}.csv", columns)
+    print(f"wrote {out / f'nll-{args.split}.json'} and {out / f'nll-{args.split}.csv'}")
     return 0
 
 
@@ -232,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("nll", cmd_nll)
     add_run_args(p)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
-    p.add_argument("--n", type=int, default=0, help="points to score (default: eval.nll_samples of the run)")
+    p.add_argument("--n", type=int, default=0, help="points to score (default: the whole split)")
     p.add_argument("--divergence", default="", help="exact, hutchinson or auto (default: the run's eval.divergence)")
 
     p = command("eval", cmd_eval)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from shared.config import DataConfig
+from shared.densities import KNOWN_DENSITIES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TABULAR_SUFFIXES = (".npy", ".npz", ".csv")
@@ -46,6 +47,7 @@ class Dataset:
     meta: dict = field(default_factory=dict)
     val: Tensor | None = None  # validation split carved from the training data (model selection only)
     val_labels: Tensor | None = None
+    log_density: Callable[[Tensor], Tensor] | None = None  # exact log p(x) (B,) nats/sample when the density is known
 
     @property
     def base_fingerprint(self) -> str:
@@ -203,13 +205,22 @@ def _spirals(n: int, g: torch.Generator) -> Tensor:
     return points + 0.05 * torch.randn(n, 2, generator=g)
 
 
-def _load_toy(sample: Callable[[int, torch.Generator], Tensor], meta: dict, cfg: DataConfig) -> Dataset:
+def _checkerboard_log_density(x: Tensor) -> Tensor:
+    """Exact log p of `_checkerboard`: log(1/8) on the 8 squares, -inf elsewhere (B,)."""
+    cell = x.double().floor()
+    inside = ((cell >= -2) & (cell <= 1)).all(1) & ((cell[:, 0] + cell[:, 1]).remainder(2) == 0)
+    value = torch.full(inside.shape, -math.log(8.0), dtype=torch.float64)
+    return torch.where(inside, value, torch.full_like(value, -math.inf))
+
+
+def _load_toy(sample: Callable[[int, torch.Generator], Tensor], meta: dict, cfg: DataConfig,
+              log_density: Callable[[Tensor], Tensor] | None = None) -> Dataset:
     """Draw train and test points from seeds 2*seed and 2*seed+1 (test does not depend on n_train)."""
     if cfg.n_train < 1 or cfg.n_test < 1:
         raise DataError(f"data.n_train and data.n_test must be >= 1, got {cfg.n_train} and {cfg.n_test}")
     train = sample(cfg.n_train, torch.Generator().manual_seed(2 * cfg.seed))
     test = sample(cfg.n_test, torch.Generator().manual_seed(2 * cfg.seed + 1))
-    return _make(cfg.name, train, test, meta=dict(meta))
+    return dataclasses.replace(_make(cfg.name, train, test, meta=dict(meta)), log_density=log_density)
 
 
 # ---------------------------------------------------------------- image data sets
@@ -345,7 +356,9 @@ def _load_tabular(cfg: DataConfig) -> Dataset:
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "8gaussians": partial(_load_toy, _eight_gaussians, {}),
     "moons": partial(_load_toy, _moons, {}),
-    "checkerboard": partial(_load_toy, _checkerboard, {"log_density": -math.log(8.0)}),
+    "checkerboard": partial(_load_toy, _checkerboard, {}, log_density=_checkerboard_log_density),
+    **{name: partial(_load_toy, density.sample, {"known_density": name}, log_density=density.log_prob)
+       for name, density in KNOWN_DENSITIES.items()},
     "spirals": partial(_load_toy, _spirals, {}),
     "digits": _load_digits,
     "mnist": _load_mnist,

@@ -89,25 +89,60 @@ def evaluation_points(run: Run, split: str, n: int, seed: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
+def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "auto", seed: int = 0,
+                batch_size: int = 250) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Likelihood of the first `n` points of a split (all when n = 0): a summary and per-sample columns.
+
+    Per-sample columns (each (N,)): `index` (row of the split), `logp_nats` (model log p in nats per
+    sample), `bits_per_dim` for images, and `exact_logp_nats` / `abs_error_nats` when the data set's exact
+    density is known. The summary holds means, standard errors, NFE and wall time; `gap_to_exact_nats`
+    is mean model NLL minus mean exact NLL (negative: the model claims more density than the truth).
+    """
+    x, gen = evaluation_points(run, split, n or len(getattr(run.dataset, split)), seed)
+    device = x.device
+    div = choose_divergence(divergence, run.dataset.dim)
+    logps, nfe, t0 = [], [], time.perf_counter()
+    for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
+        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
+        logps.append(res.logp.double().cpu())
+        nfe.append(res.nfe)
+    sync(device)
+    logp = torch.cat(logps)
+    nll = -logp
+    columns: dict[str, Tensor] = {"index": torch.arange(len(logp)), "logp_nats": logp}
+    out = {"split": split, "n": len(nll), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div,
+           "nll_nats": nll.mean().item(), "nll_nats_stderr": _stderr(nll), "nfe_mean": sum(nfe) / len(nfe),
+           "seconds": time.perf_counter() - t0}
+    if run.dataset.levels is not None:
+        columns["bits_per_dim"] = bits_per_dim(nll, run.dataset.dim, run.dataset.levels)
+        out["bits_per_dim"] = columns["bits_per_dim"].mean().item()
+    if run.dataset.log_density is not None:
+        exact = run.dataset.log_density(x.cpu()).double()
+        columns["exact_logp_nats"], columns["abs_error_nats"] = exact, (logp - exact).abs()
+        out.update(exact_nll_nats=-exact.mean().item(), gap_to_exact_nats=(nll.mean() + exact.mean()).item(),
+                   gap_stderr=_stderr(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
+    return out, columns
+
+
+def _stderr(values: Tensor) -> float:
+    """Standard error of the mean of a 1-D tensor (0 for one value)."""
+    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
+
+
 def reference_nll(run: Run, split: str = "test", n: int = 500, divergence: str = "auto", seed: int = 0,
                   batch_size: int = 250) -> dict[str, Any]:
     """Mean NLL (nats per sample, and bits/dim for images) of `n` points of a split under the run's model."""
-    x, gen = evaluation_points(run, split, n, seed)
-    device = x.device
-    div = choose_divergence(divergence, run.dataset.dim)
-    nll, nfe, t0 = [], [], time.perf_counter()
-    for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
-        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
-        nll.append(-res.logp.double().cpu())
-        nfe.append(res.nfe)
-    sync(device)
-    nll_t = torch.cat(nll)
-    out = {"split": split, "n": len(nll_t), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div, "nll_nats": nll_t.mean().item(),
-           "nll_nats_stderr": (nll_t.std() / math.sqrt(len(nll_t))).item() if len(nll_t) > 1 else 0.0,
-           "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
-    if run.dataset.levels is not None:
-        out["bits_per_dim"] = bits_per_dim(nll_t, run.dataset.dim, run.dataset.levels).mean().item()
-    return out
+    return score_split(run, split, n, divergence, seed, batch_size)[0]
+
+
+def write_columns(path: str | Path, columns: dict[str, Tensor]) -> Path:
+    """Per-sample columns as CSV (header row, one line per sample), written atomically."""
+    names = list(columns)
+    rows = zip(*(columns[k].tolist() for k in names))
+    lines = [",".join(names)] + [",".join(str(v) if isinstance(v, int) else repr(float(v)) for v in row)
+                                 for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -150,3 +150,23 @@ def test_resume_continues_the_folder_it_is_given_after_a_move(tmp_path, capsys):
     assert "resumed at step 10" in capsys.readouterr().out
     assert not source.exists()  # nothing recreated under the old name
     assert (moved / "checkpoints" / "step_00000020").is_dir()
+
+
+def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_path, capsys):
+    run = _train(tmp_path, TOY, "data.name=gmm2", "data.n_train=2000", "data.n_test=120", "train.steps=30",
+                 "model.hidden=32", "train.sample_grid=false")
+    capsys.readouterr()
+    assert main(["nll", str(run), "--device", "cpu"]) == 0
+    assert "exact NLL" in capsys.readouterr().out
+    summary = json.loads((run / "nll-test.json").read_text())
+    lines = (run / "nll-test.csv").read_text().splitlines()
+    assert lines[0] == "index,logp_nats,exact_logp_nats,abs_error_nats" and len(lines) == 121  # the whole split
+    rows = [list(map(float, ln.split(","))) for ln in lines[1:]]
+    assert [int(r[0]) for r in rows] == list(range(120))
+    assert all(abs(abs(r[1] - r[2]) - r[3]) < 1e-9 for r in rows)
+    assert summary["gap_to_exact_nats"] == pytest.approx(-sum(r[1] for r in rows) / 120 - summary["exact_nll_nats"])
+    from shared.data import load_dataset
+    from flowdistill.api import resolve_config
+
+    data = load_dataset(resolve_config(run, []).data)
+    assert summary["exact_nll_nats"] == pytest.approx(-data.log_density(data.test).mean().item())

@@ -48,7 +48,7 @@ def test_toy_shapes_scale_and_seeding(name):
 
 def test_checkerboard_support_and_uniformity():
     ds = load_dataset(DataConfig(name="checkerboard", n_train=16000, n_test=10))
-    assert ds.meta["log_density"] == pytest.approx(-math.log(8.0))
+    assert torch.all(ds.log_density(ds.train) == -math.log(8.0))  # every point on the board
     x = ds.train
     assert x.min() >= -2 and x.max() < 2
     cells = torch.floor(x).long()
@@ -321,3 +321,34 @@ def test_random_shift_translates_images_with_background_padding():
             border[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = False
             assert torch.all(shifted[b, 0][border] == background)
     assert torch.equal(random_shift(x, 0, levels, g), x)
+
+
+@pytest.mark.parametrize("name", ["gmm2", "gmm8", "gmm32"])
+def test_gaussian_mixture_log_density_matches_torch_distributions(name):
+    from torch import distributions as D
+
+    from shared.densities import KNOWN_DENSITIES
+
+    gmm = KNOWN_DENSITIES[name]
+    reference = D.MixtureSameFamily(D.Categorical(probs=gmm.weights),
+                                    D.Independent(D.Normal(gmm.means, gmm.stds[:, None].expand_as(gmm.means)), 1))
+    ds = load_dataset(DataConfig(name=name, n_train=4000, n_test=300))
+    x = ds.test.double()
+    torch.testing.assert_close(ds.log_density(x), reference.log_prob(x), atol=1e-9, rtol=0)
+    assert ds.shape == (gmm.dim,) and len(set(gmm.weights.tolist())) == len(gmm.weights)  # unequal weights
+    mean = (gmm.weights[:, None] * gmm.means).sum(0)
+    assert (ds.train.double().mean(0) - mean).abs().max() < 0.15  # samples follow the density
+
+
+def test_banana_density_integrates_to_one_and_matches_its_samples():
+    from shared.densities import Banana
+
+    banana = Banana()
+    grid = torch.linspace(-9, 9, 721, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    cell = (grid[1] - grid[0]) ** 2
+    mass = (banana.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).exp() * cell).sum()
+    assert mass.item() == pytest.approx(1.0, abs=2e-3)
+    ds = load_dataset(DataConfig(name="banana", n_train=20000, n_test=100))
+    assert ds.train[:, 0].std().item() == pytest.approx(1.5, rel=0.03)
+    assert ds.train[:, 1].mean().item() == pytest.approx(0.0, abs=0.03)  # E[b (x1^2 - a^2)] = 0
