@@ -208,7 +208,8 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)
     model = build_model(cfg, dataset, catalog)
-    if cfg.train.init_from and not resume:
+    resuming = resume and latest_checkpoint(checkpoints_dir(run_dir_of(cfg))) is not None
+    if cfg.train.init_from and not resuming:  # a resume without a checkpoint yet starts like a fresh run
         fresh = init_from_run(model, cfg.train.init_from)
         accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
     method = build_loss(cfg, dataset, catalog)

@@ -170,3 +170,21 @@ def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_pat
 
     data = load_dataset(resolve_config(run, []).data)
     assert summary["exact_nll_nats"] == pytest.approx(-data.log_density(data.test).mean().item())
+
+
+def test_init_from_applies_when_a_resumed_run_has_no_checkpoint_yet(tmp_path):
+    import torch
+
+    from flowdistill.api import load_run
+
+    source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
+    child = tmp_path / "child"
+    child.mkdir()
+    common = ["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=1", "train.lr=1e-12", "model.hidden=16",
+              f"train.init_from={source}", "train.sample_grid=false", "train.progress=false"]
+    from flowdistill.api import resolve_config
+    from shared.config import dump_yaml
+
+    (child / "config.yaml").write_text(dump_yaml(resolve_config(TOY, common[3:])))  # killed before its first checkpoint
+    assert main([*common, "--resume"]) == 0
+    assert torch.allclose(load_run(source).model.out.weight, load_run(child).model.out.weight, atol=1e-8)
