@@ -25,6 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from f2d2.flowmap import FlowMapSampler, unwrap
 from shared.catalog import BuildContext
+from shared.config import RunConfig
+from shared.data import Dataset
 from shared.likelihood import PROBES, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
 from shared.paths import TIME_SAMPLERS, broadcast_time, interpolate, sample_times
 from shared.run import require_same_data
@@ -221,13 +223,13 @@ def build_f2d2_loss(cfg: F2D2Config, ctx: BuildContext) -> F2D2:
     return F2D2(cfg, ctx.dataset.dim, teacher)
 
 
-def build_f2d2_sampler(cfg: F2D2Config, run_cfg, dataset) -> FlowMapSampler:
+def build_f2d2_sampler(cfg: F2D2Config, run_cfg: RunConfig, dataset: Dataset) -> FlowMapSampler:
     """The `f2d2` method's sampler: K jumps of the map for samples and for log p (K = cfg.nll_steps)."""
     check_f2d2(cfg, run_cfg)
     return FlowMapSampler(cfg.nll_steps)
 
 
-def check_f2d2(cfg: F2D2Config, run_cfg) -> None:
+def check_f2d2(cfg: F2D2Config, run_cfg: RunConfig) -> None:
     """Raise ValueError unless the run trains a flow map with valid F2D2 settings."""
     if run_cfg.model.name != "flowmap":
         raise ValueError(f"method f2d2 trains a flow map: set model.name: flowmap (got {run_cfg.model.name!r})")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from nfm.tarflow import TarFlow, TarFlowConfig
 from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.catalog import BuildContext
+from shared.config import RunConfig
 from shared.likelihood import LikelihoodResult
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult
@@ -162,13 +163,13 @@ def build_teacher_loss(cfg: TeacherConfig, ctx: BuildContext) -> TeacherNLL:
     return TeacherNLL(cfg, ctx.dataset.levels)
 
 
-def build_teacher_sampler(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> TeacherSampler:
+def build_teacher_sampler(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Dataset) -> TeacherSampler:
     """The `nll` method's sampler: decoding and exact likelihood."""
     check_teacher(cfg, run_cfg, dataset)
     return TeacherSampler(cfg)
 
 
-def check_teacher(cfg: TeacherConfig, run_cfg, dataset: Dataset) -> None:
+def check_teacher(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Dataset) -> None:
     """Raise ValueError for a model, data set or setting the `nll` method cannot use."""
     model = run_cfg.model
     if not isinstance(model, TarFlowConfig):

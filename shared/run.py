@@ -175,7 +175,8 @@ def check_dequantize(cfg: RunConfig, levels: int | None) -> int | None:
     return levels
 
 
-def data_noise(shift: int, dequantize_levels: int | None, levels: int | None):
+def data_noise(shift: int, dequantize_levels: int | None, levels: int | None
+               ) -> Callable[[tuple, torch.Generator], tuple] | None:
     """The per-step data transform: random shifts (images) then uniform dequantization, or None."""
     if shift and levels is None:
         raise ValueError(f"data.shift={shift} needs image data")

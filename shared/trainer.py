@@ -315,7 +315,7 @@ def _deferred_interrupt():
         yield lambda: False
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: object) -> None:
         if hit:
             raise KeyboardInterrupt
         hit.append(signum)
