@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap, few_step_log_likelihood, few_step_sample, naive_log_likelihood
-from shared.gaussian import GaussianFlowMap, GaussianVelocity, gaussian_log_density
+from gaussian_reference import GaussianFlowMap, GaussianVelocity, gaussian_log_density
 from shared.backbones import MLPConfig, TimeUNet, UNetConfig, build_mlp
 from shared.likelihood import divergence_exact
 

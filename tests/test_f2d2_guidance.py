@@ -5,7 +5,7 @@ import torch
 
 from shared.backbones import MLPConfig
 from f2d2.flowmap import FlowMapConfig, build_flowmap, few_step_sample
-from shared.gaussian import GaussianFlowMap, gaussian_log_density
+from gaussian_reference import GaussianFlowMap, gaussian_log_density
 from f2d2.guidance import guide_noise, guided_sample, one_step_log_likelihood
 
 MEAN = torch.tensor([0.5, -1.0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap
-from shared.gaussian import GaussianFlowMap, GaussianVelocity
+from gaussian_reference import GaussianFlowMap, GaussianVelocity
 from f2d2.flowmap import FlowMapSampler
 from f2d2.losses import F2D2, F2D2Config, build_f2d2_loss, build_f2d2_sampler, check_f2d2, dyadic_pairs
 from shared.backbones import UNetConfig

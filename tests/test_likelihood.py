@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.gaussian import GaussianVelocity, gaussian_log_density
+from gaussian_reference import GaussianVelocity, gaussian_log_density
 from shared.likelihood import (DIVERGENCES, PROBES, choose_divergence, divergence_exact, divergence_hutchinson,
                                log_likelihood, make_probe)
 

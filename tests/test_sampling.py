@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from shared.gaussian import GaussianVelocity
+from gaussian_reference import GaussianVelocity
 from shared.sampling import ADAPTIVE_SOLVERS, FIXED_SOLVERS, GRIDS, CountingField, sample, time_grid
 
 RATE = 1.0  # a in the linear test field v = a * x
