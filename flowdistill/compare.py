@@ -76,9 +76,16 @@ def entry_config(entry: str, common: tuple[str, ...] | list[str] = (), final: tu
 
 
 def ensure_trained(cfg: RunConfig) -> Path:
-    """Train a run unless its checkpoint already reached `train.steps`; resume an unfinished one."""
+    """Train a run unless its checkpoint already reached `train.steps`; resume an unfinished one.
+
+    A student whose coupling reads a precomputed teacher-pair cache gets the cache extracted first.
+    """
     if finished_step(cfg) >= cfg.train.steps:
         return run_dir_of(cfg)
+    if getattr(getattr(cfg.method, "coupling", None), "mode", "") == "precomputed":
+        from nfm.coupling_cache import extract
+
+        extract(cfg, load_run)
     return train(cfg, resume=config_path(run_dir_of(cfg)).is_file())
 
 
