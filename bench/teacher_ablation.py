@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import yaml
 
 from bench.common import machine
 from flowdistill.api import load_run, resolve_config, train
+from flowdistill.compare import train_seconds
 from shared.evaluate import format_table, generate, reference_nll, write_json
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import run_dir_of
@@ -72,11 +72,8 @@ def main() -> None:
                      "train.progress=false", "train.sample_grid=false", *variant.get("overrides", [])]
         cfg = resolve_config(args.recipe, overrides)
         run_dir = run_dir_of(cfg)
-        minutes = done.get(variant["name"], {}).get("train_minutes")
-        t0 = time.perf_counter()
         train(cfg, resume=config_path(run_dir).is_file())
-        if minutes is None:
-            minutes = (time.perf_counter() - t0) / 60
+        minutes = train_seconds(run_dir, cfg.train.batch_size) / 60  # from the logged throughput, resumes included
         row = {"variant": variant["name"], "train_minutes": minutes, "threads": args.threads,
                "overrides": " ".join(variant.get("overrides", [])), **evaluate_variant(run_dir, args.samples)}
         done[variant["name"]] = row
