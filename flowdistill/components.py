@@ -9,6 +9,7 @@ from f2d2.flowmap import FlowMapConfig, build_flowmap
 from f2d2.losses import F2D2Config, build_f2d2_loss, build_f2d2_sampler
 from nfm.couplings import (IndependentConfig, IndependentCoupling, MinibatchOTConfig, MinibatchOTCoupling,
                            SemidiscreteOTConfig, SemidiscreteOTCoupling)
+from nfm.glow import GlowConfig, build_glow
 from nfm.losses import FlowMatchingConfig, build_flow_matching_loss, build_velocity_sampler
 from nfm.tarflow import TarFlowConfig, build_tarflow
 from nfm.teacher import TeacherConfig, build_teacher_loss, build_teacher_sampler
@@ -20,6 +21,7 @@ MODELS: dict[str, Choice] = {
     "mlp": Choice(MLPConfig, build_mlp),  # velocity field on vectors or flattened images
     "unet": Choice(UNetConfig, build_unet),  # diffusers UNet2DModel velocity field on images
     "tarflow": Choice(TarFlowConfig, build_tarflow),  # transformer autoregressive normalizing flow
+    "glow": Choice(GlowConfig, build_glow),  # multi-scale Glow normalizing flow
     "flowmap": Choice(FlowMapConfig, build_flowmap),  # F2D2 flow map (u, D) on an mlp or unet backbone
 }
 

@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nfm.glow import Glow, GlowConfig
 from nfm.tarflow import TarFlow, TarFlowConfig
+
+FLOWS = (TarFlow, Glow)  # the normalizing-flow families the nll method trains
+FLOW_CONFIGS = (TarFlowConfig, GlowConfig)
 from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.catalog import BuildContext
 from shared.config import RunConfig
@@ -30,7 +34,7 @@ from shared.sampling import SampleResult
 
 @dataclass
 class TeacherConfig:
-    """Maximum-likelihood training of a TarFlow and how it samples."""
+    """Maximum-likelihood training of a normalizing flow (TarFlow or Glow) and how it samples."""
 
     name: str = "nll"
     dequantize: bool = False  # uniform dequantization (likelihood runs, needs model.eta=0); else x + eta*eps
@@ -47,12 +51,12 @@ class TeacherConfig:
         return {}
 
 
-def unwrap(model: nn.Module) -> TarFlow:
-    """The TarFlow inside DDP / Accelerate wrappers."""
-    while not isinstance(model, TarFlow) and hasattr(model, "module"):
+def unwrap(model: nn.Module) -> TarFlow | Glow:
+    """The normalizing flow inside DDP / Accelerate wrappers."""
+    while not isinstance(model, FLOWS) and hasattr(model, "module"):
         model = model.module
-    if not isinstance(model, TarFlow):
-        raise TypeError(f"the nll method needs a tarflow model, got {type(model).__name__}")
+    if not isinstance(model, FLOWS):
+        raise TypeError(f"the nll method needs a normalizing flow (tarflow or glow), got {type(model).__name__}")
     return model
 
 
@@ -62,7 +66,7 @@ def log_prob(flow: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Tenso
     return standard_normal_logprob(z.to(logdet.dtype)) + logdet, z
 
 
-def tweedie_denoise(flow: TarFlow, x: Tensor, eta: float, y: Tensor | None = None) -> Tensor:
+def tweedie_denoise(flow: nn.Module, x: Tensor, eta: float, y: Tensor | None = None) -> Tensor:
     """x + eta^2 grad_x log p(x): the posterior mean of clean data under noise of std eta (one score step)."""
     with torch.enable_grad():
         x = x.detach().float().requires_grad_(True)
@@ -77,7 +81,7 @@ class TeacherNLL:
     def __init__(self, cfg: TeacherConfig, levels: int | None):
         self.cfg, self.levels = cfg, levels
 
-    def perturb(self, flow: TarFlow, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def perturb(self, flow: nn.Module, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Training input: dequantized x, or x + eta * eps with the model's eta."""
         if self.cfg.dequantize:
             return dequantize(x, self.levels, generator)
@@ -105,7 +109,7 @@ class TeacherNLL:
 
 
 class TeacherSampler:
-    """Autoregressive decoding (plus one Tweedie step) and the exact likelihood of a TarFlow."""
+    """Decoding (autoregressive for TarFlow, one pass for Glow), one Tweedie step, and the exact likelihood."""
 
     exact_likelihood = True
 
@@ -158,7 +162,7 @@ def categorical_baseline_bpd(dataset: Dataset) -> float:
 
 
 def build_teacher_loss(cfg: TeacherConfig, ctx: BuildContext) -> TeacherNLL:
-    """The `nll` method's loss (the model must be a tarflow)."""
+    """The `nll` method's loss (the model must be a normalizing flow: tarflow or glow)."""
     check_teacher(cfg, ctx.run_config, ctx.dataset)
     return TeacherNLL(cfg, ctx.dataset.levels)
 
@@ -172,15 +176,15 @@ def build_teacher_sampler(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Datas
 def check_teacher(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Dataset) -> None:
     """Raise ValueError for a model, data set or setting the `nll` method cannot use."""
     model = run_cfg.model
-    if not isinstance(model, TarFlowConfig):
-        raise ValueError(f"method nll trains a normalizing flow: set model.name: tarflow (got {model.name!r})")
+    if not isinstance(model, FLOW_CONFIGS):
+        raise ValueError(f"method nll trains a normalizing flow: set model.name: tarflow or glow (got {model.name!r})")
     if cfg.dequantize and dataset.levels is None:
         raise ValueError(f"method.dequantize needs quantized (image) data; {dataset.name!r} is continuous")
     if cfg.dequantize and model.eta > 0:
         raise ValueError(f"method.dequantize replaces noise augmentation: set model.eta=0 (got {model.eta})")
     if cfg.temperature <= 0:
         raise ValueError(f"method.temperature must be > 0, got {cfg.temperature}")
-    if model.num_classes:
+    if getattr(model, "num_classes", 0):
         if dataset.train_labels is None:
             raise ValueError(f"model.num_classes={model.num_classes} but data set {dataset.name!r} has no labels")
         if int(dataset.train_labels.max()) >= model.num_classes:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from nfm.tarflow import TarFlow, encode_batched
+from nfm.tarflow import encode_batched
 from shared.checkpoint import sha256_file
 from shared.rundir import config_path
 
@@ -29,7 +29,7 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class TeacherHandle:
     """A frozen flow teacher with what identifies it: run directory, step, weights hash and data."""
 
-    flow: TarFlow
+    flow: nn.Module  # a normalizing flow with encode/decode and eta (TarFlow or Glow)
     run_dir: Path
     step: int
     weights_sha256: str
@@ -51,7 +51,7 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
         raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
                          f"(from `flowdistill train recipes/.../teacher.yaml`); {str(run_dir)!r} is not one")
     run = load_run(run_dir, device=device)
-    if not isinstance(run.model, TarFlow):
+    if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
     path, _ = evaluation_weights(run_dir)
@@ -75,7 +75,7 @@ def pair_noise(seed: int, index: Tensor, draw: Tensor, shape: tuple[int, ...]) -
     return out
 
 
-def teacher_encode(flow: TarFlow, x: Tensor, dtype: str = "fp32", batch_size: int = 256) -> Tensor:
+def teacher_encode(flow: nn.Module, x: Tensor, dtype: str = "fp32", batch_size: int = 256) -> Tensor:
     """f_teacher(x) (B, *shape), fp32 on x's device, for perturbed inputs x; bf16 runs the transformers."""
     if dtype not in TEACHER_DTYPES:
         raise ValueError(f"method.coupling.dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
