@@ -13,7 +13,8 @@ squeezes, so `encode` returns z shaped like x (what NFM couplings pair with the 
 `encode_levels` returns the per-level latents (what distillation matches). Vectors (D,) are treated
 as (D, 1, 1) images: no squeeze, one level, 1x1 convolutions only.
 
-Couplings are zero-initialised and ActNorm starts at the identity, so a fresh Glow is the identity map.
+ActNorm and the split priors start at the identity and the coupling networks output zero, so a fresh
+Glow is a fixed rotation per step with coupling scales sigmoid(2) = 0.88: near the identity.
 """
 from __future__ import annotations
 
