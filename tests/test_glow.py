@@ -48,7 +48,7 @@ def test_decode_inverts_encode_in_float32(shape, cfg):
 def test_with_identity_steps_the_latent_is_the_input_reassembled(monkeypatch):
     from nfm.glow import AffineCoupling
 
-    monkeypatch.setattr(AffineCoupling, "_params", lambda self, xa: (0.0, torch.ones(1)))  # shift 0, scale 1
+    monkeypatch.setattr(AffineCoupling, "_params", lambda self, xa: (torch.zeros_like(xa), torch.ones_like(xa)))
     flow = Glow(GlowConfig(levels=2, steps=2, hidden=8), (1, 8, 8))
     for steps in flow.levels:  # ActNorm and split priors start at the identity; set the 1x1 convs to it too
         for step in steps:
