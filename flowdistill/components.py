@@ -11,6 +11,7 @@ from nfm.couplings import (IndependentConfig, IndependentCoupling, MinibatchOTCo
                            SemidiscreteOTConfig, SemidiscreteOTCoupling)
 from nfm.glow import GlowConfig, build_glow
 from nfm.losses import FlowMatchingConfig, build_flow_matching_loss, build_velocity_sampler
+from nfm.nf_kd import NFKDConfig, build_nfkd_loss, build_nfkd_sampler
 from nfm.tarflow import TarFlowConfig, build_tarflow
 from nfm.teacher import TeacherConfig, build_teacher_loss, build_teacher_sampler
 from nfm.teacher_coupling import NFTeacherConfig, NFTeacherCoupling, NFTeacherOTCoupling
@@ -29,6 +30,7 @@ METHODS: dict[str, MethodChoice] = {
     "fm": MethodChoice(FlowMatchingConfig, build_flow_matching_loss, build_velocity_sampler),  # flow matching
     "nll": MethodChoice(TeacherConfig, build_teacher_loss, build_teacher_sampler),  # maximum likelihood (flows)
     "f2d2": MethodChoice(F2D2Config, build_f2d2_loss, build_f2d2_sampler),  # flow map with divergence head
+    "nf_kd": MethodChoice(NFKDConfig, build_nfkd_loss, build_nfkd_sampler),  # compact flow distilled from a flow
 }
 
 COUPLINGS: dict[str, Choice] = {

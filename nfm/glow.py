@@ -10,7 +10,7 @@ z_l ~ N(mu(h), exp(2 ls(h))) is written as eps_l = (z_l - mu(h)) exp(-ls(h)), so
 standard normal and log p(x) = log N(eps; 0, I) + sum of log-determinants, in nats per sample.
 The latents eps_1..eps_{L-1} and the top are put back together in the data's shape by undoing the
 squeezes, so `encode` returns z shaped like x (what NFM couplings pair with the data), while
-`encode_levels` returns the per-level latents (what distillation matches). Vectors (D,) are treated
+`encode_with_levels` also returns the per-level outputs (what distillation matches). Vectors (D,) are treated
 as (D, 1, 1) images: no squeeze, one level, 1x1 convolutions only.
 
 ActNorm and the split priors start at the identity and the coupling networks output zero, so a fresh
@@ -212,23 +212,21 @@ class Glow(nn.Module):
                 logdet = logdet - log_sigma.flatten(1).sum(1)
         return outputs, dropped, logdet
 
-    def encode_levels(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The output of every level's K steps (before its split; the last is the top latent) and log|det| (B,).
-
-        These are the points where a student with the same number of levels is matched to its teacher.
-        """
-        outputs, _, logdet = self._encode(x)
-        return outputs, logdet
-
-    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """z = f(x) shaped like x (standard normal under the model) and log|det df/dx| (B,) in nats."""
+    def encode_with_levels(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """z = f(x) shaped like x, log|det df/dx| (B,) in nats, and the output of every level's K steps
+        (before its split; the last is the top latent): the points where a student is matched to a teacher."""
         outputs, dropped, logdet = self._encode(x)
         a = outputs[-1]
         for level in reversed(range(len(self.levels))):
             if level < len(dropped):
                 a = torch.cat([dropped[level], a], 1)
             a = self._unsqueeze(a)
-        return a.reshape(x.shape), logdet
+        return a.reshape(x.shape), logdet, outputs
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z = f(x) shaped like x (standard normal under the model) and log|det df/dx| (B,) in nats."""
+        z, logdet, _ = self.encode_with_levels(x)
+        return z, logdet
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Same as `encode` (the training direction)."""
@@ -237,6 +235,10 @@ class Glow(nn.Module):
     @torch.no_grad()
     def decode(self, z: Tensor, y: Tensor | None = None, use_cache: bool = True, guidance: float = 0.0) -> Tensor:
         """x = f^{-1}(z) for z shaped like the data; `y`, `use_cache` and `guidance` do not apply to Glow."""
+        return self.inverse(z)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """x = f^{-1}(z), differentiable (synthesized distillation backpropagates through it)."""
         a = self._as_image(z)
         eps = []
         for level in range(len(self.levels)):

@@ -253,6 +253,18 @@ class TarFlow(nn.Module):
             logdet = logdet + ld
         return self.from_tokens(tokens), logdet
 
+    def encode_with_levels(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """`encode` plus the output of every block (B, *shape) in order; the last equals z."""
+        y = self._labels(y, x.shape[0], x.device, 0.0)
+        tokens = self.to_tokens(x if x.dtype == torch.float64 else x.float())
+        logdet = torch.zeros(x.shape[0], dtype=tokens.dtype, device=x.device)
+        outputs = []
+        for block in self.blocks:
+            tokens, ld = block(tokens, y, 0.0)
+            logdet = logdet + ld
+            outputs.append(self.from_tokens(tokens))
+        return outputs[-1], logdet, outputs
+
     @torch.no_grad()
     def decode(self, z: Tensor, y: Tensor | None = None, use_cache: bool = True, guidance: float = 0.0) -> Tensor:
         """Noise z (B, *shape) -> data x: blocks in reverse order, tokens one at a time (inverse of `encode`)."""

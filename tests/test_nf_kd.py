@@ -1,0 +1,95 @@
+"""NF knowledge distillation: zero-weight equivalence, gradients to the student only, mapping checks, training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdistill.cli import main
+from nfm.glow import Glow, GlowConfig
+from nfm.nf_kd import NFKD, NFKDConfig, check_mapping, check_weights
+from nfm.tarflow import TarFlow, TarFlowConfig
+from nfm.teacher import TeacherConfig, TeacherNLL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flows(seed: int = 0) -> tuple[Glow, Glow]:
+    torch.manual_seed(seed)
+    teacher = Glow(GlowConfig(levels=2, steps=3, hidden=16, eta=0.05), (1, 8, 8))
+    student = Glow(GlowConfig(levels=2, steps=1, hidden=8, eta=0.05), (1, 8, 8))
+    with torch.no_grad():
+        for p in [*teacher.parameters(), *student.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, student
+
+
+def test_with_only_the_nll_weight_the_loss_is_the_undistilled_students():
+    teacher, student = flows()
+    x = (torch.rand(32, 1, 8, 8) * 2 - 1,)
+    kd = NFKD(NFKDConfig(nll_weight=1.0, latent_weight=0.0), teacher, levels=None)
+    plain = TeacherNLL(TeacherConfig(), levels=None)
+    a, _ = kd(student, x, torch.Generator().manual_seed(3))
+    grads_a = torch.autograd.grad(a, list(student.parameters()))
+    b, _ = plain(student, x, torch.Generator().manual_seed(3))
+    grads_b = torch.autograd.grad(b, list(student.parameters()))
+    assert a.item() == b.item()
+    assert all(torch.equal(u, v) for u, v in zip(grads_a, grads_b))
+
+
+def test_distillation_terms_train_the_student_and_leave_the_teacher_alone():
+    teacher, student = flows(1)
+    before = [p.clone() for p in teacher.parameters()]
+    kd = NFKD(NFKDConfig(nll_weight=0.5, latent_weight=0.2, intermediate_weight=0.2, synth_weight=0.1), teacher, None)
+    loss, logs = kd(student, (torch.rand(16, 1, 8, 8) * 2 - 1,), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert {"nll", "latent_mse", "intermediate_mse", "synth"} <= set(logs) and logs["latent_mse"] > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert any(p.grad.abs().sum() > 0 for p in student.levels[0][0].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    # the latent term pulls the student's latents towards the teacher's
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    match = NFKD(NFKDConfig(nll_weight=0.0, latent_weight=1.0), teacher, None)
+    first = match(student, (x,), torch.Generator().manual_seed(0))[1]["latent_mse"]
+    for _ in range(30):
+        opt.zero_grad()
+        match(student, (x,), torch.Generator().manual_seed(0))[0].backward()
+        opt.step()
+    assert match(student, (x,), torch.Generator().manual_seed(0))[1]["latent_mse"] < 0.5 * first
+
+
+def test_mappings_that_cannot_be_matched_are_refused_with_the_reason():
+    torch.manual_seed(0)
+    teacher = TarFlow(TarFlowConfig(blocks=4, layers=1, width=32, head_dim=16), (1, 8, 8))
+    student = TarFlow(TarFlowConfig(blocks=2, layers=1, width=16, head_dim=8), (1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    s_out, t_out = student.encode_with_levels(x)[2], teacher.encode_with_levels(x)[2]
+    check_mapping((1, 3), s_out, t_out)  # student block 0 stands for teacher block 1, last to last
+    for mapping, message in [((3,), "has 1 entries; the student has 2"), ((3, 1), "strictly increasing"),
+                             ((0, 2), "last block/level to the teacher's last"), ((-1, 3), "strictly increasing")]:
+        with pytest.raises(ValueError, match=message):
+            check_mapping(mapping, s_out, t_out)
+    with pytest.raises(ValueError, match="same shape"):
+        check_mapping((1,), [torch.zeros(2, 3)], [torch.zeros(2, 3), torch.zeros(2, 4)])
+    with pytest.raises(ValueError, match="convex combination"):
+        check_weights(NFKDConfig(nll_weight=0.9, latent_weight=0.2))
+
+
+def test_a_compact_glow_distils_from_a_glow_teacher_through_the_cli(tmp_path, capsys):
+    toy = ROOT / "recipes" / "toy2d"
+    small = ["data.n_train=2000", "data.n_test=300", "train.batch_size=128", "train.progress=false",
+             "train.sample_grid=false", "train.log_every=20", "train.ckpt_every=40"]
+    assert main(["train", str(toy / "glow_teacher.yaml"), f"out_dir={tmp_path}", "name=teacher", "train.steps=40",
+                 "model.steps=3", "model.hidden=16", *small]) == 0
+    assert main(["train", str(toy / "glow_student_kd.yaml"), f"out_dir={tmp_path}", "name=student", "train.steps=40",
+                 f"method.teacher={tmp_path / 'teacher'}", *small]) == 0
+    assert '"synth"' in (tmp_path / "student" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["nll", str(tmp_path / "student"), "--device", "cpu"]) == 0
+    assert "exact (flow)" in capsys.readouterr().out
+    assert main(["train", str(toy / "glow_student_kd.yaml"), f"out_dir={tmp_path}", "name=bad", "train.steps=1",
+                 f"method.teacher={tmp_path / 'teacher'}", "model.eta=0.1", *small]) == 2
+    assert "same perturbed density" in capsys.readouterr().err
