@@ -86,3 +86,22 @@ def test_bench_couplings_times_every_source_and_nfm_extraction(tmp_path, bench):
         assert math.isclose(row["nf_pct_of_step"], 100 * row["nf_online_ms"] / row["step_ms"])
     (fit,) = payload["fit_rows"]
     _positive(fit, ["ms_per_iter", "extract_images_per_s", "extract_bf16_images_per_s"])
+
+
+def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bench.nfkd_compare", "recipes/toy2d/glow_teacher.yaml",
+           "recipes/toy2d/glow_student_kd.yaml", "--seeds", "0,1", "--samples", "200", "--out", str(tmp_path / "kd"),
+           "--set", f"out_dir={tmp_path}", "--set", "train.steps=20", "--set", "data.n_train=1000",
+           "--set", "data.n_test=200", "--set", "train.batch_size=128", "--set", "train.log_every=10"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "kd.json").read_text())
+    assert [r["role"] for r in result["rows"]] == ["teacher", "distilled", "undistilled", "distilled", "undistilled"]
+    assert all(r["nll"] == r["nll"] and r["encode_per_s"] > 0 for r in result["rows"])  # finite, measured
+    assert result["rows"][1]["params"] == result["rows"][2]["params"] < result["rows"][0]["params"]
