@@ -1,7 +1,7 @@
 """`flowdistill compare SPEC`: the same student trained on each coupling, compared against the teacher.
 
 A spec (YAML, `key=value` overrides) lists teacher and student entries, each a recipe followed by
-overrides ("recipes/digits/fm_nf_teacher.yaml method.teacher=runs/t name=nfm"). Teachers are trained
+overrides ("recipes/digits/fm_nf_teacher.yaml method.coupling.teacher=runs/t name=nfm"). Teachers are trained
 first, then every student once per seed (`<name>-s<seed>`, the `common` overrides applied to all, so
 model, optimizer, batch and budget are shared). Finished runs are reused and unfinished ones resumed.
 Each student is then scored at every NFE for every solver and grid (W2 on vectors, Fréchet distance on
