@@ -100,6 +100,8 @@ def main() -> None:
                                label=f"{b}, {n} NFE" if key == "teacher_fd" else None)
         ax.set(xlabel=label, yscale="log")
         ax.grid(alpha=0.3)
+    span = [min(r["teacher_fd"] for r in rows), max(r["teacher_fd"] for r in rows)]
+    axes[0].plot(span, span, color="k", lw=0.8, ls=(0, (1, 3)), label="student FD = teacher FD")
     axes[0].set_ylabel("student FD")
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
