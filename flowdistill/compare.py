@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from flowdistill.api import load_run, resolve_config, resolve_device, train
-from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from shared.evaluate import Samples, format_table, generate, quality_vs_steps, write_json
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import Run, finished_step, run_dir_of
@@ -54,11 +53,7 @@ class CompareConfig:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
     """Read a comparison spec and apply `key=value` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"comparison spec {str(path)!r} not found (expected a YAML file such as recipes/toy2d/compare.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"comparison spec {str(path)!r} must be a YAML mapping")
+    data = read_yaml_mapping(path, "comparison spec", "recipes/toy2d/compare.yaml")
     data.setdefault("name", path.stem)
     spec = from_dict(CompareConfig, apply_overrides(data, overrides or []))
     if not spec.students:

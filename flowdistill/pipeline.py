@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from flowdistill.api import resolve_config
-from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from_dict, read_yaml_mapping, to_dict
 from shared.run import finished_step, run_dir_of
 
 STAGES = ("teacher", "couplings", "students", "f2d2", "evaluate", "report")
@@ -85,11 +83,7 @@ class PlannedRun:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline spec and apply `key=value` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline {str(path)!r} not found (expected a YAML file such as recipes/digits/pipeline.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"pipeline {str(path)!r} must be a YAML mapping")
+    data = read_yaml_mapping(path, "pipeline", "recipes/digits/pipeline.yaml")
     data.setdefault("name", f"{path.parent.name}-pipeline")
     spec = from_dict(PipelineConfig, apply_overrides(data, overrides or []))
     if not spec.teacher or not spec.student:
@@ -106,17 +100,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 def config_key(cfg: RunConfig) -> str:
     """10 hex chars of sha256 over the resolved config without its name, folder and logging settings."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for k in UNKEYED:
         flat.pop(k, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 class Pipeline:

@@ -275,22 +275,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None, choices: Choices) -> RunConfig:
-    """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate against `choices`."""
+def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, a syntax error (with line and column) or a non-mapping
+    is a ConfigError naming `what` (e.g. "recipe") and an `example` path of the expected kind."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found (expected a YAML file such as recipes/toy2d/fm_independent.yaml)")
+        raise ConfigError(f"{what} {str(path)!r} not found (expected a YAML file such as {example})")
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {str(path)!r}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        raise ConfigError(f"{what} {str(path)!r}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(path)!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None, choices: Choices) -> RunConfig:
+    """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate against `choices`."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "recipe", "recipes/toy2d/fm_independent.yaml")
     data.setdefault("name", f"{path.parent.name}-{path.stem}")
     return build_run_config(apply_overrides(data, overrides or []), choices)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: {"train": {"steps": 1}} -> {"train.steps": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from shared.catalog import BuildContext, Catalog
 from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
-from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, load_recipe, to_dict
+from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, to_dict
 from shared.data import Dataset, dequantize, load_dataset, random_shift
 from shared.rundir import best_dir, checkpoints_dir, config_path, tracking_dir, weights_file
 
@@ -113,16 +113,6 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
     return cfg
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Path:
     """Create the run directory and write `config.yaml`; refuse to mix two different runs in one folder."""
     run_dir = run_dir_of(cfg)
@@ -131,8 +121,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
         if not resume:
             raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                               f"--overwrite to start over, or name=<new name> for a new run")
-        saved = _flatten(yaml.safe_load(saved_path.read_text()))
-        new = _flatten(to_dict(cfg))
+        saved = flatten(yaml.safe_load(saved_path.read_text()))
+        new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
                          if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
@@ -219,7 +209,7 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     accelerator.wait_for_everyone()
     run_dir = run_dir_of(cfg)
     if cfg.train.trackers:
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
         accelerator.init_trackers(cfg.name, config=hparams)
     accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
                       f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
