@@ -12,23 +12,17 @@ sampling and encoding throughput, parameters; then the mean and std over seeds.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bench.common import machine
 from flowdistill.api import load_run, resolve_config, train
-from shared.evaluate import format_table, reference_nll, write_json
-from shared.metrics import feature_extractor, sample_quality
+from flowdistill.flow_scores import COLUMNS, UNDISTILLED, add_speedups, score_flow, summarize
+from shared.evaluate import format_table, write_json
+from shared.metrics import feature_extractor
 from shared.run import finished_step, run_dir_of
 from shared.rundir import config_path
-
-UNDISTILLED = ["method.nll_weight=1", "method.latent_weight=0", "method.intermediate_weight=0",
-               "method.synth_weight=0"]
-COLUMNS = ["run", "params", "nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
 
 
 def ensure(recipe: str, overrides: list[str]) -> Path:
@@ -39,28 +33,11 @@ def ensure(recipe: str, overrides: list[str]) -> Path:
     return run_dir_of(cfg)
 
 
-@torch.no_grad()
-def score(run_dir: Path, n_samples: int) -> dict[str, Any]:
-    """Likelihood, quality at T = 1 and 0.7, and throughput of one flow run."""
+def score(run_dir: Path, n_samples: int) -> dict:
+    """`flowdistill.flow_scores.score_flow` of one run directory, named."""
     run = load_run(run_dir)
-    data = run.dataset
-    row: dict[str, Any] = {"run": run_dir.name, "params": sum(p.numel() for p in run.model.parameters())}
-    nll = reference_nll(run, "test", len(data.test), "exact")
-    row["nll"] = nll["nll_nats"]
-    row["bpd"] = nll.get("bits_per_dim")
-    extractor = feature_extractor(data) if data.kind == "image" else None
-    for temperature, key in ((1.0, "quality_t1"), (0.7, "quality_t07")):
-        noise = temperature * torch.randn(n_samples, *data.shape, generator=torch.Generator().manual_seed(0))
-        t0 = time.perf_counter()
-        x = run.model.decode(noise)
-        seconds = time.perf_counter() - t0
-        row[key] = sample_quality(x, data, extractor)["value"]
-        if temperature == 1.0:
-            row["sample_per_s"] = n_samples / seconds
-    t0 = time.perf_counter()
-    run.model.encode(data.test)
-    row["encode_per_s"] = len(data.test) / (time.perf_counter() - t0)
-    return row
+    extractor = feature_extractor(run.dataset) if run.dataset.kind == "image" else None
+    return {"run": run_dir.name, **score_flow(run, n_samples, extractor)}
 
 
 def main() -> None:
@@ -82,26 +59,23 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         common = [f"seed={seed}", f"method.teacher={teacher}", "train.progress=false", "train.sample_grid=false",
                   *args.set]
-        for role, extra in (("distilled", []), ("undistilled", UNDISTILLED)):
+        for role, extra in (("distilled", []), ("undistilled", list(UNDISTILLED))):
             run = ensure(args.student, [*common, *extra, f"name={stem}-{role}-s{seed}"])
             rows.append({"role": role, "seed": seed, **score(run, args.samples)})
-    summary = []
-    for role in ("teacher", "distilled", "undistilled"):
-        group = [r for r in rows if r["role"] == role]
-        entry: dict[str, Any] = {"run": role, "params": group[0]["params"]}
-        for key in COLUMNS[2:]:
-            values = [r[key] for r in group if r.get(key) is not None]
-            if values:
-                entry[key] = f"{statistics.fmean(values):.4g}" + (f" ± {statistics.stdev(values):.2g}"
-                                                                  if len(values) > 1 else "")
-        summary.append(entry)
+    summary = summarize(rows)
+    add_speedups(summary)
+    summary = [{"run": e["role"], **{k: v for k, v in e.items() if k != "role"}} for e in summary]
+    for e in summary:  # mean ± std as one cell
+        for col in COLUMNS[1:]:
+            if col in e:
+                e[col] = f"{e[col]:.4g}" + (f" ± {e[col + '_std']:.2g}" if e["n"] > 1 else "")
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"teacher": args.teacher, "student": args.student, "rows": rows,
                                           "summary": summary, "machine": machine(torch.device("cpu"))})
-    table = format_table(summary, COLUMNS)
+    table = format_table(summary, ["run", *COLUMNS, "param_ratio", "sample_speedup", "encode_speedup"])
     out.with_suffix(".md").write_text(f"`python -m bench.nfkd_compare {args.teacher} {args.student} --seeds "
                                       f"{args.seeds} --out {args.out}`\n\n{table}\n\n"
-                                      + format_table(rows, ["role", "seed", *COLUMNS]) + "\n")
+                                      + format_table(rows, ["role", "seed", "run", *COLUMNS]) + "\n")
     print(table)
 
 

@@ -6,7 +6,9 @@ Stages, in order (each a plain call of what the single commands use):
     couplings   its NFM pairs, precomputed once for every NFM student (`couplings`)
     students    the same student with each coupling, at equal budget, once per seed (`train`)
     f2d2        F2D2 flow maps (u stage, then joint stage) on chosen students (`train`)
-    evaluate    quality vs NFE, curvature, teacher sampling, few-step NLL (`eval`, `f2d2-eval`)
+    compact     a compact flow distilled from the teacher (method `nf_kd`) and its undistilled twin (`train`)
+    evaluate    quality vs NFE, curvature, teacher sampling, few-step NLL, the distillation table
+                (`eval`, `f2d2-eval`, `bench/nfkd_compare.py`)
     report      report.md and a self-contained report.html (`flowdistill.report`)
 
 Every run of a stage lives in `<out_dir>/<name>/runs/<label>-<key>/`, the key a hash of its resolved
@@ -25,11 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 from flowdistill.api import resolve_config
+from flowdistill.flow_scores import UNDISTILLED
 from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from_dict, read_yaml_mapping, to_dict
 from shared.run import finished_step, run_dir_of
 
-STAGES = ("teacher", "couplings", "students", "f2d2", "evaluate", "report")
+STAGES = ("teacher", "couplings", "students", "f2d2", "compact", "evaluate", "report")
 NF_COUPLINGS = ("nf_teacher", "nf_teacher_ot")
+TRAINED = ("teacher", "students", "f2d2", "compact")  # the stages that train runs
 UNKEYED = ("name", "out_dir", "train.progress", "train.sample_grid", "train.log_every", "train.ckpt_every")
 
 
@@ -48,6 +52,8 @@ class PipelineConfig:
     f2d2_u: str = ""  # "recipe [key=value ...]" of the F2D2 u stage ("" skips F2D2)
     f2d2_joint: str = ""  # "recipe [key=value ...]" of the F2D2 joint (u + D) stage
     f2d2_on: tuple[str, ...] = ("nf_teacher", "independent")  # couplings whose seed-0 student F2D2 distils
+    compact: str = ""  # "recipe [key=value ...]" of a compact flow (method nf_kd) distilled from the teacher,
+    #                    trained once per seed next to its undistilled twin ("" skips the stage)
     steps: tuple[int, ...] = (1, 2, 4, 8)  # NFE at which students and flow maps are scored
     solvers: tuple[str, ...] = ("euler",)  # fixed-step solvers of the students
     grids: tuple[str, ...] = ("linear",)  # time grids of the students
@@ -126,6 +132,21 @@ class Pipeline:
                 joint = self._plan("f2d2", f"f2d2-{c}", spec.f2d2_joint,
                                    [f"method.teacher={base.dir}", f"train.init_from={u.dir}"], {"on": c, "part": "joint"})
                 self.f2d2 += [u, joint]
+        self.compact = [run for seed in (spec.seeds if spec.compact else ()) for run in self._plan_compact(seed)]
+
+    def _plan_compact(self, seed: int) -> list[PlannedRun]:
+        """The distilled compact flow of one seed and its undistilled twin (same recipe, NLL weight 1)."""
+        parts = shlex.split(self.spec.compact)
+        method = resolve_config(parts[0], parts[1:]).method.name
+        if method != "nf_kd":
+            raise ConfigError(f"pipeline compact: {parts[0]!r} has method {method!r}; the compact stage needs "
+                              "method nf_kd (e.g. recipes/digits/tarflow_student_kd.yaml)")
+        common = [f"method.teacher={self.teacher.dir}", f"seed={seed}"]
+        distilled = self._plan("compact", f"compact_distilled-s{seed}", self.spec.compact, common,
+                               {"variant": "distilled", "seed": str(seed)})
+        undistilled = self._plan("compact", f"compact_undistilled-s{seed}", self.spec.compact,
+                                 [*common, *UNDISTILLED], {"variant": "undistilled", "seed": str(seed)})
+        return [distilled, undistilled]
 
     def _coupling_overrides(self, coupling: str) -> list[str]:
         out = [f"method.coupling.name={coupling}"]
@@ -146,11 +167,16 @@ class Pipeline:
 
     def runs_of(self, stage: str) -> list[PlannedRun]:
         """The training runs a stage consists of (none for couplings, evaluate, report)."""
-        return {"teacher": [self.teacher], "students": self.students, "f2d2": self.f2d2}.get(stage, [])
+        return {"teacher": [self.teacher], "students": self.students, "f2d2": self.f2d2,
+                "compact": self.compact}.get(stage, [])
+
+    def trained_runs(self) -> list[PlannedRun]:
+        """Every training run of the pipeline, stage by stage."""
+        return [r for stage in TRAINED for r in self.runs_of(stage)]
 
     def evaluation_key(self) -> str:
         """Key of the evaluation: every run's key plus the scoring settings."""
-        keys = [r.key for s in ("teacher", "students", "f2d2") for r in self.runs_of(s)]
+        keys = [r.key for r in self.trained_runs()]
         settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device")}
         return hashlib.sha256(json.dumps([keys, settings], sort_keys=True).encode()).hexdigest()[:10]
 

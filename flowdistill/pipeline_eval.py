@@ -2,7 +2,8 @@
 
 `evaluation-<key>.json` holds the teacher's sampling quality, NFE and time; each student's quality at
 every NFE (mean and spread over seeds), curvature, loss curve and training time; the F2D2 few-step
-likelihood table against its ODE reference; the hardware. Figures go to `figures-<key>/`. The report
+likelihood table against its ODE reference and the teacher's exact NLL; the compact flows' distillation
+table (teacher, distilled and undistilled student: NLL, quality at two temperatures, speed); the hardware. Figures go to `figures-<key>/`. The report
 reads numbers only from this JSON.
 """
 from __future__ import annotations
@@ -85,17 +86,42 @@ def trajectory_figure(pipeline: Pipeline, device: torch.device, path: Path) -> s
 
 
 def f2d2_tables(pipeline: Pipeline, device: torch.device) -> list[dict[str, Any]]:
-    """Few-step NLL vs the ODE reference of each joint F2D2 map (rows per K), with the map's own label."""
+    """Few-step NLL vs the ODE reference and the teacher's exact NLL of each joint F2D2 map (rows per K)."""
     from flowdistill.f2d2_eval import evaluate as f2d2_evaluate
 
     out = []
     for planned in (r for r in pipeline.f2d2 if r.role["part"] == "joint"):
         run = load_run(planned.dir, device=device)
         result = f2d2_evaluate(run, list(pipeline.spec.steps), pipeline.spec.nll_points, pipeline.spec.n_samples,
-                               run.config.eval.divergence)
+                               run.config.eval.divergence, nf_teacher=str(pipeline.teacher.dir))
         out.append({"label": planned.label, "on": planned.role["on"], "reference": result["reference"],
                     "n": result["n"], "rows": result["rows"]})
     return out
+
+
+def depth(run: Any) -> int:
+    """Flow steps of a normalizing flow: transformer layers of a TarFlow, coupling steps of a Glow."""
+    model = run.config.model
+    return model.blocks * model.layers if model.name == "tarflow" else model.levels * model.steps
+
+
+def compact_table(pipeline: Pipeline, teacher: Any, device: torch.device, extractor: Any) -> dict[str, Any] | None:
+    """Teacher vs distilled vs undistilled compact flows: per-run rows and per-variant means over seeds."""
+    from flowdistill.flow_scores import add_speedups, score_flow, summarize
+
+    if not pipeline.compact:
+        return None
+    n = pipeline.spec.n_samples
+    rows = [{"role": "teacher", "seed": None, "depth": depth(teacher), **score_flow(teacher, n, extractor)}]
+    for planned in pipeline.compact:
+        run = load_run(planned.dir, device=device)
+        rows.append({"role": planned.role["variant"], "seed": int(planned.role["seed"]), "depth": depth(run),
+                     **score_flow(run, n, extractor)})
+    summary = summarize(rows)
+    add_speedups(summary)
+    for entry in summary:
+        entry["depth"] = next(r["depth"] for r in rows if r["role"] == entry["role"])
+    return {"rows": rows, "summary": summary}
 
 
 def evaluate_pipeline(pipeline: Pipeline) -> Path:
@@ -133,9 +159,10 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
         "teacher": {**teacher_row, "run": str(pipeline.teacher.dir)},
         "students": rows, "straightness": straightness, "losses": losses,
         "f2d2": f2d2_tables(pipeline, device),
+        "compact": compact_table(pipeline, teacher, device, extractor),
         "sample_figures": {"teacher": "samples-teacher.png", **sample_panels(pipeline, device, figures)},
         "trajectories": trajectory_figure(pipeline, device, figures / "trajectories.png"),
         "quality_figure": "quality_vs_nfe.png", "hardware": hardware(device),
-        "runs": {r.label: str(r.dir) for s in ("teacher", "students", "f2d2") for r in pipeline.runs_of(s)},
+        "runs": {r.label: str(r.dir) for r in pipeline.trained_runs()},
     }
     return write_json(pipeline.evaluation_path(), result)

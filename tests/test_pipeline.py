@@ -26,7 +26,7 @@ SMALL = "data.n_train=600 data.n_test=300 train.log_every=10 train.ckpt_every=10
 
 
 def tiny_spec(tmp_path: Path, name: str = "p", **changes) -> Path:
-    """A toy pipeline that trains in seconds: two couplings, one F2D2 chain, few samples."""
+    """A toy pipeline that trains in seconds: two couplings, one F2D2 chain, one compact flow, few samples."""
     spec = {
         "name": name, "out_dir": str(tmp_path),
         "teacher": f"{TOY / 'teacher.yaml'} train.steps=30 train.batch_size=128 model.blocks=2 {SMALL}",
@@ -35,7 +35,10 @@ def tiny_spec(tmp_path: Path, name: str = "p", **changes) -> Path:
         "coupling_overrides": {"nf_teacher": ["method.coupling.draws=2", "method.coupling.shard=256"]},
         "f2d2_u": f"{TOY / 'f2d2_u.yaml'} train.steps=20 train.batch_size=128 model.backbone.hidden=32 {SMALL}",
         "f2d2_joint": f"{TOY / 'f2d2_joint.yaml'} train.steps=20 train.batch_size=128 model.backbone.hidden=32 {SMALL}",
-        "f2d2_on": ["nf_teacher"], "steps": [1, 2], "n_samples": 200, "curvature_steps": 8,
+        "f2d2_on": ["nf_teacher"],
+        "compact": f"{TOY / 'tarflow_student_kd.yaml'} train.steps=20 train.batch_size=128 model.width=16 "
+                   f"model.head_dim=16 model.blocks=1 method.mapping=[1] {SMALL}",
+        "steps": [1, 2], "n_samples": 200, "curvature_steps": 8,
         "curvature_samples": 50, "nll_points": 50,
     }
     spec.update(changes)
@@ -70,6 +73,7 @@ def test_keys_follow_the_config_and_the_inputs(tmp_path):
     assert by_coupling["independent"].key == old["independent"].key  # does not read the teacher
     assert by_coupling["nf_teacher"].key != old["nf_teacher"].key  # reads it: its config names the teacher dir
     assert all(a.key != b.key for a, b in zip(changed.f2d2, base.f2d2))  # downstream of the NFM student
+    assert all(a.key != b.key for a, b in zip(changed.compact, base.compact))  # distilled from the teacher
     cfg = base.teacher.config
     cfg_logging = Pipeline(load_pipeline(tiny_spec(tmp_path))).teacher.config
     cfg_logging.train.log_every = 7  # logging settings do not change what is trained
@@ -77,9 +81,9 @@ def test_keys_follow_the_config_and_the_inputs(tmp_path):
 
 
 def test_stage_selection():
-    assert select_stages() == ["teacher", "couplings", "students", "f2d2", "evaluate", "report"]
+    assert select_stages() == ["teacher", "couplings", "students", "f2d2", "compact", "evaluate", "report"]
     assert select_stages(until="students") == ["teacher", "couplings", "students"]
-    assert select_stages(start="f2d2") == ["f2d2", "evaluate", "report"]
+    assert select_stages(start="f2d2") == ["f2d2", "compact", "evaluate", "report"]
     assert select_stages(only=["report", "teacher"]) == ["teacher", "report"]
     with pytest.raises(ConfigError, match="unknown stage 'studnets'"):
         select_stages(only=["studnets"])
@@ -93,6 +97,21 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match="both f2d2_u and f2d2_joint"):
         load_pipeline(tiny_spec(tmp_path, f2d2_joint=""))
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(ConfigError, match="compact stage needs method nf_kd"):
+        Pipeline(load_pipeline(tiny_spec(tmp_path, compact=str(TOY / "teacher.yaml"))))
+
+
+def test_compact_stage_plans_a_distilled_flow_and_its_undistilled_twin(tmp_path):
+    pipeline = Pipeline(load_pipeline(tiny_spec(tmp_path, seeds=[0, 1])))
+    assert [(r.role["variant"], r.role["seed"]) for r in pipeline.compact] == [
+        ("distilled", "0"), ("undistilled", "0"), ("distilled", "1"), ("undistilled", "1")]
+    for r in pipeline.compact:
+        method = r.config.method
+        assert method.name == "nf_kd" and method.teacher == str(pipeline.teacher.dir)
+        weights = (method.nll_weight, method.latent_weight, method.intermediate_weight, method.synth_weight)
+        assert (weights == (1, 0, 0, 0)) == (r.role["variant"] == "undistilled")
+    assert len({r.dir for r in pipeline.compact}) == 4
+    assert Pipeline(load_pipeline(tiny_spec(tmp_path, compact=""))).compact == []
 
 
 @pytest.mark.slow
@@ -105,7 +124,8 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(spec), "--plan"]) == 0
     plan = capsys.readouterr().out
-    assert "3/6 students: 2/2 runs done" in plan and "4/6 f2d2: 0/2 runs done" in plan
+    assert "3/7 students: 2/2 runs done" in plan and "4/7 f2d2: 0/2 runs done" in plan
+    assert "5/7 compact: 0/2 runs done" in plan
     mtimes = {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students}
     assert main(["run", str(spec)]) == 0
     assert {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students} == mtimes
@@ -117,6 +137,15 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
         for row in table["rows"]:
             assert f"{row['nll']:.4g}" in report and f"{row['ref_nll']:.4g}" in report
     assert f"{evaluation['teacher']['value']:.4g}" in report
+    for table in evaluation["f2d2"]:  # the teacher's exact NLL of the same points
+        assert all(f"{row['nf_nll']:.4g}" in report for row in table["rows"])
+    compact = {e["role"]: e for e in evaluation["compact"]["summary"]}
+    assert list(compact) == ["teacher", "distilled", "undistilled"] and "## Compact flow by NF distillation" in report
+    assert compact["teacher"]["params"] > compact["distilled"]["params"] == compact["undistilled"]["params"]
+    assert compact["teacher"]["depth"] == 2 and compact["distilled"]["depth"] == 1 and compact["teacher"]["sample_speedup"] == 1
+    for entry in compact.values():
+        assert all(math.isfinite(entry[c]) for c in ("nll", "quality_t1", "quality_t07", "encode_per_s"))
+        assert f"{entry['nll']:.4g}" in report and f"{entry['quality_t07']:.4g}" in report
     page = (pipeline.root / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "http" not in page
     assert main(["run", str(spec), "--only", "students"]) == 0  # reused: nothing retrains
@@ -176,5 +205,5 @@ def test_two_process_pipeline_has_the_structure_of_one_process(tmp_path):
 def test_every_pipeline_recipe_plans(spec):
     pipeline = Pipeline(load_pipeline(spec))
     plan = pipeline.plan()
-    assert plan.startswith(f"pipeline {pipeline.spec.name}") and "1/6 teacher" in plan
+    assert plan.startswith(f"pipeline {pipeline.spec.name}") and "1/7 teacher" in plan
     assert {r.role["coupling"] for r in pipeline.students} == set(pipeline.spec.couplings)
