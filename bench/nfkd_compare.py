@@ -12,6 +12,7 @@ sampling and encoding throughput, parameters; then the mean and std over seeds.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -45,9 +46,13 @@ def main() -> None:
     parser.add_argument("teacher", help="teacher recipe")
     parser.add_argument("student", help="student recipe (method nf_kd; its method.teacher is set here)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--skip-undistilled", action="store_true", help="distilled students only (sweeps)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--out", required=True, help="output stem: <out>.json and <out>.md")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override applied to the distilled students only (repeatable), e.g. a weight sweep")
+    parser.add_argument("--tag", default="", help="suffix of the student run names (keeps sweeps apart)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to the teacher and every student (repeatable), e.g. train.steps=50")
     args = parser.parse_args()
@@ -59,8 +64,10 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         common = [f"seed={seed}", f"method.teacher={teacher}", "train.progress=false", "train.sample_grid=false",
                   *args.set]
-        for role, extra in (("distilled", []), ("undistilled", list(UNDISTILLED))):
-            run = ensure(args.student, [*common, *extra, f"name={stem}-{role}-s{seed}"])
+        roles = (("distilled", args.student_set), ("undistilled", list(UNDISTILLED)))
+        for role, extra in roles[:1] if args.skip_undistilled else roles:
+            tag = args.tag if role == "distilled" else ""
+            run = ensure(args.student, [*common, *extra, f"name={stem}-{role}{tag}-s{seed}"])
             rows.append({"role": role, "seed": seed, **score(run, args.samples)})
     summary = summarize(rows)
     add_speedups(summary)
@@ -73,8 +80,8 @@ def main() -> None:
     write_json(out.with_suffix(".json"), {"teacher": args.teacher, "student": args.student, "rows": rows,
                                           "summary": summary, "machine": machine(torch.device("cpu"))})
     table = format_table(summary, ["run", *COLUMNS, "param_ratio", "sample_speedup", "encode_speedup"])
-    out.with_suffix(".md").write_text(f"`python -m bench.nfkd_compare {args.teacher} {args.student} --seeds "
-                                      f"{args.seeds} --out {args.out}`\n\n{table}\n\n"
+    command = " ".join(["python -m bench.nfkd_compare", *sys.argv[1:]])
+    out.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n\n"
                                       + format_table(rows, ["role", "seed", "run", *COLUMNS]) + "\n")
     print(table)
 

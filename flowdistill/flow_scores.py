@@ -1,16 +1,17 @@
 """Score a normalizing-flow run (teacher or compact student) the way NF distillation is judged.
 
-One row per run: parameters; the exact test NLL in nats per sample (and bits/dim for images) from one
+One row per run: parameters; the exact validation NLL (when the run carved a validation split: the
+column settings are chosen on) and test NLL in nats per sample (and bits/dim for images) from one
 encode of the whole test split; sample quality (W2, or classifier-feature FD for images) of samples
 drawn at prior temperature T = 1.0 and T = 0.7, z ~ N(0, T^2 I), through the run's own sampler
 (decoding, plus the Tweedie step of an eta-perturbed flow); sampling and encoding throughput in
-samples per second. Used by the pipeline's `compact` stage and by `bench/nfkd_compare.py`.
+samples per second (the median of `repeats` timed passes over one batch, after a warm-up pass). Used by the pipeline's `compact` stage and by `bench/nfkd_compare.py`.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,29 +23,41 @@ from shared.run import Run
 UNDISTILLED = ("method.nll_weight=1", "method.latent_weight=0", "method.intermediate_weight=0",
                "method.synth_weight=0")
 TEMPERATURES = {"quality_t1": 1.0, "quality_t07": 0.7}
-COLUMNS = ["params", "nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
+COLUMNS = ["params", "val_nll", "val_bpd", "nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall seconds of `repeats` calls of fn after one warm-up call (CUDA synchronised)."""
+    def timed() -> float:
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed()
+    return max(statistics.median(timed() for _ in range(repeats)), 1e-9)
 
 
 @torch.no_grad()
-def score_flow(run: Run, n_samples: int, extractor: FeatureExtractor | None = None, seed: int = 0
-               ) -> dict[str, Any]:
+def score_flow(run: Run, n_samples: int, extractor: FeatureExtractor | None = None, seed: int = 0,
+               repeats: int = 5) -> dict[str, Any]:
     """The row described in the module docstring for one loaded flow run."""
     data, model = run.dataset, run.model
     row: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     nll = reference_nll(run, "test", len(data.test), "exact")
     row["nll"], row["bpd"] = nll["nll_nats"], nll.get("bits_per_dim")
+    if data.val is not None and len(data.val):  # for choosing settings: never the test columns
+        val = reference_nll(run, "val", len(data.val), "exact")
+        row["val_nll"], row["val_bpd"] = val["nll_nats"], val.get("bits_per_dim")
     for key, temperature in TEMPERATURES.items():
         s = generate_with(run, n_samples, lambda noise: run.sampler.sample(model, temperature * noise), seed)
         row[key] = sample_quality(s.x, data, extractor)["value"]
-        if temperature == 1.0:
-            row["sample_per_s"] = n_samples / max(s.seconds, 1e-9)
     device = next(model.parameters()).device
-    test = data.test.to(device)
-    t0 = time.perf_counter()
-    run.sampler.log_likelihood(model, test)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    row["encode_per_s"] = len(test) / max(time.perf_counter() - t0, 1e-9)
+    noise = run.sampler.prior_sample(min(n_samples, 500), data.shape, device, torch.Generator(device).manual_seed(seed))
+    test = data.test[:500].to(device)
+    row["sample_per_s"] = len(noise) / median_seconds(lambda: run.sampler.sample(model, noise), repeats, device)
+    row["encode_per_s"] = len(test) / median_seconds(lambda: run.sampler.log_likelihood(model, test), repeats, device)
     return row
 
 
