@@ -6,7 +6,8 @@ Stages, in order (each a plain call of what the single commands use):
     couplings   its NFM pairs, precomputed once for every NFM student (`couplings`)
     students    the same student with each coupling, at equal budget, once per seed (`train`)
     f2d2        F2D2 flow maps (u stage, then joint stage) on chosen students (`train`)
-    compact     a compact flow distilled from the teacher (method `nf_kd`) and its undistilled twin (`train`)
+    compact     a compact flow distilled from the teacher (method `nf_kd`) and its undistilled twin; with
+                `compact_nfm`, also the NFM student paired by the compact flow (`train`)
     evaluate    quality vs NFE, curvature, teacher sampling, few-step NLL, the distillation table
                 (`eval`, `f2d2-eval`, `bench/nfkd_compare.py`)
     report      report.md and a self-contained report.html (`flowdistill.report`)
@@ -33,6 +34,7 @@ from shared.run import finished_step, run_dir_of
 
 STAGES = ("teacher", "couplings", "students", "f2d2", "compact", "evaluate", "report")
 NF_COUPLINGS = ("nf_teacher", "nf_teacher_ot")
+COMPACT_NFM = "nf_teacher_compact"  # the student label of NFM pairs from the distilled compact flow
 TRAINED = ("teacher", "students", "f2d2", "compact")  # the stages that train runs
 UNKEYED = ("name", "out_dir", "train.progress", "train.sample_grid", "train.log_every", "train.ckpt_every")
 
@@ -54,6 +56,7 @@ class PipelineConfig:
     f2d2_on: tuple[str, ...] = ("nf_teacher", "independent")  # couplings whose seed-0 student F2D2 distils
     compact: str = ""  # "recipe [key=value ...]" of a compact flow (method nf_kd) distilled from the teacher,
     #                    trained once per seed next to its undistilled twin ("" skips the stage)
+    compact_nfm: bool = False  # also train the student with NFM pairs from the distilled compact flow (online)
     steps: tuple[int, ...] = (1, 2, 4, 8)  # NFE at which students and flow maps are scored
     solvers: tuple[str, ...] = ("euler",)  # fixed-step solvers of the students
     grids: tuple[str, ...] = ("linear",)  # time grids of the students
@@ -146,14 +149,28 @@ class Pipeline:
                                {"variant": "distilled", "seed": str(seed)})
         undistilled = self._plan("compact", f"compact_undistilled-s{seed}", self.spec.compact,
                                  [*common, *UNDISTILLED], {"variant": "undistilled", "seed": str(seed)})
-        return [distilled, undistilled]
+        if not self.spec.compact_nfm:
+            return [distilled, undistilled]
+        pairs = ["method.coupling.name=nf_teacher", f"method.coupling.teacher={distilled.dir}",
+                 "method.coupling.mode=online", *self._extra_overrides("nf_teacher"), f"seed={seed}"]
+        nfm = self._plan("compact", f"{COMPACT_NFM}-s{seed}", self.spec.student, pairs,
+                         {"coupling": COMPACT_NFM, "seed": str(seed)})
+        return [distilled, undistilled, nfm]
 
     def _coupling_overrides(self, coupling: str) -> list[str]:
         out = [f"method.coupling.name={coupling}"]
         if coupling in NF_COUPLINGS:
             out += [f"method.coupling.teacher={self.teacher.dir}", f"method.coupling.mode={self.spec.coupling_mode}"]
+        return out + self._extra_overrides(coupling)
+
+    def _extra_overrides(self, coupling: str) -> list[str]:
+        """The spec's `coupling_overrides` of one coupling as a list of key=value strings."""
         extra = self.spec.coupling_overrides.get(coupling, [])
-        return out + (shlex.split(extra) if isinstance(extra, str) else list(extra))
+        return shlex.split(extra) if isinstance(extra, str) else list(extra)
+
+    def coupling_students(self) -> list[PlannedRun]:
+        """Every flow-matching student scored on quality vs NFE: one per coupling and seed (compact NFM included)."""
+        return self.students + [r for r in self.compact if "coupling" in r.role]
 
     def _plan(self, stage: str, label: str, entry: str, extra: list[str], role: dict[str, str] | None = None
               ) -> PlannedRun:

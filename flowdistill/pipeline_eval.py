@@ -44,7 +44,7 @@ def sample_panels(pipeline: Pipeline, device: torch.device, figures: Path) -> di
     from shared.plots import save_samples_figure
 
     spec, out = pipeline.spec, {}
-    chosen = [r for r in pipeline.students if r.role["seed"] == str(spec.seeds[0])]
+    chosen = [r for r in pipeline.coupling_students() if r.role["seed"] == str(spec.seeds[0])]
     chosen += [r for r in pipeline.f2d2 if r.role["part"] == "joint"]
     for planned in chosen:
         run = load_run(planned.dir, device=device)
@@ -65,7 +65,7 @@ def trajectory_figure(pipeline: Pipeline, device: torch.device, path: Path) -> s
     from shared.plots import save_figure
     from shared.sampling import sample
 
-    chosen = [r for r in pipeline.students if r.role["seed"] == str(pipeline.spec.seeds[0])]
+    chosen = [r for r in pipeline.coupling_students() if r.role["seed"] == str(pipeline.spec.seeds[0])]
     first = load_run(chosen[0].dir, device=device)
     if first.dataset.kind != "vector" or first.dataset.dim != 2:
         return None
@@ -113,7 +113,7 @@ def compact_table(pipeline: Pipeline, teacher: Any, device: torch.device, extrac
         return None
     n = pipeline.spec.n_samples
     rows = [{"role": "teacher", "seed": None, "depth": depth(teacher), **score_flow(teacher, n, extractor)}]
-    for planned in pipeline.compact:
+    for planned in (r for r in pipeline.compact if "variant" in r.role):
         run = load_run(planned.dir, device=device)
         rows.append({"role": planned.role["variant"], "seed": int(planned.role["seed"]), "depth": depth(run),
                      **score_flow(run, n, extractor)})
@@ -143,7 +143,7 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
     teacher_row["seconds_per_sample"] = teacher_samples.seconds / len(teacher_samples.x)
     teacher_row["params"] = sum(p.numel() for p in teacher.model.parameters())
     per_coupling: dict[str, list[dict[str, Any]]] = {}
-    for planned in pipeline.students:
+    for planned in pipeline.coupling_students():
         run = load_run(planned.dir, device=device)
         per_coupling.setdefault(planned.role["coupling"], []).append(evaluate_student(run, scoring, extractor))
     rows = aggregate(per_coupling)

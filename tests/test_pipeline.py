@@ -112,11 +112,17 @@ def test_compact_stage_plans_a_distilled_flow_and_its_undistilled_twin(tmp_path)
         assert (weights == (1, 0, 0, 0)) == (r.role["variant"] == "undistilled")
     assert len({r.dir for r in pipeline.compact}) == 4
     assert Pipeline(load_pipeline(tiny_spec(tmp_path, compact=""))).compact == []
+    with_nfm = Pipeline(load_pipeline(tiny_spec(tmp_path, compact_nfm=True)))
+    distilled, _, nfm = with_nfm.compact
+    assert nfm.role == {"coupling": "nf_teacher_compact", "seed": "0"}
+    assert nfm.config.method.coupling.teacher == str(distilled.dir) and nfm.config.method.coupling.mode == "online"
+    assert nfm.config.model == with_nfm.students[0].config.model  # the same student as every coupling's
+    assert with_nfm.coupling_students()[-1] is nfm
 
 
 @pytest.mark.slow
 def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
-    spec = tiny_spec(tmp_path)
+    spec = tiny_spec(tmp_path, compact_nfm=True)
     assert main(["run", str(spec), "--until", "students"]) == 0
     pipeline = Pipeline(load_pipeline(spec))
     assert all(r.status() == "done" for r in [pipeline.teacher, *pipeline.students])
@@ -125,7 +131,7 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
     assert main(["run", str(spec), "--plan"]) == 0
     plan = capsys.readouterr().out
     assert "3/7 students: 2/2 runs done" in plan and "4/7 f2d2: 0/2 runs done" in plan
-    assert "5/7 compact: 0/2 runs done" in plan
+    assert "5/7 compact: 0/3 runs done" in plan
     mtimes = {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students}
     assert main(["run", str(spec)]) == 0
     assert {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students} == mtimes
@@ -139,6 +145,7 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
     assert f"{evaluation['teacher']['value']:.4g}" in report
     for table in evaluation["f2d2"]:  # the teacher's exact NLL of the same points
         assert all(f"{row['nf_nll']:.4g}" in report for row in table["rows"])
+    assert {r["student"] for r in evaluation["students"]} == {"independent", "nf_teacher", "nf_teacher_compact"}
     compact = {e["role"]: e for e in evaluation["compact"]["summary"]}
     assert list(compact) == ["teacher", "distilled", "undistilled"] and "## Compact flow by NF distillation" in report
     assert compact["teacher"]["params"] > compact["distilled"]["params"] == compact["undistilled"]["params"]
