@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 GRIDS = ("linear", "quadratic")  # the time grids of shared.sampling (listed here so --help imports no torch)
 
@@ -36,6 +38,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 0 (0 keeps the documented default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: the default), got {value}")
     return value
 
 
@@ -89,6 +102,10 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Draw samples from a trained run; writes a PNG (grid or scatter) and an .npz next to it."""
+    if args.out:
+        from shared.checkpoint import check_writable
+
+        check_writable(Path(args.out).parent, f"--out {args.out}")
     write_samples(Path(args.run), args.steps, args.solver, args.grid, args.n, args.seed, args.device,
                   Path(args.out) if args.out else None, args.weights)
     return 0
@@ -164,10 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
 
     pipeline = Pipeline(load_pipeline(args.pipeline, args.overrides))
+    stages = select_stages(args.only.split(",") if args.only else None, args.start, args.until)
     if args.plan:
         print(pipeline.plan())
         return 0
-    stages = select_stages(args.only.split(",") if args.only else None, args.start, args.until)
     command = " ".join(["flowdistill run", args.pipeline, *args.overrides])
     seconds = run_pipeline(pipeline, stages, command=command)
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
@@ -204,12 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per job."""
     parser = argparse.ArgumentParser(prog="flowdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug_help = "show the traceback of an error instead of its one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Any) -> argparse.ArgumentParser:
         doc = " ".join(func.__doc__.split())
         p = sub.add_parser(name, help=doc, description=doc)
         p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         return p
 
     p = command("run", cmd_run)
@@ -238,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("nll", cmd_nll)
     add_run_args(p)
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
-    p.add_argument("--n", type=int, default=0, help="points to score (default: the whole split)")
+    p.add_argument("--n", type=count, default=0, help="points to score (default: the whole split)")
     p.add_argument("--divergence", default="", help="exact, hutchinson or auto (default: the run's eval.divergence)")
 
     p = command("eval", cmd_eval)
@@ -246,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_list, default=None, help="comma-separated step counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
     p.add_argument("--grid", default="", help="linear or quadratic (default: the run's eval.grid)")
-    p.add_argument("--n", type=int, default=0, help="samples per row (default: the run's eval.n_samples)")
+    p.add_argument("--n", type=count, default=0, help="samples per row (default: the run's eval.n_samples)")
 
     p = command("couplings", cmd_couplings)
     add_recipe_args(p, "dotted key=value overrides, e.g. method.coupling.draws=8")
@@ -261,23 +281,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
     p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "
                    "shorter jumps near the data, where the data-to-noise map expands most)")
-    p.add_argument("--n", type=int, default=0, help="test points scored (default: the run's eval.nll_samples)")
-    p.add_argument("--n-samples", type=int, default=0, help="samples per quality value (default: eval.n_samples)")
+    p.add_argument("--n", type=count, default=0, help="test points scored (default: the run's eval.nll_samples)")
+    p.add_argument("--n-samples", type=count, default=0, help="samples per quality value (default: eval.n_samples)")
     p.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")
-    p.add_argument("--guidance-steps", type=int, default=0, help="Adam steps of self-guidance (0: none)")
+    p.add_argument("--guidance-steps", type=count, default=0, help="Adam steps of self-guidance (0: none)")
     p.add_argument("--guidance-lr", type=float, default=0.1, help="Adam learning rate of self-guidance")
     p.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
                                                      "(default: the run's method.nf_teacher)")
-    p.add_argument("--batch-size", type=int, default=500, help="batch of scoring and sampling")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="batch of scoring and sampling")
     return parser
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported as one line and exit code 2 (imported only once an error is being matched)."""
+    """Exceptions reported as one line and exit code 2 (imported only once an error is being matched).
+
+    OSError covers what the file system refuses (permissions, a file where a folder should be, a full disk).
+    """
     from shared.checkpoint import CheckpointError
     from shared.trainer import TrainingDiverged
 
-    return CheckpointError, TrainingDiverged, ValueError, FileNotFoundError
+    return CheckpointError, TrainingDiverged, ValueError, OSError
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Print warnings as `flowdistill COMMAND: warning: ...`, without the source line that raised them."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"flowdistill {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with contextlib.nullcontext() if args.debug else one_line_warnings(args.command):
+            return args.func(args)
     except user_errors() as err:
+        if args.debug:
+            raise
         print(f"flowdistill {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -117,6 +117,13 @@ def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, f
     return torch.cat(parts), float(manifest["sigma_f"])
 
 
+def damaged_shards(root: Path) -> list[str]:
+    """Names of the shards of a sealed cache that are missing or whose sha256 differs from the manifest."""
+    manifest = read_json(root / MANIFEST, "coupling cache manifest")
+    return [e["file"] for e in manifest["shards"]
+            if not (root / e["file"]).is_file() or sha256_file(root / e["file"]) != e["sha256"]]
+
+
 def _prepare_root(root: Path, spec: dict[str, Any], overwrite: bool) -> None:
     """Main process: refuse a cache of another spec; start a new one by writing spec.json."""
     if overwrite and root.exists():
@@ -160,8 +167,16 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
         _prepare_root(root, spec, overwrite)
     acc.wait_for_everyone()
     if (root / MANIFEST).is_file():  # left in place by _prepare_root only when complete and matching
-        acc.print(f"coupling cache {root} is already complete")
-        return root
+        damaged = damaged_shards(root)
+        acc.wait_for_everyone()
+        if not damaged:
+            acc.print(f"coupling cache {root} is already complete")
+            return root
+        acc.print(f"coupling cache {root}: {', '.join(damaged)} missing or corrupt (sha256 differs from the "
+                  "manifest); recomputing them")
+        if acc.is_main_process:
+            (root / MANIFEST).unlink()
+        acc.wait_for_everyone()
     sid, n, size, draws = spec_id(spec), len(dataset.train), method.shard, method.draws
     n_shards = math.ceil(n / size)
     mine = range(acc.process_index, n_shards, acc.num_processes)

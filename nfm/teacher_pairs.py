@@ -46,10 +46,11 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
     """Load a teacher run's evaluation weights (frozen, eval mode) and the hash of the file they came from."""
     from shared.run import evaluation_weights
 
-    run_dir = Path(run_dir)
-    if not str(run_dir) or not config_path(run_dir).is_file():
+    given, run_dir = str(run_dir), Path(run_dir)
+    if not given or not config_path(run_dir).is_file():
         raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
-                         f"(from `flowdistill train recipes/.../teacher.yaml`); {str(run_dir)!r} is not one")
+                         f"(from `flowdistill train recipes/.../teacher.yaml`); "
+                         + (f"{given!r} is not one" if given else "it is not set"))
     run = load_run(run_dir, device=device)
     if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "

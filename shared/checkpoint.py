@@ -6,7 +6,9 @@ Layout of one checkpoint (a folder `checkpoints/step_XXXXXXXX/` inside a run dir
     trainer.json        step and trainer bookkeeping
     manifest.json       sha256 and size of every file above, checked before anything is loaded
 The folder is written under a temporary name and renamed into place; `checkpoints/latest`
-(also replaced atomically) names the newest complete checkpoint.
+(also replaced atomically) names the newest complete checkpoint. Before a write, the free space of
+the disk is checked against the checkpoint's estimated size, so a full disk is a clear error that
+keeps the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -29,6 +31,54 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's estimate (manifest, trainer.json, metadata)
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself when it exists, else its nearest existing ancestor (where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written (a file in the way, read-only, no permission)."""
+    folder = Path(folder)
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        raise CheckpointError(f"{what}: {existing} is a file, not a folder; choose another location")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{what}: cannot write in {existing} (read-only or no permission); "
+                              "choose a writable folder")
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of every tensor in a (nested) dict, list or tuple of tensors."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tensors)
+    return 0
+
+
+def estimate_checkpoint_bytes(model: nn.Module, copies: int) -> int:
+    """Size of a checkpoint holding `copies` tensors the size of the model's state (weights, EMA, optimizer moments)."""
+    return copies * tensor_bytes(model.state_dict()) + FREE_SPACE_MARGIN
+
+
+def require_free_space(folder: str | Path, needed: int, what: str = "checkpoint") -> None:
+    """Refuse to write `needed` bytes under `folder` when its disk has less free space than that."""
+    existing = nearest_existing(folder)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise CheckpointError(f"not enough free disk space for the next {what} in {existing}: "
+                              f"{free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed; "
+                              "free some space or set out_dir=<a folder on another disk>")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -109,17 +159,23 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
     Every file is fsynced in a temporary folder, which is renamed into place (folder fsynced too); a
     checkpoint of the same step that already exists (a resumed finished run) is moved aside first and
     removed only after the new one is in place, so a crash never leaves the run without a good checkpoint.
+    A disk without room for the checkpoint, or a write that fails, is a `CheckpointError`.
     """
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
+    weights = state_dict_for_saving(model)
+    ema_weights = None if ema is None else state_dict_for_saving(ema)
+    opt_state = None if optimizer is None else optimizer.state_dict()
+    require_free_space(root, tensor_bytes([weights, ema_weights, opt_state]) + FREE_SPACE_MARGIN,
+                       f"checkpoint (step {step})")
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
-        if ema is not None:
-            save_file(state_dict_for_saving(ema), str(tmp / "ema.safetensors"), metadata={"step": str(step)})
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if ema_weights is not None:
+            save_file(ema_weights, str(tmp / "ema.safetensors"), metadata={"step": str(step)})
+        if opt_state is not None:
+            torch.save(opt_state, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
@@ -136,6 +192,14 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
             os.replace(final, aside)
         os.replace(tmp, final)
         fsync_dir(root)
+    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, a failing device
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = root / f".{name}.previous"
+        if previous.is_dir() and not (root / name).exists():
+            os.replace(previous, root / name)  # the checkpoint this write was replacing
+        kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else "none yet"
+        raise CheckpointError(f"cannot write checkpoint {root / name}: {err}; the last good checkpoint "
+                              f"({kept}) is kept") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -221,6 +221,7 @@ RANGES = (  # (key, test, what is expected)
     ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: no validation)"),
     ("train.mixed_precision", lambda v: v in ("no", "bf16", "fp16"), "one of no, bf16, fp16"),
     ("train.trackers", lambda v: set(v) <= {"tensorboard"}, "a list of Accelerate trackers: tensorboard"),
+    ("data.test_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("data.shift", lambda v: v >= 0, "an integer >= 0"),
     ("eval.solver", lambda v: v in EVAL_SOLVERS, "one of " + ", ".join(EVAL_SOLVERS)),
@@ -233,6 +234,9 @@ RANGES = (  # (key, test, what is expected)
 
 def check_ranges(cfg: RunConfig) -> None:
     """Refuse values outside their range before anything runs, naming the key and what is expected."""
+    if cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name={cfg.name!r} is not a run name: expected a folder name without '/' "
+                          "(the run directory is <out_dir>/<name>)")
     for key, ok, expected in RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -297,6 +301,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None, choices: Choices)
     """Read a YAML recipe (or a run's saved `config.yaml`), apply overrides, validate against `choices`."""
     path = Path(path)
     data = read_yaml_mapping(path, "recipe", "recipes/toy2d/fm_independent.yaml")
+    if not data and not overrides:
+        raise ConfigError(f"recipe {str(path)!r} is empty: a recipe sets at least model: {{name: ...}} and "
+                          "method: {name: ...} (see recipes/toy2d/fm_independent.yaml)")
     data.setdefault("name", f"{path.parent.name}-{path.stem}")
     return build_run_config(apply_overrides(data, overrides or []), choices)
 

@@ -337,11 +337,14 @@ def _load_tabular(cfg: DataConfig) -> Dataset:
         array = _read_array(path)
     except DataError:
         raise
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:  # EOFError: an empty or cut-short .npy
         raise DataError(f"cannot read {str(path)!r} as numbers: {err}") from err
     if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
         raise DataError(f"{str(path)!r} holds an array of shape {array.shape}; expected a 2-D array (N, D) "
                         f"with N >= 2 samples and D >= 1 columns")
+    if np.iscomplexobj(array):
+        raise DataError(f"{str(path)!r} holds complex values ({array.dtype}); expected real numbers "
+                        "(store real and imaginary parts as separate columns)")
     if not np.issubdtype(array.dtype, np.number):
         raise DataError(f"{str(path)!r} holds {array.dtype} values; expected numbers")
     data = torch.from_numpy(array.astype(np.float64))

@@ -98,7 +98,8 @@ def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "au
     density is known. The summary holds means, standard errors, NFE and wall time; `gap_to_exact_nats`
     is mean model NLL minus mean exact NLL (negative: the model claims more density than the truth).
     """
-    x, gen = evaluation_points(run, split, n or len(getattr(run.dataset, split)), seed)
+    points = getattr(run.dataset, split, None)
+    x, gen = evaluation_points(run, split, n or (0 if points is None else len(points)), seed)
     device = x.device
     div = choose_divergence(divergence, run.dataset.dim)
     logps, nfe, t0 = [], [], time.perf_counter()

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
 from shared.catalog import BuildContext, Catalog
-from shared.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_weights, verify_checkpoint
-from shared.config import ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, to_dict
+from shared.checkpoint import (LATEST, CheckpointError, atomic_write_text, check_writable, estimate_checkpoint_bytes,
+                               latest_checkpoint, load_weights, remove_temporaries, require_free_space,
+                               verify_checkpoint)
+from shared.config import (ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, read_yaml_mapping,
+                           to_dict)
 from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.rundir import best_dir, checkpoints_dir, config_path, tracking_dir, weights_file
+from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, TRACKING, best_dir, checkpoints_dir, config_path, read_metrics,
+                           tracking_dir, weights_file)
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
 
@@ -52,6 +56,9 @@ def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
     Used for staged training (e.g. a flow map started from a flow-matching teacher). Tensors whose
     name and shape match are copied; the names left at their fresh initialisation are returned.
     """
+    if not config_path(source).is_file():
+        raise CheckpointError(f"train.init_from={source}: no checkpoint there (not a run directory written by "
+                              "`flowdistill train`)")
     source_state = load_file(str(evaluation_weights(source)[0]))
     target = model.state_dict()
     matched = {k: v for k, v in source_state.items() if k in target and target[k].shape == v.shape}
@@ -108,9 +115,23 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
     source = Path(source)
     if not source.is_dir():
         return load_recipe(source, overrides, catalog.config_choices())
+    if not config_path(source).is_file():
+        raise ConfigError(f"{source} is a folder without {CONFIG}: pass a recipe file, or a run directory "
+                          "written by `flowdistill train`")
     cfg = load_recipe(config_path(source), overrides, catalog.config_choices())
     cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
     return cfg
+
+
+ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING}  # what a run that never reached a checkpoint holds
+
+
+def unfinished_attempt(run_dir: Path) -> bool:
+    """Whether a run directory holds only a failed or killed start: no checkpoint and nothing made from one."""
+    ckpts = checkpoints_dir(run_dir)
+    return (run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= ATTEMPT_FILES
+            and not (ckpts / LATEST).exists() and not any(ckpts.glob("step_*"))
+            and not any(ckpts.glob(".step_*.previous")))
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Path:
@@ -118,21 +139,30 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
     run_dir = run_dir_of(cfg)
     saved_path = config_path(run_dir)
     if saved_path.is_file() and not overwrite:
+        unfinished = unfinished_attempt(run_dir)
+        if not resume and unfinished:
+            raise ConfigError(f"run directory {run_dir} exists but has no checkpoint (a start that was killed); "
+                              "pass --resume to start it again with its config, --overwrite to replace it "
+                              "(nothing is lost), or name=<new name> for a new run")
         if not resume:
             raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                               f"--overwrite to start over, or name=<new name> for a new run")
-        saved = flatten(yaml.safe_load(saved_path.read_text()))
+        saved = flatten(read_yaml_mapping(saved_path, "run config", str(saved_path)))
         new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
                          if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
-                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)")
+                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
+                              + ("; it has no checkpoint yet, so --overwrite loses nothing" if unfinished else ""))
     elif overwrite and run_dir.exists():
         aside = replaced_dir(run_dir)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(run_dir, aside)  # removed once the new run has its first checkpoint
+        if aside.exists() and unfinished_attempt(run_dir):
+            shutil.rmtree(run_dir)  # a failed earlier --overwrite: the run it replaces stays aside
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(run_dir, aside)  # removed once the new run has its first checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_path, dump_yaml(cfg))
     return run_dir
@@ -141,6 +171,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
 def replaced_dir(run_dir: Path) -> Path:
     """Where `--overwrite` keeps the previous run until the new one has written its first checkpoint."""
     return run_dir.parent / f".{run_dir.name}.replaced"
+
+
+def discard_attempt(run_dir: Path) -> None:
+    """Remove the folder of a start that failed before its first checkpoint; put back the run it was replacing."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    aside = replaced_dir(run_dir)
+    if aside.is_dir() and not run_dir.exists():
+        os.replace(aside, run_dir)
 
 
 def finished_step(cfg: RunConfig) -> int:
@@ -185,12 +223,17 @@ def data_noise(shift: int, dequantize_levels: int | None, levels: int | None
 def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite: bool = False) -> Path:
     """Train the run a config describes in `<out_dir>/<name>/` (all Accelerate processes take part).
 
-    Data, model and loss are built (and so validated) before the run directory is created or replaced.
+    Data, model, loss and trainer are built (and so validated), and the folder's writability and free
+    disk space for a checkpoint checked, before the run directory is created or replaced. A command that
+    fails before the first checkpoint removes the folder it created (`--overwrite`: puts the old run back).
     """
     from accelerate import Accelerator
 
     from shared.trainer import Trainer
 
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    check_writable(run_dir_of(cfg), f"out_dir={cfg.out_dir}")
     # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=list(cfg.train.trackers) or None,
@@ -199,33 +242,52 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)
     model = build_model(cfg, dataset, catalog)
+    if resume and accelerator.is_main_process:  # put back a checkpoint that a kill left moved aside
+        for root in (checkpoints_dir(run_dir_of(cfg)), best_dir(run_dir_of(cfg))):
+            for name in remove_temporaries(root):
+                accelerator.print(f"removed {root / name}, left by an interrupted checkpoint write")
+    accelerator.wait_for_everyone()
     resuming = resume and latest_checkpoint(checkpoints_dir(run_dir_of(cfg))) is not None
     if cfg.train.init_from and not resuming:  # a resume without a checkpoint yet starts like a fresh run
         fresh = init_from_run(model, cfg.train.init_from)
         accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
     method = build_loss(cfg, dataset, catalog)
-    if accelerator.is_main_process:
-        prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
     run_dir = run_dir_of(cfg)
-    if cfg.train.trackers:
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
-        accelerator.init_trackers(cfg.name, config=hparams)
-    accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
-                      f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
     data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
     val = None
     if dataset.val is not None:
         val = (dataset.val,) if dataset.val_labels is None else (dataset.val, dataset.val_labels)
     trainer = Trainer(cfg.train, cfg.seed, model, method, data, run_dir, accelerator,
                       batch_transform=transform, val_data=val)
-    if resume and trainer.resume():
-        accelerator.print(f"resumed at step {trainer.step}")
-    aside = replaced_dir(run_dir)
-    if accelerator.is_main_process and aside.exists():
-        trainer.after_checkpoint.append(lambda: shutil.rmtree(aside, ignore_errors=True))
-    record = trainer.fit()
+    copies = 3 + (cfg.train.ema_decay > 0) + bool(cfg.train.eval_every)  # weights, AdamW moments, EMA, best
+    require_free_space(run_dir, estimate_checkpoint_bytes(model, copies))
+    if resuming:  # a damaged checkpoint or metrics log is refused before config.yaml is rewritten
+        verify_checkpoint(latest_checkpoint(checkpoints_dir(run_dir)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a torn last line: the resume itself warns once
+            read_metrics(run_dir)
+    created = overwrite or not run_dir.exists()
+    if accelerator.is_main_process:
+        prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    try:
+        if cfg.train.trackers:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in flatten(to_dict(cfg)).items()}
+            accelerator.init_trackers(cfg.name, config=hparams)
+        accelerator.print(f"run {run_dir}: {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} params), "
+                          f"method {cfg.method.name}, data {dataset.name} {tuple(dataset.train.shape)}, "
+                          f"{accelerator.num_processes} process(es) on {accelerator.device}")
+        if resume and trainer.resume():
+            accelerator.print(f"resumed at step {trainer.step}")
+        aside = replaced_dir(run_dir)
+        if accelerator.is_main_process and aside.exists():
+            trainer.after_checkpoint.append(lambda: shutil.rmtree(aside, ignore_errors=True))
+        record = trainer.fit()
+    except Exception:
+        if accelerator.is_main_process and created and unfinished_attempt(run_dir):
+            discard_attempt(run_dir)
+        raise
     if cfg.train.trackers:
         accelerator.end_training()
     accelerator.print(f"finished at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
@@ -239,10 +301,14 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
     `weights`: `auto` (best-on-validation if the run validated, else EMA, else raw), `best`, `ema`, `model`.
     """
     run_dir = Path(run_dir)
-    if not config_path(run_dir).is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no {config_path(run_dir).name}); "
+    saved = config_path(run_dir)
+    if not saved.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {saved.name}); "
                               "pass the folder `flowdistill train` created")
-    cfg = build_run_config(yaml.safe_load(config_path(run_dir).read_text()), catalog.config_choices())
+    try:
+        cfg = build_run_config(read_yaml_mapping(saved, "run config", str(saved)), catalog.config_choices())
+    except ConfigError as err:  # name the file, once
+        raise ConfigError(str(err) if str(saved) in str(err) else f"run config {str(saved)!r}: {err}") from None
     path, step = evaluation_weights(run_dir, weights)
     dataset = load_dataset(cfg.data)
     model = build_model(cfg, dataset, catalog)
@@ -255,4 +321,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """`auto` -> cuda when available, else cpu; anything else as torch.device(name)."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(name)!r} is not a device: expected auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r} is not available ({torch.cuda.device_count()} CUDA device(s) here); "
+                         "use auto or cpu")
+    return device

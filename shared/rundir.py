@@ -94,5 +94,5 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if i == len(lines) - 1:
                 warnings.warn(f"{path}: dropped a torn last line ({err})", stacklevel=2)
                 break
-            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({err})") from None
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({err}); repair or delete that line") from None
     return records

@@ -111,10 +111,12 @@ def test_rewriting_a_step_keeps_the_old_checkpoint_until_the_new_one_is_in_place
         return replace(src, dst)
 
     monkeypatch.setattr("shared.checkpoint.os.replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*step_00000005\\) is kept"):
         save_checkpoint(tmp_path, 5, model)
     monkeypatch.setattr("shared.checkpoint.os.replace", replace)
-    assert (tmp_path / ".step_00000005.previous").is_dir()  # the old checkpoint, moved aside, not deleted
+    assert ("step_00000005", ".step_00000005.previous") in calls  # the old checkpoint was moved aside ...
+    assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first)["step"] == 5  # ... and put back
+    _os.replace(first, tmp_path / ".step_00000005.previous")  # a kill between the two renames
     remove_temporaries(tmp_path)  # the next start puts it back
     assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first)["step"] == 5
     (tmp_path / ".step_00000009.abc").mkdir()  # a temp folder of a killed write
