@@ -14,7 +14,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 GRIDS = ("linear", "quadratic")  # the time grids of shared.sampling (listed here so --help imports no torch)
 
@@ -30,26 +30,22 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum; `expected` names the range in the error message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def count(text: str) -> int:
-    """argparse type: an integer >= 0 (0 keeps the documented default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: the default), got {value}")
-    return value
+positive_int = int_at_least(1, "a positive integer")
+count = int_at_least(0, "an integer >= 0 (0: the default)")  # 0 keeps the documented default
 
 
 # ---------------------------------------------------------------- commands
