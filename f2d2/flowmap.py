@@ -21,6 +21,7 @@ Times follow shared.paths (t = 0 data, t = 1 noise): a jump with s < t moves tow
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.backbones import MLPConfig, TimeMLP, TimeUNet, UNetConfig, timestep_embedding
+from shared.dit import DiTConfig, TimeDiT
 from shared.likelihood import LikelihoodResult, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult, time_grid
@@ -44,7 +46,7 @@ class FlowMapConfig:
     """A backbone taking (x, t, s) with an average-velocity output u and a scalar average-divergence head D."""
 
     name: str = "flowmap"
-    backbone: Any = field(default_factory=MLPConfig)  # section {name: mlp | unet, <that backbone's own keys>}
+    backbone: Any = field(default_factory=MLPConfig)  # section {name: mlp | unet | dit, <that backbone's own keys>}
     time_scale: float = 1.0  # times enter as time_scale * t: 1 keeps the backbone embedding; MeanFlow: ~0.01
     head_hidden: int = 128  # width of the two hidden layers of the D head
     head_time_dim: int = 64  # sinusoidal embedding size of t and s in the D head
@@ -113,10 +115,25 @@ class FlowMapUNet(TimeUNet):
         return u, self.div_scale * self.div_head(features, t, s)
 
 
+class FlowMapDiT(TimeDiT):
+    """TimeDiT with the second time s (its embedding zero-initialised) and a D head on the mean token."""
+
+    def __init__(self, cfg: FlowMapConfig, data_shape: tuple[int, ...], div_scale: float):
+        super().__init__(replace(cfg.backbone, second_time=True), data_shape)
+        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
+        self.div_scale, self.time_scale = div_scale, cfg.time_scale
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, H), t (B,), s (B,) -> u (B, C, H, H), D (B,) in nats per unit time."""
+        t, s = t * self.time_scale, s * self.time_scale
+        u, features = super().forward(x, t, s, return_features=True)
+        return u, self.div_scale * self.div_head(features, t, s)
+
+
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """Flow map on an MLP (any shape, flattened) or a UNet (square images) backbone."""
-    if not isinstance(cfg.backbone, (MLPConfig, UNetConfig)):
-        raise ValueError(f"model.backbone must be an mlp or unet section, got {cfg.backbone!r}")
+    """Flow map on an MLP (any shape, flattened), a UNet or a DiT (square images) backbone."""
+    if not isinstance(cfg.backbone, (MLPConfig, UNetConfig, DiTConfig)):
+        raise ValueError(f"model.backbone must be an mlp, unet or dit section, got {cfg.backbone!r}")
     if cfg.head_hidden < 1 or cfg.head_time_dim < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
         raise ValueError(f"model.head_hidden and model.head_time_dim must be >= 1, model.div_scale >= 0 and "
                          f"model.time_scale > 0, got {cfg.head_hidden}, {cfg.head_time_dim}, {cfg.div_scale} and "
@@ -127,6 +144,8 @@ def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
     scale = cfg.div_scale or float(dim)
     if isinstance(cfg.backbone, MLPConfig):
         return FlowMapMLP(cfg, dim, scale)
+    if isinstance(cfg.backbone, DiTConfig):
+        return FlowMapDiT(cfg, data_shape, scale)
     return FlowMapUNet(cfg, data_shape, scale)
 
 
@@ -144,6 +163,21 @@ def _pairs(steps: int, grid: str, device: torch.device, dtype: torch.dtype,
     if towards_noise:
         times = times.flip(0)
     return list(zip(times[:-1], times[1:]))
+
+
+def untrained_jumps(steps: int, grid: str, levels: int) -> list[tuple[float, float]]:
+    """The jumps (t, s) of `time_grid(steps, grid)` that Shortcut training with `levels` never produces.
+
+    Shortcut trains sizes 2^-k, k = 0..levels, starting on multiples of their size (`f2d2.losses.dyadic_pairs`).
+    """
+    times = time_grid(steps, grid, dtype=torch.float64).tolist()
+    bad = []
+    for s, t in zip(times[:-1], times[1:]):  # ascending t -> s
+        size = s - t
+        k = round(-math.log2(size)) if size > 0 else -1
+        if not (0 <= k <= levels and abs(size - 2.0**-k) < 1e-12 and abs(t / size - round(t / size)) < 1e-9):
+            bad.append((t, s))
+    return bad
 
 
 def jump(model: FlowMapFn, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,12 +236,29 @@ def naive_log_likelihood(model: FlowMapFn, x: Tensor, steps: int, grid: str = "l
 
 
 class FlowMapSampler:
-    """Sampling and log-likelihood of a flow map with K jumps (NFE = K); solvers and divergences do not apply."""
+    """Sampling and log-likelihood of a flow map with K jumps (NFE = K); solvers and divergences do not apply.
+
+    `trained_levels`: a Shortcut map's method.levels; grids asking for jumps it never trained are refused
+    (None: every (t, s) was trained, as in MeanFlow).
+    """
 
     exact_likelihood = False
 
-    def __init__(self, nll_steps: int = 4):
-        self.nll_steps = nll_steps
+    def __init__(self, nll_steps: int = 4, trained_levels: int | None = None):
+        self.nll_steps, self.trained_levels = nll_steps, trained_levels
+
+    def check_grid(self, steps: int, grid: str, what: str = "") -> None:
+        """Raise ValueError when `steps` jumps on `grid` include a jump size this map was not trained on."""
+        if self.trained_levels is None:
+            return
+        bad = untrained_jumps(steps, grid, self.trained_levels)
+        if bad:
+            t, s = bad[0]
+            raise ValueError(
+                f"{what or 'the'} {grid} grid with K = {steps} asks for the jump {t:g} -> {s:g} (size {s - t:g}), which "
+                f"Shortcut training never produced: it trains sizes 2^-k (k = 0..{self.trained_levels}, method.levels) "
+                f"starting on multiples of their size. Use the linear grid with K a power of two up to "
+                f"{2 ** self.trained_levels}, or the geometric grid with K up to {self.trained_levels + 1}")
 
     def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -217,9 +268,11 @@ class FlowMapSampler:
     def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
                grid: str = "linear") -> SampleResult:
         """`steps` jumps of the map from t = 1 to 0 on `grid` (NFE = steps); `solver` does not apply."""
+        self.check_grid(steps, grid)
         return few_step_sample(model, noise, steps, grid)[0]
 
     def log_likelihood(self, model: nn.Module, x: Tensor, divergence: str = "exact",
                        generator: torch.Generator | None = None, steps: int | None = None) -> LikelihoodResult:
         """Few-step log p (B,) in nats per sample with K = steps or nll_steps jumps; `divergence` does not apply."""
+        self.check_grid(steps or self.nll_steps, "linear")
         return few_step_log_likelihood(model, x, steps or self.nll_steps)

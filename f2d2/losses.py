@@ -5,7 +5,8 @@ interpolant states x_t of shared.paths, for both orders of (t, s):
 
 - Shortcut: tangent terms u(x,t,t) -> v and D(x,t,t) -> -div v, plus, on dyadic jumps t -> s with
   |s - t| = 2^-k, u(x,t,s) -> (u(x,t,r) + u(x_r,r,s)) / 2 and D likewise, r = (t+s)/2,
-  x_r = x + (r-t) u(x,t,r), targets under stop-gradient (finest level: two Euler half steps).
+  x_r = x + (r-t) u(x,t,r), targets under stop-gradient; the finest level is one explicit midpoint
+  step of the coupled (x, log p) ODE (`shortcut_targets` says why not two Euler half steps).
 - MeanFlow: u = v + (s-t) du/dt and D = -div v + (s-t) dD/dt with d/dt = v.grad_x + d_t, both total
   derivatives from one torch.func.jvp of x, t, s -> (u, D) with tangents (v, 1, 0), in float32 and
   math attention, under no_grad (the targets are stop-gradient), then a plain forward for the loss.
@@ -72,20 +73,35 @@ def _fp32_math(device: torch.device) -> Iterator[None]:
 
 
 def dyadic_pairs(n: int, levels: int, device: torch.device, generator: torch.Generator | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(t, s, r, end1, end2), each (n,): jumps of size 2^-k on the 2^-k grid, k uniform in 0..levels, either direction.
-
-    The two half jumps are (t -> end1) from x_t and (r -> end2) from x_r; on the finest level they are
-    tangents (end1 = t, end2 = r), i.e. two Euler half steps.
-    """
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, s, fine), each (n,): jumps of size 2^-k on the 2^-k grid, k uniform in 0..levels, either direction;
+    `fine` marks the finest size 2^-levels."""
     k = torch.randint(0, levels + 1, (n,), device=device, generator=generator)
     d = torch.pow(2.0, -k.float())
     lo = torch.floor(torch.rand(n, device=device, generator=generator) * torch.pow(2.0, k.float())) * d
     forward = torch.rand(n, device=device, generator=generator) < 0.5
     t, s = torch.where(forward, lo, lo + d), torch.where(forward, lo + d, lo)
+    return t, s, k == levels
+
+
+def shortcut_targets(net: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, t: Tensor,
+                     s: Tensor, fine: Tensor) -> tuple[Tensor, Tensor]:
+    """Self-consistency targets (u*, D*) of the jumps t -> s from x (B, *shape), t, s, fine (B,); r = (t + s) / 2.
+
+    Coarse jumps compose two half jumps of the map: x_r = x + (r - t) u(x, t, r) and
+        u* = (u(x, t, r) + u(x_r, r, s)) / 2,   D* = (D(x, t, r) + D(x_r, r, s)) / 2.
+    The finest jumps are one explicit midpoint (RK2) step of the coupled ODE with the map's tangent
+    (v = u(., t, t), -div v = D(., t, t)): x_r = x + (r - t) v(x, t), u* = v(x_r, r), D* = -div v(x_r, r).
+    Two Euler half steps would make the converged map the Euler discretisation, whose log-density
+    increment h tr J exceeds the log det(I + h J) of its own x-step (by ~h^2 ||J||_F^2 / 2 per step for a
+    gradient field), so the few-step log p would sit above a normalised density by O(h); the midpoint
+    step matches the log det of its x-step to O(h^3) per step, leaving an O(h^2) total.
+    """
     r = (t + s) / 2
-    fine = k == levels
-    return t, s, r, torch.where(fine, t, r), torch.where(fine, r, s)
+    u1, d1 = net(x, t, torch.where(fine, t, r))
+    u2, d2 = net(x + broadcast_time(r - t, x) * u1, r, torch.where(fine, r, s))
+    u1, u2, d1, d2 = u1.float(), u2.float(), d1.float(), d2.float()
+    return torch.where(broadcast_time(fine, u2), u2, (u1 + u2) / 2), torch.where(fine, d2, (d1 + d2) / 2)
 
 
 class F2D2:
@@ -153,17 +169,16 @@ class F2D2:
         t_tan = sample_times(nt, cfg.time_sampler, x.device, generator, cfg.time_mean, cfg.time_std)
         x_tan = interpolate(x[:nt], z[:nt], t_tan)
         v_tan, negdiv = self.tangent_targets(net, x[:nt], z[:nt], x_tan, t_tan, generator, need_div)
-        t, s, r, end1, end2 = dyadic_pairs(nb, cfg.levels, x.device, generator)
+        t, s, fine = dyadic_pairs(nb, cfg.levels, x.device, generator)
         x_b = interpolate(x[nt:], z[nt:], t)
         with torch.no_grad(), _fp32_math(x.device):
-            u1, d1 = net(x_b.float(), t, end1)
-            u2, d2 = net(x_b.float() + broadcast_time(r - t, x_b) * u1, r, end2)
+            u_boot, d_boot = shortcut_targets(net, x_b.float(), t, s, fine)
         u, d = model(torch.cat([x_tan, x_b]), torch.cat([t_tan, t]), torch.cat([t_tan, s]))
         u = u.float()
-        terms = {"u_tangent": (u[:nt] - v_tan).pow(2).mean(), "u_boot": (u[nt:] - (u1 + u2) / 2).pow(2).mean()}
+        terms = {"u_tangent": (u[:nt] - v_tan).pow(2).mean(), "u_boot": (u[nt:] - u_boot).pow(2).mean()}
         if need_div:
             terms["d_tangent"] = self._d_residual(net, d[:nt], negdiv).pow(2).mean()
-            terms["d_boot"] = self._d_residual(net, d[nt:], (d1 + d2) / 2).pow(2).mean()
+            terms["d_boot"] = self._d_residual(net, d[nt:], d_boot).pow(2).mean()
         else:
             terms["_keep"] = 0.0 * d.float().mean()  # keeps the untrained head in the graph (DDP)
         return terms
@@ -205,6 +220,8 @@ def validate(cfg: F2D2Config) -> None:
         raise ValueError("method.div_source=teacher needs method.teacher=<run dir>; or set method.div_source=self")
     if cfg.levels < 0 or cfg.nll_steps < 1 or cfg.d_weight < 0 or cfg.adaptive_p < 0:
         raise ValueError("method.levels, method.d_weight and method.adaptive_p must be >= 0, method.nll_steps >= 1")
+    if cfg.variant == "shortcut":  # `flowdistill nll` uses K = nll_steps jumps on the linear grid
+        FlowMapSampler(cfg.nll_steps, cfg.levels).check_grid(cfg.nll_steps, "linear", "method.nll_steps: the")
     if not 0 < cfg.boot_fraction < 1:
         raise ValueError(f"method.boot_fraction must lie in (0, 1), got {cfg.boot_fraction}")
 
@@ -226,7 +243,7 @@ def build_f2d2_loss(cfg: F2D2Config, ctx: BuildContext) -> F2D2:
 def build_f2d2_sampler(cfg: F2D2Config, run_cfg: RunConfig, dataset: Dataset) -> FlowMapSampler:
     """The `f2d2` method's sampler: K jumps of the map for samples and for log p (K = cfg.nll_steps)."""
     check_f2d2(cfg, run_cfg)
-    return FlowMapSampler(cfg.nll_steps)
+    return FlowMapSampler(cfg.nll_steps, cfg.levels if cfg.variant == "shortcut" else None)
 
 
 def check_f2d2(cfg: F2D2Config, run_cfg: RunConfig) -> None:

@@ -5,6 +5,7 @@
     nll        likelihood of a split (exact for flows)       eval     sample quality vs number of steps
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
+    prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-GRIDS = ("linear", "quadratic")  # the time grids of shared.sampling (listed here so --help imports no torch)
+GRIDS = ("linear", "quadratic", "geometric")  # the time grids of shared.sampling (listed here so --help imports no torch)
 
 
 def int_list(text: str) -> list[int]:
@@ -75,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int, device: str,
                   out: Path | None = None, weights: str = "auto") -> Path:
-    """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds)."""
+    """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds, units);
+    tabular runs write them in the units of the user's data file."""
     import numpy as np
 
     from flowdistill.api import load_run, sample
@@ -88,9 +90,10 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
     s = sample(run, n, steps, solver, grid, seed)
     out = Path(out) if out else samples_dir(run_dir) / f"steps{steps}-{solver}-{grid}.png"
     title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
-    save_samples_figure(s.x, out, run.dataset.levels, run.dataset.test if run.dataset.kind == "vector" else None, title)
+    x, data = run.dataset.to_user(s.x), run.dataset
+    save_samples_figure(x, out, data.levels, data.to_user(data.test) if data.kind == "vector" else None, title)
     buf = io.BytesIO()
-    np.savez(buf, samples=s.x.numpy(), nfe=s.nfe, seconds=s.seconds)
+    np.savez(buf, samples=x.numpy(), nfe=s.nfe, seconds=s.seconds, units=data.units)
     atomic_write_bytes(out.with_suffix(".npz"), buf.getvalue())
     print(f"wrote {out} and {out.with_suffix('.npz')} ({n} samples, {s.nfe} NFE, {s.seconds:.2f} s)")
     return out
@@ -108,25 +111,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
-    """Likelihood of a split: exact for flows, ODE (exact or Hutchinson divergence) otherwise; writes
-    nll-<split>.json (summary) and nll-<split>.csv (per-sample log p, index, bits/dim, error to an exact density)."""
+    """Likelihood of a split (or of a file, --data): exact for flows, ODE (exact or Hutchinson divergence)
+    otherwise, in the units of the data; writes nll-<split>.json (summary), nll-<split>.csv (per-sample log p,
+    index, bits/dim, error to an exact density) and, for a known density, nll-<split>-calibration.png.
+    --data FILE writes nll-file-<stem>.*"""
+    import torch
+
     from flowdistill.api import load_run
-    from shared.evaluate import score_split, write_columns, write_json
+    from shared.evaluate import file_points, score_points, score_split, write_nll
 
     run = load_run(args.run, weights=args.weights, device=args.device)
-    res, columns = score_split(run, args.split, args.n, args.divergence or run.config.eval.divergence, args.seed)
+    divergence = args.divergence or run.config.eval.divergence
+    if args.data:
+        x = file_points(run, args.data)[:args.n or None]
+        gen = torch.Generator(device=x.device).manual_seed(args.seed)
+        res, columns = score_points(run, x, gen, divergence, label=f"file {args.data}")
+        stem = f"nll-file-{Path(args.data).stem}"
+    else:
+        res, columns = score_split(run, args.split, args.n, divergence, args.seed)
+        stem = f"nll-{args.split}"
     res["step"] = run.step
-    line = f"{res['split']}: NLL {res['nll_nats']:.4f} ± {res['nll_nats_stderr']:.4f} nats/sample"
+    line = f"{res['split']}: NLL {res['nll_nats']:.4f} ± {res['nll_nats_stderr']:.4f} nats/sample ({res['units']})"
     if "bits_per_dim" in res:
         line += f", {res['bits_per_dim']:.4f} bits/dim"
     if "exact_nll_nats" in res:
         line += (f"; exact NLL {res['exact_nll_nats']:.4f}, gap {res['gap_to_exact_nats']:+.4f} ± "
                  f"{res['gap_stderr']:.4f}, mean |error| {res['mean_abs_error_nats']:.4f} nats")
     print(line + f" ({res['n']} points, {res['divergence']} divergence, {res['nfe_mean']:.0f} NFE, {res['seconds']:.1f} s)")
-    out = Path(args.run)
-    write_json(out / f"nll-{args.split}.json", res)
-    write_columns(out / f"nll-{args.split}.csv", columns)
-    print(f"wrote {out / f'nll-{args.split}.json'} and {out / f'nll-{args.split}.csv'}")
+    paths = write_nll(Path(args.run), stem, res, columns, f"{run.config.name}: {res['split']}")
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -143,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = quality_vs_steps(run, steps, solver, grid, args.n or ev.n_samples, args.seed)
     print(format_table(rows, ["steps", "solver", "grid", "nfe", "metric", "value", "extractor", "seconds", "samples_per_s"]))
     out = Path(args.run)
-    write_json(out / "eval.json", {"run": run.config.name, "step": run.step, "rows": rows})
+    units = {"w2_units": run.dataset.units} if run.dataset.kind == "vector" else {}  # W2 in the data's units
+    write_json(out / "eval.json", {"run": run.config.name, "step": run.step, **units, "rows": rows})
     label = f"{rows[0]['metric']} ({rows[0]['extractor'] or 'data'})"
     save_curves({f"{solver}/{grid}": ([r["nfe"] for r in rows], [r["value"] for r in rows])}, out / "eval.png",
                 "NFE", label, run.config.name)
@@ -193,6 +207,18 @@ def cmd_f2d2_eval(args: argparse.Namespace) -> int:
     from flowdistill.f2d2_eval import run_f2d2_eval
 
     return run_f2d2_eval(args)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """Convert a folder of images (class subfolders give labels) or downsampled-ImageNet .npz files once into
+    memory-mappable uint8 shards and a manifest; train on them with data.name=shards data.path=OUT."""
+    from shared.image_sources import prepare_data
+
+    m = prepare_data(args.source, args.out, args.format, args.image_size, args.shard_mb, args.overwrite)
+    classes = m["meta"].get("classes")
+    labels = f"{len(classes)} classes" if classes else "labelled" if m["labels"] else "no labels"
+    print(f"wrote {args.out}: {m['count']:,} images of shape {tuple(m['shape'])}, {len(m['shards'])} shard(s), {labels}")
+    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -256,12 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val", "train"])
     p.add_argument("--n", type=count, default=0, help="points to score (default: the whole split)")
     p.add_argument("--divergence", default="", help="exact, hutchinson or auto (default: the run's eval.divergence)")
+    p.add_argument("--data", default="", help="score this .npy/.npz/.csv file of (N, D) vectors in the units of the "
+                                              "run's data instead of a split; writes nll-file-<stem>.json/.csv")
 
     p = command("eval", cmd_eval)
     add_run_args(p)
     p.add_argument("--steps", type=int_list, default=None, help="comma-separated step counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
-    p.add_argument("--grid", default="", help="linear or quadratic (default: the run's eval.grid)")
+    p.add_argument("--grid", default="", help="linear, quadratic or geometric (default: the run's eval.grid)")
     p.add_argument("--n", type=count, default=0, help="samples per row (default: the run's eval.n_samples)")
 
     p = command("couplings", cmd_couplings)
@@ -275,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("f2d2-eval", cmd_f2d2_eval)
     add_run_args(p)
     p.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
-    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (quadratic: "
-                   "shorter jumps near the data, where the data-to-noise map expands most)")
-    p.add_argument("--n", type=count, default=0, help="test points scored (default: the run's eval.nll_samples)")
+    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (geometric, "
+                   "quadratic: shorter jumps near the data; Shortcut maps accept only grids of trained jumps)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="points scored (val: choose settings "
+                   "such as the grid there, then report on test)")
+    p.add_argument("--n", type=count, default=0, help="points scored (default: the whole split)")
     p.add_argument("--n-samples", type=count, default=0, help="samples per quality value (default: eval.n_samples)")
     p.add_argument("--divergence", default="", help="reference and naive divergence: exact, hutchinson, auto")
     p.add_argument("--guidance-steps", type=count, default=0, help="Adam steps of self-guidance (0: none)")
@@ -285,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
                                                      "(default: the run's method.nf_teacher)")
     p.add_argument("--batch-size", type=positive_int, default=500, help="batch of scoring and sampling")
+
+    p = command("prepare-data", cmd_prepare_data)
+    p.add_argument("source", help="folder of images, or a downsampled-ImageNet .npz file or folder of them")
+    p.add_argument("out", help="shard folder to write (manifest.json, images_*.npy, labels.npy)")
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "imagenet_npz"],
+                   help="source format (auto: imagenet_npz for .npz files, else folder)")
+    p.add_argument("--image-size", type=count, default=0, help="resize images to this square side (0: keep)")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="approximate size of one shard in MiB")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard folder already at OUT")
     return parser
 
 

@@ -17,13 +17,15 @@ from nfm.teacher import TeacherConfig, build_teacher_loss, build_teacher_sampler
 from nfm.teacher_coupling import NFTeacherConfig, NFTeacherCoupling, NFTeacherOTCoupling
 from shared.backbones import MLPConfig, UNetConfig, build_mlp, build_unet
 from shared.catalog import Catalog, Choice, MethodChoice
+from shared.dit import DiTConfig, build_dit
 
 MODELS: dict[str, Choice] = {
     "mlp": Choice(MLPConfig, build_mlp),  # velocity field on vectors or flattened images
     "unet": Choice(UNetConfig, build_unet),  # diffusers UNet2DModel velocity field on images
+    "dit": Choice(DiTConfig, build_dit),  # diffusers DiTTransformer2DModel (DiT/SiT-style) velocity field on images
     "tarflow": Choice(TarFlowConfig, build_tarflow),  # transformer autoregressive normalizing flow
     "glow": Choice(GlowConfig, build_glow),  # multi-scale Glow normalizing flow
-    "flowmap": Choice(FlowMapConfig, build_flowmap),  # F2D2 flow map (u, D) on an mlp or unet backbone
+    "flowmap": Choice(FlowMapConfig, build_flowmap),  # F2D2 flow map (u, D) on an mlp, unet or dit backbone
 }
 
 METHODS: dict[str, MethodChoice] = {
@@ -44,6 +46,7 @@ COUPLINGS: dict[str, Choice] = {
 BACKBONES: dict[str, Choice] = {  # the flow map's backbone section, model.backbone
     "mlp": MODELS["mlp"],
     "unet": MODELS["unet"],
+    "dit": MODELS["dit"],
 }
 
 CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES})

@@ -22,7 +22,7 @@ from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
 from f2d2.guidance import guided_sample
 from flowdistill.api import load_run
 from shared.data import bits_per_dim
-from shared.evaluate import evaluation_points, format_table, generate, generate_with, sync, write_json
+from shared.evaluate import evaluation_points, format_table, generate, generate_with, sync, write_columns, write_json
 from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import Run, require_same_data
@@ -31,8 +31,9 @@ LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
 
 
 def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[str, Any]:
-    """Per-sample log p (N,) float64 on the CPU, NFE per batch and wall seconds of `fn` over x in batches."""
-    logps, nfe, seconds = [], 0, 0.0
+    """Per-sample log p (N,) float64 on the CPU, NFE (mean over batches, weighted by batch size) and wall
+    seconds of `fn` over x in batches."""
+    logps, nfe, seconds = [], 0.0, 0.0
     for start in range(0, len(x), batch_size):
         sync(x.device)
         t0 = time.perf_counter()
@@ -40,8 +41,13 @@ def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[
         sync(x.device)
         seconds += time.perf_counter() - t0
         logps.append(res.logp.detach().double().cpu())
-        nfe = res.nfe
-    return {"logp": torch.cat(logps), "nfe": nfe, "seconds": seconds}
+        nfe += res.nfe * len(logps[-1])
+    return {"logp": torch.cat(logps), "nfe": nfe / len(x), "seconds": seconds}
+
+
+def _stderr(values: Tensor) -> float:
+    """Standard error of the mean of per-sample values (N,)."""
+    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
 
 def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
@@ -64,11 +70,20 @@ def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iteratio
 
 def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence: str, seed: int = 0,
              guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500,
-             grid: str = "linear") -> dict[str, Any]:
-    """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost."""
+             grid: str = "linear", split: str = "test") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost,
+    and per-sample columns (N,): index, reference / NF / exact log p and few-step log p per K, in nats.
+
+    n_nll = 0 scores the whole split. Tabular runs report every log p in the units of the user's file
+    (the standardisation's log-Jacobian added; differences between estimates do not change).
+    """
     data, model = run.dataset, run.model
+    for k in steps:
+        run.sampler.check_grid(k, grid)
     div = choose_divergence(divergence, data.dim)
-    x, gen = evaluation_points(run, "test", n_nll, seed)
+    points = getattr(data, split, None)
+    x, gen = evaluation_points(run, split, n_nll or (0 if points is None else len(points)), seed)
+    shift = 0.0 if data.standardization is None else data.standardization.log_jacobian
     ref_name, ref_fn = reference_fn(run, div)
     ref = score(ref_fn, x, gen, batch_size)
     nf = None
@@ -78,6 +93,14 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
         nf = score(lambda y, g: nf_run.sampler.log_likelihood(nf_run.model, y), x, gen, batch_size)
     extractor = feature_extractor(data, device=str(x.device)) if data.kind == "image" else None
     analytic = None if data.log_density is None else data.log_density(x.cpu()).double()
+    for result in (ref, nf):
+        if result is not None:
+            result["logp"] = result["logp"] + shift
+    columns: dict[str, Tensor] = {"index": torch.arange(len(x)), "ref_logp_nats": ref["logp"]}
+    if nf is not None:
+        columns["nf_logp_nats"] = nf["logp"]
+    if analytic is not None:
+        columns["exact_logp_nats"] = analytic
 
     def nll_stats(logp: Tensor, prefix: str) -> dict[str, float]:
         out = {f"{prefix}nll": -logp.mean().item()}
@@ -90,6 +113,8 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
         few = score(lambda y, g: few_step_log_likelihood(model, y, k, grid), x, gen, batch_size)
         naive = score(lambda y, g: naive_log_likelihood(model, y, k, grid, divergence=div, generator=g), x, gen,
                       batch_size)
+        few["logp"], naive["logp"] = few["logp"] + shift, naive["logp"] + shift
+        columns[f"K{k}_logp_nats"] = few["logp"]
         row: dict[str, Any] = {"K": k, "nfe": few["nfe"], **nll_stats(few["logp"], ""),
                                **nll_stats(ref["logp"], "ref_")}
         row["mae"] = (few["logp"] - ref["logp"]).abs().mean().item()
@@ -106,6 +131,8 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
             row["analytic_mae"] = (few["logp"] - analytic).abs().mean().item()
             row["ref_analytic_mae"] = (ref["logp"] - analytic).abs().mean().item()
             row["gap_to_exact"] = row["nll"] - row["exact_nll"]
+            row["gap_stderr"] = _stderr(analytic - few["logp"])  # paired: the same points
+            row["ref_gap_to_exact"] = row["ref_nll"] - row["exact_nll"]
         row.update(seconds=few["seconds"], ref_seconds=ref["seconds"], ref_nfe=ref["nfe"],
                    speedup=ref["seconds"] / max(few["seconds"], 1e-9))
         s = generate(run, n_samples, k, "euler", grid, seed, batch_size)
@@ -115,13 +142,15 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
             row["guided_quality"], row["guided_nfe"], row["guided_seconds"] = _guided_quality(
                 run, k, n_samples, seed, guidance_lr, guidance_steps, extractor, batch_size, grid)
         rows.append(row)
-    return {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x), "grid": grid,
-            "nf_teacher": nf_teacher or None, "exact_density": data.log_density is not None, "guidance_lr": guidance_lr,
-            "guidance_steps": guidance_steps, "rows": rows}
+    summary = {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x),
+               "split": split, "grid": grid, "units": data.units, "nf_teacher": nf_teacher or None,
+               "exact_density": data.log_density is not None, "guidance_lr": guidance_lr,
+               "guidance_steps": guidance_steps, "rows": rows}
+    return summary, columns
 
 
 COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nll", "nf_mae", "ref_nf_mae",
-           "exact_nll", "gap_to_exact", "analytic_mae", "ref_analytic_mae", "bpd", "ref_bpd", "mae_bpd", "naive_bpd", "seconds", "ref_seconds",
+           "exact_nll", "gap_to_exact", "gap_stderr", "ref_gap_to_exact", "analytic_mae", "ref_analytic_mae", "bpd", "ref_bpd", "mae_bpd", "naive_bpd", "seconds", "ref_seconds",
            "ref_nfe", "speedup", "metric", "quality", "guided_quality", "guided_nfe"]
 
 
@@ -133,20 +162,29 @@ def run_f2d2_eval(args: Any) -> int:
     if run.config.method.name != "f2d2":
         raise ValueError(f"{args.run} is a {run.config.method.name!r} run; f2d2-eval needs an f2d2 run")
     ev = run.config.eval
-    result = evaluate(run, args.steps, args.n or ev.nll_samples, args.n_samples or ev.n_samples,
-                      args.divergence or ev.divergence, args.seed, args.guidance_steps, args.guidance_lr,
-                      args.nf_teacher or run.config.method.nf_teacher, args.batch_size, args.grid)
+    result, columns = evaluate(run, args.steps, args.n, args.n_samples or ev.n_samples,
+                               args.divergence or ev.divergence, args.seed, args.guidance_steps, args.guidance_lr,
+                               args.nf_teacher or run.config.method.nf_teacher, args.batch_size, args.grid, args.split)
     rows = result["rows"]
     print(f"{result['run']} (step {result['step']}): reference {result['reference']}, {result['divergence']} "
-          f"divergence, {result['n']} test points, {args.grid} grid; log p in nats per sample, NLL = -mean log p")
+          f"divergence, {result['n']} {args.split} points, {args.grid} grid; log p in nats per sample "
+          f"({result['units']}), NLL = -mean log p")
     print(format_table(rows, [c for c in COLUMNS if c in rows[0]]))
     out = Path(args.run)
-    stem = "f2d2-eval" if args.grid == "linear" else f"f2d2-eval-{args.grid}"
+    stem = "f2d2-eval" + ("" if args.grid == "linear" else f"-{args.grid}") + ("" if args.split == "test" else f"-{args.split}")
     write_json(out / f"{stem}.json", result)
+    write_columns(out / f"{stem}.csv", columns)
+    if "exact_logp_nats" in columns:
+        from shared.plots import save_calibration
+
+        estimates = {f"K = {r['K']}": columns[f"K{r['K']}_logp_nats"] for r in rows}
+        estimates["ODE reference"] = columns["ref_logp_nats"]
+        save_calibration(estimates, columns["exact_logp_nats"], out / f"{stem}-calibration.png",
+                         f"{result['run']}: few-step and ODE log p against the exact density")
     ks = [r["K"] for r in rows]
     curves = {"F2D2 (D head)": (ks, [r["mae"] for r in rows]), "naive (no D)": (ks, [r["naive_mae"] for r in rows])}
     if "nf_mae" in rows[0]:
         curves["F2D2 vs NF teacher"] = (ks, [r["nf_mae"] for r in rows])
     save_curves(curves, out / f"{stem}.png", "K (NFE)", "mean |log p_K - log p_ref| (nats)", result["run"])
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    print(f"wrote {out / stem}.json, .csv and .png" + (" and -calibration.png" if "exact_logp_nats" in columns else ""))
     return 0

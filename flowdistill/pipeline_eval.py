@@ -92,7 +92,7 @@ def f2d2_tables(pipeline: Pipeline, device: torch.device) -> list[dict[str, Any]
     out = []
     for planned in (r for r in pipeline.f2d2 if r.role["part"] == "joint"):
         run = load_run(planned.dir, device=device)
-        result = f2d2_evaluate(run, list(pipeline.spec.steps), pipeline.spec.nll_points, pipeline.spec.n_samples,
+        result, _ = f2d2_evaluate(run, list(pipeline.spec.steps), pipeline.spec.nll_points, pipeline.spec.n_samples,
                                run.config.eval.divergence, nf_teacher=str(pipeline.teacher.dir))
         out.append({"label": planned.label, "on": planned.role["on"], "reference": result["reference"],
                     "n": result["n"], "rows": result["rows"]})

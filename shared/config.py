@@ -28,16 +28,19 @@ class DataConfig:
     """Which data set to train and evaluate on (see `shared.data.DATASETS`)."""
 
     name: str = "8gaussians"  # data set name; `flowdistill data --list` style errors list the choices
-    path: str = ""  # file or folder for `cifar10` (root), `imagefolder`, `tabular`
+    path: str = ""  # file or folder for `cifar10` (root), `imagefolder`, `tabular`, `shards`, `imagenet_npz`
+    test_path: str = ""  # tabular: a separate test file with the same columns (then all of `path` is training data)
     download: bool = False  # allow torchvision to download CIFAR-10 into `path`
-    n_train: int = 20000  # samples generated for 2D toy sets
-    n_test: int = 5000  # held-out samples generated for 2D toy sets
+    n_train: int = 20000  # samples generated for toy sets; tabular: at most this many rows (the default: all)
+    n_test: int = 5000  # held-out samples generated for toy sets; tabular: at most this many test rows (default: all)
     test_fraction: float = 0.2  # share of a finite data set kept as the test split
     val_fraction: float = 0.0  # share of the training split held out for validation (model selection, never test)
     image_size: int = 0  # resize ImageFolder images to this side (0: keep, all must agree)
     seed: int = 0  # seed of the toy generator and of the train/test split
     dequantize: bool = False  # images: train on x + uniform cell noise (fresh each step), the density bits/dim scores
     shift: int = 0  # images: translate each training image by up to this many pixels (zero-level padding)
+    storage: str = "memory"  # memory (float32), uint8 (on the device) or stream (mapped shards); see shared.streaming
+    workers: int = 4  # data.storage=stream: DataLoader workers per training process (0: read in that process)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class EvalConfig:
 
     steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # step counts compared by `eval`
     solver: str = "euler"  # fixed-step solver: euler or heun
-    grid: str = "linear"  # time grid: linear or quadratic (t^2, dense near the data)
+    grid: str = "linear"  # time grid: linear, quadratic (t^2) or geometric (t halves each step), see shared.sampling
     n_samples: int = 2000  # samples drawn per row of the `eval` table
     nll_samples: int = 500  # test points scored by `nll`
     divergence: str = "auto"  # exact, hutchinson, or auto (exact up to 64 dims)
@@ -224,8 +227,10 @@ RANGES = (  # (key, test, what is expected)
     ("data.test_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("data.shift", lambda v: v >= 0, "an integer >= 0"),
+    ("data.storage", lambda v: v in ("memory", "uint8", "stream"), "one of memory, uint8, stream"),
+    ("data.workers", lambda v: v >= 0, "an integer >= 0 (0: read in the training process)"),
     ("eval.solver", lambda v: v in EVAL_SOLVERS, "one of " + ", ".join(EVAL_SOLVERS)),
-    ("eval.grid", lambda v: v in ("linear", "quadratic"), "linear or quadratic"),
+    ("eval.grid", lambda v: v in ("linear", "quadratic", "geometric"), "linear, quadratic or geometric"),
     ("eval.steps", lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1"),
     ("eval.n_samples", lambda v: v >= 1, "an integer >= 1"),
     ("eval.nll_samples", lambda v: v >= 1, "an integer >= 1"),

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from shared.config import DataConfig
 from shared.densities import KNOWN_DENSITIES
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-TABULAR_SUFFIXES = (".npy", ".npz", ".csv")
+from shared.image_sources import IMAGE_SUFFIXES, read_stored
+from shared.image_store import StoredImages, StoreError
+from shared.tabular import Standardization, TabularError, load_tables
 
 
 class DataError(ValueError):
@@ -48,6 +48,7 @@ class Dataset:
     val: Tensor | None = None  # validation split carved from the training data (model selection only)
     val_labels: Tensor | None = None
     log_density: Callable[[Tensor], Tensor] | None = None  # exact log p(x) (B,) nats/sample when the density is known
+    standardization: Standardization | None = None  # tabular: model units z = (x - mean) / std of the file's x
 
     @property
     def base_fingerprint(self) -> str:
@@ -60,6 +61,17 @@ class Dataset:
             return self.train, self.train_labels
         labels = None if self.train_labels is None else torch.cat([self.train_labels, self.val_labels])
         return torch.cat([self.train, self.val]), labels
+
+    def to_user(self, x: Tensor) -> Tensor:
+        """Model-space points (N, *shape) in the units of the user's data (tabular: mean + std * z, float64)."""
+        return x if self.standardization is None else self.standardization.to_user(x)
+
+    @property
+    def units(self) -> str:
+        """What the values (and log p) this data set reports are measured in."""
+        if self.standardization is not None:
+            return f"units of the data file {self.meta.get('source', '')}".strip()
+        return "model scale [-1, 1] (dequantized)" if self.levels is not None else "data units"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -303,57 +315,28 @@ def _load_imagefolder(cfg: DataConfig) -> Dataset:
 # ---------------------------------------------------------------- tabular vectors
 
 
-def _is_number(text: str) -> bool:
-    """Whether a CSV field parses as a float (a first row with any other field is a header)."""
+def _load_tabular(cfg: DataConfig, standardization: Standardization | None = None) -> Dataset:
+    """User vectors (N, D) from data.path (and data.test_path), standardised (see `shared.tabular.load_tables`)."""
+    moved = standardization is not None and bool(cfg.path) and not Path(cfg.path).expanduser().exists()
+    path = None if moved else _require_path(cfg, "a .npy, .npz or .csv file holding an (N, D) array")
     try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        train, test, stats, meta = load_tables(cfg, path, lambda n: _split_index(n, cfg), standardization)
+    except TabularError as err:
+        raise DataError(str(err)) from None
+    return dataclasses.replace(_make(cfg.name, train, test, meta=meta), standardization=stats)
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """The numeric array stored in a .npy, .npz or .csv file (a CSV header row is skipped)."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
-            if "x" not in keys and len(keys) != 1:
-                raise DataError(f"{str(path)!r} holds arrays {keys}; store the data under key 'x' or alone")
-            return archive["x" if "x" in keys else keys[0]]
-    if suffix == ".csv":
-        with open(path) as fh:
-            header = not all(_is_number(field) for field in fh.readline().split(","))
-        return np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
-    raise DataError(f"{str(path)!r}: unsupported file type; use one of {', '.join(TABULAR_SUFFIXES)}")
-
-
-def _load_tabular(cfg: DataConfig) -> Dataset:
-    """User vectors (N, D) from data.path, standardised with the train split's column mean/std."""
-    path = _require_path(cfg, "a .npy, .npz or .csv file holding an (N, D) array")
+def _load_stored(cfg: DataConfig) -> Dataset:
+    """`shards`, `imagenet_npz` (shared.image_sources): float32 for data.storage=memory, else uint8 `StoredImages`."""
     try:
-        array = _read_array(path)
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError) as err:  # EOFError: an empty or cut-short .npy
-        raise DataError(f"cannot read {str(path)!r} as numbers: {err}") from err
-    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
-        raise DataError(f"{str(path)!r} holds an array of shape {array.shape}; expected a 2-D array (N, D) "
-                        f"with N >= 2 samples and D >= 1 columns")
-    if np.iscomplexobj(array):
-        raise DataError(f"{str(path)!r} holds complex values ({array.dtype}); expected real numbers "
-                        "(store real and imaginary parts as separate columns)")
-    if not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{str(path)!r} holds {array.dtype} values; expected numbers")
-    data = torch.from_numpy(array.astype(np.float64))
-    if not torch.isfinite(data).all():
-        raise DataError(f"{str(path)!r} contains NaN or infinite values")
-    tr, te = _split_index(len(data), cfg)
-    mean, std = data[tr].mean(0), data[tr].std(0, unbiased=False).clamp_min(1e-8)
-    meta = {"source": str(path), "mean": mean.tolist(), "std": std.tolist()}
-    return _make(cfg.name, (data[tr] - mean) / std, (data[te] - mean) / std, meta=meta)
+        train, test, fingerprint, meta = read_stored(cfg, lambda n: _split_index(n, cfg))
+    except StoreError as err:
+        raise DataError(str(err)) from None
+    if cfg.storage == "memory":
+        x_train, x_test = (image_to_model(s.all_images(), s.levels) for s in (train, test))
+    else:
+        x_train, x_test = StoredImages(train, image_to_model), StoredImages(test, image_to_model)
+    return Dataset(cfg.name, x_train, x_test, train.all_labels(), test.all_labels(), train.levels, fingerprint, meta)
 
 
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
@@ -368,6 +351,8 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "cifar10": _load_cifar10,
     "imagefolder": _load_imagefolder,
     "tabular": _load_tabular,
+    "shards": _load_stored,  # a folder written by `flowdistill prepare-data`
+    "imagenet_npz": _load_stored,  # downsampled ImageNet .npz (data, 1-based labels), 64x64 or 32x32
 }
 
 
@@ -390,14 +375,30 @@ def carve_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     keep, held = perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
     labels = dataset.train_labels
     digest = hashlib.sha256(f"{dataset.fingerprint}/val{fraction}/{seed}".encode()).hexdigest()[:16]
-    return dataclasses.replace(dataset, train=dataset.train[keep].contiguous(), val=dataset.train[held].contiguous(),
+    stored = isinstance(dataset.train, StoredImages)  # uint8 views split without a copy
+    take = dataset.train.subset if stored else lambda rows: dataset.train[rows].contiguous()
+    return dataclasses.replace(dataset, train=take(keep), val=take(held),
                                train_labels=None if labels is None else labels[keep],
                                val_labels=None if labels is None else labels[held], fingerprint=digest,
                                meta={**dataset.meta, "fingerprint_before_validation": dataset.fingerprint})
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the data set named by `cfg.name` (see `DATASETS`), with a validation split when asked."""
+def load_dataset(cfg: DataConfig, standardization: Standardization | None = None) -> Dataset:
+    """Load the data set named by `cfg.name` (see `DATASETS`), with a validation split when asked.
+
+    `standardization`: a tabular run's saved statistics, used instead of recomputing them from the file.
+    """
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data set {cfg.name!r}; choices: {', '.join(sorted(DATASETS))}")
-    return carve_validation(DATASETS[cfg.name](cfg), cfg.val_fraction, cfg.seed)
+    if cfg.storage != "memory" and DATASETS[cfg.name] is not _load_stored:
+        raise DataError(f"data.storage={cfg.storage} keeps uint8 data sets (shards, imagenet_npz), not {cfg.name!r}: "
+                        "convert images once with `flowdistill prepare-data <folder> <out>`, or data.storage=memory")
+    if standardization is None:
+        dataset = DATASETS[cfg.name](cfg)
+    elif cfg.name == "tabular":
+        dataset = _load_tabular(cfg, standardization)
+    else:
+        raise DataError(f"a saved standardisation applies to tabular data, not {cfg.name!r}")
+    if not len(dataset.train):  # a tabular run whose file moved: nothing to carve
+        return dataset
+    return carve_validation(dataset, cfg.val_fraction, cfg.seed)

@@ -17,6 +17,7 @@ from shared.data import bits_per_dim, dequantize
 from shared.likelihood import choose_divergence
 from shared.metrics import FeatureExtractor, feature_extractor, sample_quality
 from shared.run import Run
+from shared.tabular import read_table
 
 
 def sync(device: torch.device) -> None:
@@ -80,6 +81,10 @@ def evaluation_points(run: Run, split: str, n: int, seed: int) -> tuple[Tensor, 
     if data is None:
         raise ValueError(f"no {split!r} split in this run's data; choices: train, test"
                          + (", val" if run.dataset.val is not None else " (val needs data.val_fraction > 0)"))
+    if len(data) == 0:
+        missing = run.dataset.meta.get("missing")
+        raise ValueError(f"the {split} split is empty" + (f": {missing}; pass --data FILE to score a file"
+                                                           if missing else ""))
     device = next(run.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     x = data[:n].to(device)
@@ -88,32 +93,57 @@ def evaluation_points(run: Run, split: str, n: int, seed: int) -> tuple[Tensor, 
     return x, gen
 
 
-@torch.no_grad()
-def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "auto", seed: int = 0,
-                batch_size: int = 250) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Likelihood of the first `n` points of a split (all when n = 0): a summary and per-sample columns.
+def file_points(run: Run, path: str | Path) -> Tensor:
+    """The rows (N, D) of a .npy/.npz/.csv file in the file's units, mapped to the run's model units.
 
-    Per-sample columns (each (N,)): `index` (row of the split), `logp_nats` (model log p in nats per
-    sample), `bits_per_dim` for images, and `exact_logp_nats` / `abs_error_nats` when the data set's exact
-    density is known. The summary holds means, standard errors, NFE and wall time; `gap_to_exact_nats`
-    is mean model NLL minus mean exact NLL (negative: the model claims more density than the truth).
+    A tabular run applies its saved standardisation z = (x - mean) / std; other vector runs take the
+    values as they are. Image runs are refused.
     """
-    points = getattr(run.dataset, split, None)
-    x, gen = evaluation_points(run, split, n or (0 if points is None else len(points)), seed)
-    device = x.device
+    if run.dataset.kind != "vector":
+        raise ValueError(f"--data scores tables of vectors (.npy, .npz, .csv of shape (N, D)); this run models "
+                         f"{run.dataset.kind}s of shape {run.dataset.shape}")
+    table = read_table(Path(path).expanduser(), min_rows=1)
+    if table.shape[1] != run.dataset.dim:
+        raise ValueError(f"{str(path)!r} has {table.shape[1]} columns; the run models vectors of {run.dataset.dim}")
+    std = run.dataset.standardization
+    x = std.to_model(table) if std is not None else table
+    return x.float().to(next(run.model.parameters()).device)
+
+
+@torch.no_grad()
+def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: str = "auto", batch_size: int = 250,
+                 label: str = "test") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Likelihood of points x (N, *shape) in model units: a summary and per-sample columns (each (N,)).
+
+    Columns: `index` (row of x), `logp_nats` (model log p, nats per sample, in the units the summary's
+    `units` names), `bits_per_dim` for images, and `exact_logp_nats` / `abs_error_nats` when the exact
+    density is known. Tabular runs report log p in the units of the user's file,
+        log p_user(x) = log p_std(z) - sum_d log std_d,
+    and keep the standardised value in `logp_standardised_nats`. The summary holds means, standard
+    errors, NFE and wall time; `gap_to_exact_nats` is mean model NLL minus mean exact NLL (negative: the
+    model claims more density than the truth).
+    """
+    if not len(x):
+        raise ValueError(f"no points to score in {label}")
     div = choose_divergence(divergence, run.dataset.dim)
     logps, nfe, t0 = [], [], time.perf_counter()
     for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
-        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=gen)
+        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=generator)
         logps.append(res.logp.double().cpu())
         nfe.append(res.nfe)
-    sync(device)
+    sync(x.device)
     logp = torch.cat(logps)
-    nll = -logp
     columns: dict[str, Tensor] = {"index": torch.arange(len(logp)), "logp_nats": logp}
-    out = {"split": split, "n": len(nll), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div,
-           "nll_nats": nll.mean().item(), "nll_nats_stderr": _stderr(nll), "nfe_mean": sum(nfe) / len(nfe),
-           "seconds": time.perf_counter() - t0}
+    std = run.dataset.standardization
+    if std is not None:
+        columns["logp_standardised_nats"], logp = logp, std.logp_to_user(logp)
+        columns["logp_nats"] = logp
+    nll = -logp
+    out = {"split": label, "n": len(nll), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div,
+           "units": run.dataset.units, "nll_nats": nll.mean().item(), "nll_nats_stderr": _stderr(nll),
+           "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
+    if std is not None:
+        out["log_jacobian_nats"] = std.log_jacobian  # -sum(log std): added to every standardised log p
     if run.dataset.levels is not None:
         columns["bits_per_dim"] = bits_per_dim(nll, run.dataset.dim, run.dataset.levels)
         out["bits_per_dim"] = columns["bits_per_dim"].mean().item()
@@ -123,6 +153,28 @@ def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "au
         out.update(exact_nll_nats=-exact.mean().item(), gap_to_exact_nats=(nll.mean() + exact.mean()).item(),
                    gap_stderr=_stderr(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
     return out, columns
+
+
+def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "auto", seed: int = 0,
+                batch_size: int = 250) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Likelihood of the first `n` points of a split (all when n = 0): `score_points` on that split."""
+    points = getattr(run.dataset, split, None)
+    x, gen = evaluation_points(run, split, n or (0 if points is None else len(points)), seed)
+    return score_points(run, x, gen, divergence, batch_size, split)
+
+
+def write_nll(folder: str | Path, stem: str, summary: dict[str, Any], columns: dict[str, Tensor],
+              title: str = "") -> list[Path]:
+    """`<stem>.json` (summary), `<stem>.csv` (per sample) and, with an exact density, `<stem>-calibration.png`."""
+    folder = Path(folder)
+    paths = [write_json(folder / f"{stem}.json", summary), write_columns(folder / f"{stem}.csv", columns)]
+    if "exact_logp_nats" in columns:
+        from shared.plots import save_calibration  # imported here: it pulls in matplotlib
+
+        paths.append(save_calibration({f"model ({summary['divergence']})": columns["logp_nats"]},
+                                      columns["exact_logp_nats"], folder / f"{stem}-calibration.png",
+                                      title or f"{stem}: mean gap {summary['gap_to_exact_nats']:+.4f} nats"))
+    return paths
 
 
 def _stderr(values: Tensor) -> float:

@@ -267,14 +267,20 @@ def _reference_features(extractor: FeatureExtractor, dataset: Any, split: str = 
 def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | None = None,
                    max_points: int = 2000, split: str = "test") -> dict[str, Any]:
     """Score samples against a split (test by default; val for selection): W2 for vectors, FD on extractor
-    features for images clamped to [-1, 1]."""
+    features for images clamped to [-1, 1]. Samples are in model units; tabular data is scored in the
+    units of the user's file (both clouds mapped by x = mean + std * z)."""
     if tuple(samples.shape[1:]) != tuple(dataset.shape):
         raise ValueError(f"samples have shape {tuple(samples.shape[1:])}, "
                          f"data set {dataset.name!r} has {tuple(dataset.shape)}")
     if dataset.kind == "vector":
         if extractor is not None:
             raise ValueError("vector data is scored with wasserstein2; a feature extractor does not apply")
-        value = wasserstein2(samples, _reference_split(dataset, split), max_points, torch.Generator().manual_seed(0))
+        reference = _reference_split(dataset, split)
+        if len(reference) == 0:
+            raise ValueError(f"the {split} split is empty: {dataset.meta.get('missing', 'no reference points')}")
+        if getattr(dataset, "standardization", None) is not None:
+            samples, reference = dataset.to_user(samples), dataset.to_user(reference)
+        value = wasserstein2(samples, reference, max_points, torch.Generator().manual_seed(0))
         return {"metric": "w2", "value": value, "extractor": None}
     extractor = extractor if extractor is not None else feature_extractor(dataset)
     value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset, split))

@@ -77,3 +77,29 @@ def save_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
     ax.legend(fontsize=8)
     save_figure(fig, Path(path))
     return Path(path)
+
+
+def save_calibration(model_logp: dict[str, Tensor], exact_logp: Tensor, path: str | Path, title: str = "",
+                     units: str = "nats per sample") -> Path:
+    """Scatter of model log p against the exact log p, one point per sample, with the y = x line, as PNG.
+
+    model_logp: named per-sample estimates, each (N,) in nats per sample, aligned with exact_logp (N,).
+    A point above the line is a sample the model gives more density than the truth.
+    """
+    exact = exact_logp.detach().double().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    values = [exact]
+    for name, logp in model_logp.items():
+        est = logp.detach().double().cpu().numpy()
+        ax.scatter(exact, est, s=4, alpha=0.5, label=name)
+        values.append(est)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
+    ax.set_xlabel(f"exact log p ({units})")
+    ax.set_ylabel(f"model log p ({units})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, markerscale=3)
+    save_figure(fig, Path(path))
+    return Path(path)

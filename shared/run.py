@@ -26,10 +26,13 @@ from shared.checkpoint import (LATEST, CheckpointError, atomic_write_text, check
 from shared.config import (ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, read_yaml_mapping,
                            to_dict)
 from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, TRACKING, best_dir, checkpoints_dir, config_path, read_metrics,
-                           tracking_dir, weights_file)
+from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
+                           config_path, read_metrics, standardization_path, tracking_dir, weights_file)
+from shared.tabular import Standardization
 
-RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid"}
+RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid",
+                     "data.storage", "data.workers"}  # every storage gives the same batches (shared.streaming)
+ADDED_KEYS = {"data.test_path": ""}  # keys newer than some saved configs: absent there means this value
 
 
 @dataclass
@@ -123,7 +126,7 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
     return cfg
 
 
-ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING}  # what a run that never reached a checkpoint holds
+ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING, STANDARDIZATION}  # a run that never reached a checkpoint
 
 
 def unfinished_attempt(run_dir: Path) -> bool:
@@ -151,7 +154,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
         new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
-                         if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
+                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
@@ -238,7 +241,7 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=list(cfg.train.trackers) or None,
                               project_dir=str(tracking_dir(run_dir_of(cfg))))
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, saved_standardization(run_dir_of(cfg), cfg) if resume else None)
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)
     model = build_model(cfg, dataset, catalog)
@@ -254,6 +257,11 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     method = build_loss(cfg, dataset, catalog)
     run_dir = run_dir_of(cfg)
     data = (dataset.train,) if dataset.train_labels is None else (dataset.train, dataset.train_labels)
+    if cfg.data.storage != "memory":  # uint8 data: batches gathered on the device or read by DataLoader workers
+        from shared.streaming import batch_source
+
+        data = batch_source(dataset, cfg.data.storage, cfg.train.batch_size, cfg.seed, accelerator.process_index,
+                            accelerator.num_processes, accelerator.device, cfg.train.steps, cfg.data.workers)
     val = None
     if dataset.val is not None:
         val = (dataset.val,) if dataset.val_labels is None else (dataset.val, dataset.val_labels)
@@ -269,6 +277,8 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     created = overwrite or not run_dir.exists()
     if accelerator.is_main_process:
         prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+        if dataset.standardization is not None:  # the units of the model, kept with it (shared.tabular)
+            dataset.standardization.save(standardization_path(run_dir))
     accelerator.wait_for_everyone()
     try:
         if cfg.train.trackers:
@@ -310,11 +320,24 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
     except ConfigError as err:  # name the file, once
         raise ConfigError(str(err) if str(saved) in str(err) else f"run config {str(saved)!r}: {err}") from None
     path, step = evaluation_weights(run_dir, weights)
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, saved_standardization(run_dir, cfg))
     model = build_model(cfg, dataset, catalog)
     load_weights(path, model)
     model.to(device).eval()
     return Run(run_dir, cfg, dataset, model, build_sampler(cfg, dataset, catalog), step)
+
+
+def saved_standardization(run_dir: str | Path, cfg: RunConfig) -> Standardization | None:
+    """A tabular run's standardisation as saved at training time (None for other data, or a run saved without it)."""
+    path = standardization_path(run_dir)
+    if cfg.data.name != "tabular":
+        return None
+    if not path.is_file():
+        if config_path(run_dir).is_file() and latest_checkpoint(checkpoints_dir(run_dir)) is not None:
+            warnings.warn(f"{run_dir} has no {STANDARDIZATION} (trained before it was saved): its standardisation is "
+                          f"recomputed from data.path {cfg.data.path!r}", stacklevel=2)
+        return None
+    return Standardization.load(path)
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

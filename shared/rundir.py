@@ -8,7 +8,8 @@
         samples/             outputs of `flowdistill sample`
         couplings/           precomputed coupling caches keyed by their settings
         tracking/            Accelerate tracker logs (TensorBoard) when train.trackers is set
-        eval.json, nll-<split>.json
+        standardization.json tabular data: the column mean/std the model's units are defined by
+        eval.json, nll-<split>.json/.csv/-calibration.png, nll-file-<stem>.json/.csv
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ BEST = "best"
 SAMPLES = "samples"
 COUPLINGS = "couplings"
 TRACKING = "tracking"
+STANDARDIZATION = "standardization.json"
 WEIGHT_CHOICES = ("auto", "best", "ema", "model")
 
 
@@ -50,6 +52,11 @@ def metrics_path(run_dir: str | Path) -> Path:
 def samples_dir(run_dir: str | Path) -> Path:
     """Where `flowdistill sample` writes pictures and arrays."""
     return Path(run_dir) / SAMPLES
+
+
+def standardization_path(run_dir: str | Path) -> Path:
+    """The tabular run's saved standardisation (`shared.tabular.Standardization`), written when training starts."""
+    return Path(run_dir) / STANDARDIZATION
 
 
 def tracking_dir(run_dir: str | Path) -> Path:

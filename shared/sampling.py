@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-GRIDS = ("linear", "quadratic")
+GRIDS = ("linear", "quadratic", "geometric")
 FIXED_SOLVERS = ("euler", "heun")
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 SOLVERS = FIXED_SOLVERS + ADAPTIVE_SOLVERS
@@ -20,7 +20,11 @@ SOLVERS = FIXED_SOLVERS + ADAPTIVE_SOLVERS
 
 def time_grid(steps: int, kind: str = "linear", device: torch.device | str | None = None,
               dtype: torch.dtype = torch.float32) -> Tensor:
-    """Times (steps + 1,) from 1 down to 0; `quadratic` squares the linear grid to crowd steps near data."""
+    """Times (steps + 1,) from 1 down to 0, crowding steps near the data (t = 0) unless linear.
+
+    linear: 1 - k / K.  quadratic: (1 - k / K)^2.  geometric: 1, 1/2, ..., 2^-(K-1), then 0 (every step
+    halves t; each jump is a dyadic size on its own dyadic grid, which Shortcut-trained flow maps need).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if kind not in GRIDS:
@@ -28,6 +32,8 @@ def time_grid(steps: int, kind: str = "linear", device: torch.device | str | Non
     grid = 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
     if kind == "quadratic":
         grid = grid.pow(2)
+    elif kind == "geometric":
+        grid = torch.cat([torch.pow(2.0, -torch.arange(steps, dtype=torch.float64)), torch.zeros(1, dtype=torch.float64)])
     return grid.to(device=device, dtype=dtype)
 
 

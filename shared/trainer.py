@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -29,6 +29,12 @@ from shared.rundir import best_dir, checkpoints_dir, metrics_path, read_metrics
 
 Batch = tuple[Tensor, ...]
 BatchTransform = Callable[[Batch, torch.Generator], Batch]
+
+
+class BatchSource(Protocol):
+    """Batches that do not sit in memory as float tensors (`shared.streaming`): this process's batch at a step."""
+
+    def batch(self, step: int) -> Batch: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,11 +101,12 @@ class EpochSampler:
 class Trainer:
     """Runs `method` on `model` over `data` with AdamW, warmup+cosine LR, clipping, EMA and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, loss: Callable, data: Batch,
+    def __init__(self, cfg: TrainConfig, seed: int, model: nn.Module, loss: Callable, data: Batch | BatchSource,
                  run_dir: str | Path, accelerator: Accelerator | None = None,
                  batch_transform: BatchTransform | None = None, val_data: Batch | None = None):
-        """`loss(model, batch, generator) -> (scalar, logs)`; `batch_transform(batch, generator)` draws
-        per-step data noise (augmentation, dequantization); `val_data` is scored every `cfg.eval_every`."""
+        """`loss(model, batch, generator) -> (scalar, logs)`; `data`: tensors moved to the device whole, or a
+        `BatchSource` (uint8 data, `shared.streaming`); `batch_transform(batch, generator)` draws per-step
+        data noise (augmentation, dequantization); `val_data` is scored every `cfg.eval_every`."""
         self.cfg, self.seed, self.method = cfg, seed, loss
         self.batch_transform = batch_transform
         if cfg.eval_every and val_data is None:
@@ -122,11 +129,13 @@ class Trainer:
         self._plain = acc.scaler is None and acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
         if self.ema is not None:
             self.ema.model.to(acc.device)
-        self.data = tuple(d.to(acc.device) for d in data)
+        self.source = None if isinstance(data, tuple) else data
+        self.data = () if self.source is not None else tuple(d.to(acc.device) for d in data)
         self.val_data = None if val_data is None else tuple(d.to(acc.device) for d in val_data)
         self.after_checkpoint: list[Callable[[], None]] = []  # run on the main process after each checkpoint
         self.best_val = math.inf
-        self.sampler = EpochSampler(len(self.data[0]), cfg.batch_size, seed, acc.process_index, acc.num_processes)
+        self.sampler = None if self.source is not None else EpochSampler(
+            len(self.data[0]), cfg.batch_size, seed, acc.process_index, acc.num_processes)
         self.generator = torch.Generator(device=acc.device)
         self.step = 0
         self._sums: dict[str, Tensor] = {}
@@ -228,8 +237,11 @@ class Trainer:
     def _train_step(self) -> None:
         """One optimizer step; accumulates diagnostics on the device without syncing."""
         acc, cfg = self.accelerator, self.cfg
-        idx = self.sampler.indices(self.step).to(acc.device, non_blocking=True)
-        batch = tuple(d[idx] for d in self.data)
+        if self.source is not None:
+            batch = self.source.batch(self.step)
+        else:
+            idx = self.sampler.indices(self.step).to(acc.device, non_blocking=True)
+            batch = tuple(d[idx] for d in self.data)
         self.generator.manual_seed(step_seed(self.seed, self.step, acc.process_index))
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, self.generator)

@@ -1,4 +1,5 @@
-"""Closed forms for Gaussian data N(mean, diag(std^2)): the exact velocity field, joint flow map and density.
+"""Closed forms for Gaussian data N(mean, diag(std^2)) (the exact velocity field, joint flow map and density)
+and the exact velocity of an isotropic Gaussian mixture (`MixtureVelocity`).
 
 Under the interpolant of shared.paths, x_t ~ N(m_t, diag(sigma_t^2)) with m_t = (1 - t) mean and
 sigma_t^2 = (1 - t)^2 std^2 + t^2. The probability-flow ODE is affine, so the flow map is
@@ -13,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from shared.densities import GaussianMixture
 
 
 class _Gaussian(nn.Module):
@@ -70,3 +73,27 @@ def gaussian_log_density(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """log N(x; mean, diag(std^2)) (B,) in nats per sample; mean and std shaped like one sample."""
     z = (x.double() - mean.double()) / std.double()
     return (-0.5 * z.pow(2) - torch.log(std.double()) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+class MixtureVelocity(nn.Module):
+    """Exact marginal velocity of an isotropic Gaussian mixture under x_t = (1 - t) x + t z (float64).
+
+    Given component k, x_t ~ N((1 - t) mu_k, sigma_k,t^2 I) with sigma_k,t^2 = (1 - t)^2 s_k^2 + t^2 and
+    velocity v_k = -mu_k + r_k(t) (x - (1 - t) mu_k), r_k = (t - (1 - t) s_k^2) / sigma_k,t^2; the marginal
+    velocity is the posterior-weighted sum_k P(k | x_t) v_k. Its flow carries the mixture to N(0, I).
+    """
+
+    def __init__(self, mixture: GaussianMixture):
+        super().__init__()
+        self.w, self.mu, self.s = mixture.weights, mixture.means, mixture.stds
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        x, t = x.double(), t.double()[:, None]  # (B, D), (B, 1)
+        var = (1 - t) ** 2 * self.s**2 + t**2  # (B, K)
+        means = (1 - t)[:, :, None] * self.mu[None]  # (B, K, D)
+        sq = (x[:, None, :] - means).pow(2).sum(-1)  # (B, K)
+        dim = x.shape[1]
+        post = torch.softmax(self.w.log() - 0.5 * sq / var - 0.5 * dim * var.log(), dim=1)  # (B, K)
+        rate = (t - (1 - t) * self.s**2) / var  # (B, K)
+        v = -self.mu[None] + rate[:, :, None] * (x[:, None, :] - means)  # (B, K, D)
+        return (post[:, :, None] * v).sum(1)

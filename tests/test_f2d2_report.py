@@ -100,8 +100,15 @@ def test_f2d2_eval_on_digits_reports_bits_per_dim_like_the_reference_nll(tmp_pat
         assert r["bpd"] - r["ref_bpd"] == pytest.approx((r["nll"] - r["ref_nll"]) / per_dim, abs=1e-9)
         assert r["mae_bpd"] == pytest.approx(r["mae"] / per_dim) and r["mae_bpd"] >= abs(r["bpd"] - r["ref_bpd"]) - 1e-9
         assert r["metric"] != "w2" and math.isfinite(r["quality"])
+    per_sample = (tmp_path / "f2d2" / "f2d2-eval.csv").read_text().splitlines()
+    assert len(per_sample) == 41 and per_sample[0].split(",")[:4] == ["index", "ref_logp_nats", "K1_logp_nats",
+                                                                      "K4_logp_nats"]
     assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",
-                 "--grid", "quadratic", "--device", "cpu"]) == 0
-    quad = json.loads((tmp_path / "f2d2" / "f2d2-eval-quadratic.json").read_text())
-    assert quad["grid"] == "quadratic" and quad["rows"][0]["nll"] == pytest.approx(rows[0]["nll"], abs=1e-9)  # K = 1
-    assert quad["rows"][1]["nll"] != pytest.approx(rows[1]["nll"], abs=1e-6)  # K = 4 jumps elsewhere
+                 "--grid", "geometric", "--device", "cpu"]) == 0
+    geo = json.loads((tmp_path / "f2d2" / "f2d2-eval-geometric.json").read_text())
+    assert geo["grid"] == "geometric" and geo["rows"][0]["nll"] == pytest.approx(rows[0]["nll"], abs=1e-9)  # K = 1
+    assert geo["rows"][1]["nll"] != pytest.approx(rows[1]["nll"], abs=1e-6)  # K = 4 jumps elsewhere
+    # a Shortcut map never trained the quadratic grid's 0.25 -> 0.5625 jump: refused, not scored
+    assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "4", "--n", "40", "--grid", "quadratic",
+                 "--device", "cpu"]) == 2
+    assert not (tmp_path / "f2d2" / "f2d2-eval-quadratic.json").exists()

@@ -377,7 +377,7 @@ CASES = [
     C("override-into-value", "seed.x=2", "override seed.x: 'seed' is a value, not a section", lambda e: e.train("seed.x=2")),
     C("override-empty-part", "train..steps=3", "override 'train..steps=3' has an empty key part",
       lambda e: e.train("train..steps=3")),
-    C("model-unknown", "model.name=resnet", "model.name: unknown model 'resnet'; choices: flowmap, glow, mlp",
+    C("model-unknown", "model.name=resnet", "model.name: unknown model 'resnet'; choices: dit, flowmap, glow, mlp",
       lambda e: e.train("model.name=resnet")),
     C("method-unknown", "method.name=gan", "method.name: unknown method 'gan'; choices: f2d2, fm",
       lambda e: e.train("method.name=gan")),
@@ -453,7 +453,7 @@ CASES = [
     C("run-exists", "train the same name again without a flag", "already exists; pass --resume to continue it, "
       "--overwrite to start over, or name=<new name>", lambda e: e.run() and e.train(), keeps="the finished run untouched"),
     C("resume-config-differs", "--resume with model.hidden changed", "config differs in model.hidden (only "
-      "train.ckpt_every, train.log_every", lambda e: e.run() and [*e.train("model.hidden=32"), "--resume"],
+      "data.storage, data.workers, train.ckpt_every, train.log_every", lambda e: e.run() and [*e.train("model.hidden=32"), "--resume"],
       keeps="the finished run untouched"),
     C("overwrite-broken-config", "--overwrite with data.path=typo.npy (was: the finished run deleted first)",
       "does not exist; set data.path=... to a .npy", lambda e: e.run() and [*e.train("data.name=tabular", f"data.path={e.tmp / 'typo.npy'}"),
@@ -571,7 +571,7 @@ CASES = [
     C("eval-n-negative", "eval --n -5 (was: a torch.cat error)",
       "argument --n: expected an integer >= 0 (0: the default), got -5",
       lambda e: ["eval", str(e.run()), "--n", "-5"], keeps="the run untouched"),
-    C("eval-grid", "eval --grid cubic", "unknown time grid 'cubic'; choices: linear, quadratic",
+    C("eval-grid", "eval --grid cubic", "unknown time grid 'cubic'; choices: linear, quadratic, geometric",
       lambda e: ["eval", str(e.run()), "--grid", "cubic", "--device", "cpu"], keeps="the run untouched"),
     C("nll-no-val", "nll --split val of a run without a validation split (was: TypeError traceback)",
       "no 'val' split in this run's data; choices: train, test (val needs data.val_fraction > 0)",
