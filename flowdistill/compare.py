@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from flowdistill.api import load_run, resolve_config, resolve_device, train
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
-from shared.evaluate import Samples, format_table, generate, quality_vs_steps, write_json
+from shared.evaluate import Samples, format_table, generate, quality_vs_steps, score_split, write_json
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import Run, finished_step, run_dir_of
 from shared.rundir import config_path, read_metrics
@@ -140,6 +140,23 @@ def evaluate_teacher(run: Run, n: int, extractor: Any) -> tuple[dict[str, Any], 
             "eta": float(getattr(run.model, "eta", 0.0))}, s
 
 
+def likelihood_vs_exact(runs: dict[str, Run], n: int, path: Path) -> list[dict[str, Any]]:
+    """Per run: log p of the first n test points against the data's exact density, in nats per sample (mean
+    NLL, gap = model NLL - exact NLL with its paired standard error, mean per-sample |error|), and a
+    calibration plot of every run's per-sample log p against the exact one at `path`."""
+    from shared.plots import save_calibration
+
+    rows, estimates, exact = [], {}, None
+    for label, run in runs.items():
+        res, columns = score_split(run, "test", n, run.config.eval.divergence)
+        rows.append({"model": label, "likelihood": res["divergence"], "nfe": res["nfe_mean"], "nll": res["nll_nats"],
+                     "exact_nll": res["exact_nll_nats"], "gap": res["gap_to_exact_nats"], "gap_se": res["gap_stderr"],
+                     "mean_abs_error": res["mean_abs_error_nats"]})
+        estimates[label], exact = columns["logp_nats"], columns["exact_logp_nats"]
+    save_calibration(estimates, exact, path, f"log p against the exact density ({n} test points)")
+    return rows
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -183,8 +200,10 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dict[str, Any]],
-             straight: list[dict[str, Any]], reach: list[dict[str, Any]], threshold: float, command: str) -> str:
-    """The comparison report: quality vs NFE per solver/grid, teacher rows, straightness, NFE to reach."""
+             straight: list[dict[str, Any]], reach: list[dict[str, Any]], threshold: float, command: str,
+             density: list[dict[str, Any]] | None = None) -> str:
+    """The comparison report: quality vs NFE per solver/grid, teacher rows, straightness, NFE to reach, and the
+    likelihood against the exact density when the data has one."""
     metric = rows[0]["metric"]
     lines = [f"# Comparison `{spec.name}`", "", f"Command: `{command}`", "",
              f"Quality: {metric} (lower is better), mean ± std over seeds {list(spec.seeds)}, "
@@ -208,6 +227,13 @@ def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dic
               format_table(straight, ["student", "curvature", "final_loss", "train_seconds"]), "",
               f"## NFE to reach {metric} <= {threshold:.4g}", "",
               format_table(reach, ["student", "nfe", "setting", "quality", "speedup_vs_teacher"]), ""]
+    if density:
+        lines += ["## Likelihood against the exact density", "",
+                  "Nats per sample on the first test points; gap = model NLL - exact NLL (negative: more density "
+                  "than the truth) ± its paired standard error; students (first seed) by their adaptive ODE. "
+                  "Per-sample calibration: `likelihood_calibration.png`.", "",
+                  format_table(density, ["model", "likelihood", "nfe", "nll", "exact_nll", "gap", "gap_se",
+                                         "mean_abs_error"]), ""]
     return "\n".join(lines)
 
 
@@ -326,18 +352,26 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
         for steps in sorted({1, 4, max(spec.steps)} & set(spec.steps)):
             panels[f"{label}: {steps} NFE"] = generate(run, 64 if run.dataset.kind == "image" else 2000, steps,
                                                        spec.solvers[0], spec.grids[0], 0).x
+    density = None
+    if first.dataset.log_density is not None:
+        scored = {row["name"]: load_run(run_dir_of(entry_config(e)), device=device) for row, e in zip(teachers, spec.teachers)}
+        scored.update({label: load_run(run_dir_of(cfgs[0]), device=device) for label, cfgs in student_cfgs.items()})
+        out.mkdir(parents=True, exist_ok=True)
+        density = likelihood_vs_exact(scored, min(spec.n_samples, 1000), out / "likelihood_calibration.png")
     rows = aggregate(results)
     threshold = spec.threshold or (teachers[0]["value"] if teachers else min(r["mean"] for r in rows))
     teacher_seconds = teachers[0]["seconds"] / teachers[0]["n"] if teachers else None
     reach = reach_table(rows, threshold, teacher_seconds)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {"spec": to_dict(spec), "threshold": threshold, "teachers": teachers,
+                                      "likelihood_vs_exact": density,
                                       "rows": rows, "straightness": straight, "reach": reach,
                                       "per_seed": {k: [{x: r[x] for x in ("rows", "curvature", "final_loss")}
                                                        for r in v] for k, v in results.items()}})
     from shared.checkpoint import atomic_write_text
 
-    atomic_write_text(out / "comparison.md", markdown(spec, rows, teachers, straight, reach, threshold, command) + "\n")
+    atomic_write_text(out / "comparison.md", markdown(spec, rows, teachers, straight, reach, threshold, command, density)
+                      + "\n")
     plot_quality(rows, teachers, spec, out / "quality_vs_nfe.png")
     plot_losses(curves, out / "loss_curves.png")
     plot_samples(panels, first.dataset.levels, first.dataset.test if first.dataset.kind == "vector" else None,

@@ -135,3 +135,24 @@ def test_spec_errors_are_specific(tmp_path, capsys):
     with pytest.raises(ConfigError, match="same data set"):
         run_comparison(load_spec(tmp_path / "mixed.yaml"))
     assert not list(tmp_path.glob("*/checkpoints"))  # refused before training anything
+
+
+def test_compare_on_a_known_density_scores_every_likelihood_against_it(tmp_path):
+    out = tmp_path / "runs"
+    data = ["data.name=gmm2", *SMALL_DATA]
+    teacher = " ".join([str(TOY / "teacher.yaml"), f"out_dir={out}", "name=teacher", "train.steps=40",
+                        "model.width=32", "model.head_dim=16", "model.blocks=4", "train.batch_size=128", *data])
+    spec = {"name": "cmp", "out_dir": str(tmp_path / "out"), "teachers": [teacher],
+            "students": [f"{TOY / 'fm_independent.yaml'} name=independent"],
+            "common": [f"out_dir={out}", "train.steps=80", "train.batch_size=256", "model.hidden=32", *data],
+            "seeds": [0], "steps": [2], "solvers": ["euler"], "grids": ["linear"], "n_samples": 200,
+            "curvature_steps": 4, "curvature_samples": 50}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["compare", str(tmp_path / "spec.yaml")]) == 0
+    result = json.loads((tmp_path / "out" / "cmp" / "results.json").read_text())
+    rows = {r["model"]: r for r in result["likelihood_vs_exact"]}
+    assert set(rows) == {"teacher", "independent"} and rows["teacher"]["likelihood"] == "exact (flow)"
+    for r in rows.values():  # gap and error are measured, and an error bounds the gap it averages
+        assert r["exact_nll"] == pytest.approx(rows["teacher"]["exact_nll"]) and r["mean_abs_error"] >= abs(r["gap"]) - 1e-9
+    assert (tmp_path / "out" / "cmp" / "likelihood_calibration.png").stat().st_size > 0
+    assert "## Likelihood against the exact density" in (tmp_path / "out" / "cmp" / "comparison.md").read_text()
