@@ -98,36 +98,36 @@ class FlowMapMLP(TimeMLP):
         return self.out(h).view(x.shape), self.div_scale * self.div_head(h, t, s)
 
 
-class FlowMapUNet(TimeUNet):
+class _FeatureDivergence(nn.Module):
+    """Mixin for image backbones that return pooled features: scales both times, adds the D head on them."""
+
+    def _attach_head(self, cfg: FlowMapConfig, div_scale: float) -> None:
+        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
+        self.div_scale, self.time_scale = div_scale, cfg.time_scale
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, H), t (B,), s (B,) -> u (B, C, H, H), D (B,) in nats per unit time."""
+        t, s = t * self.time_scale, s * self.time_scale
+        u, features = super().forward(x, t, s, return_features=True)
+        return u, self.div_scale * self.div_head(features, t, s)
+
+
+class FlowMapUNet(_FeatureDivergence, TimeUNet):
     """TimeUNet with the second time s (its embedding zero-initialised) and a D head on the pooled mid block."""
 
     def __init__(self, cfg: FlowMapConfig, data_shape: tuple[int, ...], div_scale: float):
-        super().__init__(replace(cfg.backbone, second_time=True), data_shape)
+        TimeUNet.__init__(self, replace(cfg.backbone, second_time=True), data_shape)
         nn.init.zeros_(self.unet.class_embedding.linear_2.weight)
         nn.init.zeros_(self.unet.class_embedding.linear_2.bias)
-        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
-        self.div_scale, self.time_scale = div_scale, cfg.time_scale
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, H), t (B,), s (B,) -> u (B, C, H, H), D (B,) in nats per unit time."""
-        t, s = t * self.time_scale, s * self.time_scale
-        u, features = super().forward(x, t, s, return_features=True)
-        return u, self.div_scale * self.div_head(features, t, s)
+        self._attach_head(cfg, div_scale)
 
 
-class FlowMapDiT(TimeDiT):
+class FlowMapDiT(_FeatureDivergence, TimeDiT):
     """TimeDiT with the second time s (its embedding zero-initialised) and a D head on the mean token."""
 
     def __init__(self, cfg: FlowMapConfig, data_shape: tuple[int, ...], div_scale: float):
-        super().__init__(replace(cfg.backbone, second_time=True), data_shape)
-        self.div_head = DivergenceHead(self.feature_dim, cfg.head_time_dim, cfg.head_hidden)
-        self.div_scale, self.time_scale = div_scale, cfg.time_scale
-
-    def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, H), t (B,), s (B,) -> u (B, C, H, H), D (B,) in nats per unit time."""
-        t, s = t * self.time_scale, s * self.time_scale
-        u, features = super().forward(x, t, s, return_features=True)
-        return u, self.div_scale * self.div_head(features, t, s)
+        TimeDiT.__init__(self, replace(cfg.backbone, second_time=True), data_shape)
+        self._attach_head(cfg, div_scale)
 
 
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
