@@ -45,6 +45,22 @@ class GaussianMixture:
         log_comp = -0.5 * sq / self.stds.pow(2) - self.dim * self.stds.log() - 0.5 * self.dim * LOG_2PI
         return torch.logsumexp(log_comp + self.weights.log(), dim=1)
 
+    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """Exact marginal velocity (B, D) float64 at x (B, D), t (B,) under x_t = (1 - t) x_0 + t z.
+
+        Given component k, x_t ~ N((1 - t) mu_k, sigma_k,t^2 I) with sigma_k,t^2 = (1 - t)^2 s_k^2 + t^2 and
+        velocity v_k = -mu_k + r_k (x - (1 - t) mu_k), r_k = (t - (1 - t) s_k^2) / sigma_k,t^2; the marginal
+        velocity is sum_k P(k | x_t) v_k, and its flow carries N(0, I) at t = 1 to this mixture at t = 0.
+        """
+        x, t = x.double(), t.double()[:, None]
+        var = (1 - t) ** 2 * self.stds**2 + t**2  # (B, K)
+        means = (1 - t)[:, :, None] * self.means[None]  # (B, K, D)
+        sq = (x[:, None, :] - means).pow(2).sum(-1)
+        post = torch.softmax(self.weights.log() - 0.5 * sq / var - 0.5 * self.dim * var.log(), dim=1)
+        rate = (t - (1 - t) * self.stds**2) / var
+        v = -self.means[None] + rate[:, :, None] * (x[:, None, :] - means)
+        return (post[:, :, None] * v).sum(1)
+
 
 def gaussian_mixture(dim: int, components: int = 5) -> GaussianMixture:
     """The fixed mixture of `gmm<dim>`: weights 0.35/0.25/0.2/0.12/0.08, stds 0.25..0.8, seeded means."""

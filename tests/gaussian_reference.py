@@ -76,24 +76,11 @@ def gaussian_log_density(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 class MixtureVelocity(nn.Module):
-    """Exact marginal velocity of an isotropic Gaussian mixture under x_t = (1 - t) x + t z (float64).
-
-    Given component k, x_t ~ N((1 - t) mu_k, sigma_k,t^2 I) with sigma_k,t^2 = (1 - t)^2 s_k^2 + t^2 and
-    velocity v_k = -mu_k + r_k(t) (x - (1 - t) mu_k), r_k = (t - (1 - t) s_k^2) / sigma_k,t^2; the marginal
-    velocity is the posterior-weighted sum_k P(k | x_t) v_k. Its flow carries the mixture to N(0, I).
-    """
+    """`GaussianMixture.velocity` as a module (float64): the exact flow of an isotropic Gaussian mixture."""
 
     def __init__(self, mixture: GaussianMixture):
         super().__init__()
-        self.w, self.mu, self.s = mixture.weights, mixture.means, mixture.stds
+        self.mixture = mixture
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        x, t = x.double(), t.double()[:, None]  # (B, D), (B, 1)
-        var = (1 - t) ** 2 * self.s**2 + t**2  # (B, K)
-        means = (1 - t)[:, :, None] * self.mu[None]  # (B, K, D)
-        sq = (x[:, None, :] - means).pow(2).sum(-1)  # (B, K)
-        dim = x.shape[1]
-        post = torch.softmax(self.w.log() - 0.5 * sq / var - 0.5 * dim * var.log(), dim=1)  # (B, K)
-        rate = (t - (1 - t) * self.s**2) / var  # (B, K)
-        v = -self.mu[None] + rate[:, :, None] * (x[:, None, :] - means)  # (B, K, D)
-        return (post[:, :, None] * v).sum(1)
+        return self.mixture.velocity(x, t)

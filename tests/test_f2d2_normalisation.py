@@ -1,7 +1,7 @@
 """F2D2's few-step log p is a normalised density at the map Shortcut training converges to.
 
-No training: the map is built as the fixed point of the training targets (`f2d2.losses.shortcut_targets`)
-on an exact velocity field, so each jump of size 2^-k is the composition its targets ask for, down to
+No training: the map is built as the fixed point of the training targets (`f2d2.fixed_point`) on an
+exact velocity field, so each jump of size 2^-k is the composition its targets ask for, down to
 the finest level. Its few-step log p is then compared with the exact log-density of the data, for an
 analytic Gaussian (where D cannot depend on x) and a 2D Gaussian mixture (where it does). The former
 finest-level rule, two Euler half steps, sat above the exact density by ~0.03 nats on the Gaussian;
@@ -10,56 +10,19 @@ the test holds the current rule to a tenth of that and shows the Euler rule fail
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import pytest
 import torch
 from torch import Tensor
 
+from f2d2.fixed_point import ConvergedShortcutMap, euler_half_step_targets, exact_tangent
 from f2d2.flowmap import FlowMapSampler, few_step_log_likelihood, few_step_sample, untrained_jumps
-from f2d2.losses import F2D2Config, dyadic_pairs, shortcut_targets, validate
-from gaussian_reference import GaussianVelocity, MixtureVelocity, gaussian_log_density
+from f2d2.losses import F2D2Config, dyadic_pairs, validate
+from gaussian_reference import GaussianVelocity, gaussian_log_density
 from shared.densities import KNOWN_DENSITIES
-from shared.likelihood import divergence_exact
-from shared.paths import broadcast_time
 from shared.sampling import time_grid
 
 LEVELS = 6
-Tangent = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def exact_tangent(velocity: torch.nn.Module) -> Tangent:
-    """(v(x, t), -div v(x, t)) in float64 with the exact (autograd) divergence."""
-    def tangent(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        v, div = divergence_exact(velocity, x.double(), t.double())
-        return v, -div
-    return tangent
-
-
-def euler_targets(net, x, t, s, fine):
-    """The former rule: the finest jump as two Euler half steps, u* = (v(x, t) + v(x_r, r)) / 2."""
-    r = (t + s) / 2
-    u1, d1 = net(x, t, torch.where(fine, t, r))
-    u2, d2 = net(x + broadcast_time(r - t, x) * u1, r, torch.where(fine, r, s))
-    return (u1 + u2) / 2, (d1 + d2) / 2
-
-
-class ConvergedShortcutMap:
-    """(x, t, s) -> (u, D): the fixed point of Shortcut's targets over `levels` on an exact tangent."""
-
-    div_scale = 1.0
-
-    def __init__(self, tangent: Tangent, targets=shortcut_targets, levels: int = LEVELS):
-        self.tangent, self.targets, self.levels = tangent, targets, levels
-
-    def __call__(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        size = (s - t).abs()
-        if bool((size == 0).all()):
-            return self.tangent(x, t)
-        k = round(-math.log2(size[0].item()))
-        assert 0 <= k <= self.levels and torch.allclose(size, size[0]), "every jump of a batch is one dyadic size"
-        fine = torch.full_like(t, k == self.levels, dtype=torch.bool)
-        return self.targets(self, x, t, s, fine)
 
 
 def _gap(map_fn, x: Tensor, exact: Tensor, steps: int) -> tuple[float, float]:
@@ -74,9 +37,9 @@ def test_converged_map_is_normalised_on_a_sharp_gaussian():
     exact = gaussian_log_density(x, mean, std)
     tangent = exact_tangent(GaussianVelocity(mean, std))
     for steps in (1, 4):
-        gap, _ = _gap(ConvergedShortcutMap(tangent), x, exact, steps)
+        gap, _ = _gap(ConvergedShortcutMap(tangent, LEVELS), x, exact, steps)
         assert abs(gap) < 0.003, (steps, gap)
-    euler_gap, se = _gap(ConvergedShortcutMap(tangent, euler_targets), x, exact, 4)
+    euler_gap, se = _gap(ConvergedShortcutMap(tangent, LEVELS, euler_half_step_targets), x, exact, 4)
     assert euler_gap > 0.02 and euler_gap > 10 * se, "the Euler rule's bias is what this test exists to catch"
 
 
@@ -84,14 +47,14 @@ def test_converged_map_is_normalised_on_a_2d_mixture_and_its_samples_follow_it()
     gmm = KNOWN_DENSITIES["gmm2"]
     x = gmm.sample(1500, torch.Generator().manual_seed(1)).double()
     exact = gmm.log_prob(x)
-    tangent = exact_tangent(MixtureVelocity(gmm))
-    gap, se = _gap(ConvergedShortcutMap(tangent), x, exact, 2)
+    tangent = exact_tangent(gmm.velocity)
+    gap, se = _gap(ConvergedShortcutMap(tangent, LEVELS), x, exact, 2)
     assert abs(gap) < 0.01 and abs(gap) < max(3 * se, 0.003), (gap, se)
-    euler_gap, _ = _gap(ConvergedShortcutMap(tangent, euler_targets), x, exact, 2)
+    euler_gap, _ = _gap(ConvergedShortcutMap(tangent, LEVELS, euler_half_step_targets), x, exact, 2)
     assert euler_gap > 2 * abs(gap) + 0.01
     # the sampling direction: the log p the map assigns to its own samples matches the density at them
     noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    result, logp = few_step_sample(ConvergedShortcutMap(tangent), noise, 2)
+    result, logp = few_step_sample(ConvergedShortcutMap(tangent, LEVELS), noise, 2)
     assert (logp - gmm.log_prob(result.samples)).abs().mean().item() < 0.02
 
 
