@@ -170,6 +170,7 @@ def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_pat
 
     data = load_dataset(resolve_config(run, []).data)
     assert summary["exact_nll_nats"] == pytest.approx(-data.log_density(data.test).mean().item())
+    assert (run / "nll-test-calibration.png").stat().st_size > 0  # model log p against the exact log p
 
 
 def test_init_from_applies_when_a_resumed_run_has_no_checkpoint_yet(tmp_path):
