@@ -13,12 +13,18 @@ method.coupling.iters; the precomputed NFM cache's extraction throughput (pertur
 nf_teacher recipe's method.coupling.batch, images/s) is timed too.
 The teacher is the recipe's TarFlow, randomly initialised (throughput does not depend on the weights).
 
-Run from the repository root:  python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist]
+SD-FM scaling (--sizes): on synthetic Gaussian points (N, --dim) for each N, the dual fit's iterations/s
+(`nfm.semidiscrete_ot.DualAscent.step`, noise batch --fit-batch) and the inner-product search's queries/s
+(`nfm.mips.InnerProductSearch`, same batch, a random potential), each timed for about --seconds.
+
+Run from the repository root:
+    python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist] [--sizes 20000,160000,1280000]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +35,8 @@ from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
 from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
-from nfm.semidiscrete_ot import SemidiscretePotential, dual_step
+from nfm.mips import InnerProductSearch
+from nfm.semidiscrete_ot import DualAscent, SemidiscretePotential
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
@@ -50,6 +57,11 @@ COLUMNS = {"case": "case", "batch": "batch", "n_data": "N", "dim": "dim", "indep
 FIT_COLUMNS = {"case": "case", "n_data": "N", "dim": "dim", "sdot_batch": "fit batch", "ms_per_iter": "ms / iter",
                "sdot_iters": "recipe iters", "est_fit_s": "est. fit s", "mips_pairs_per_s": "MIPS scores/s",
                "extract_images_per_s": "NFM extraction img/s", "extract_bf16_images_per_s": "NFM extraction bf16 img/s"}
+SCALING_COLUMNS = {"device": "device", "n_data": "N", "dim": "dim", "batch": "batch", "fit_iters": "timed iters",
+                   "fit_iters_per_s": "fit iters/s", "fit_ms_per_iter": "ms / iter",
+                   "est_fit_s": "est. 2000-iter fit s", "mips_queries_per_s": "MIPS queries/s",
+                   "mips_scores_per_s": "MIPS scores/s"}
+DEFAULT_SIZES = "20000,160000,1280000"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_args(parser, repeats=5)
     parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: each recipe's own, "
                         f"{', '.join(map(str, EXTRA_BATCHES))})")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                        help="comma-separated data-set sizes N of the SD-FM scaling table ('' skips it)")
+    parser.add_argument("--dim", type=int, default=2, help="dimension of the scaling table's synthetic points")
+    parser.add_argument("--fit-batch", type=int, default=4096, help="noise batch of the scaling table")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="scaling table: time each measurement for about this long (at least 2 calls)")
+    parser.add_argument("--scaling-only", action="store_true", help="skip the recipe cases, run only the scaling table")
     return parser.parse_args(argv)
 
 
@@ -141,9 +160,8 @@ def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int
         row["sdot_queries_per_s"] = batch / (row["sdot_ms"] / 1000)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    y = dataset.train.reshape(n, -1).to(device)
-    g = sdot.potential.g.to(device)
-    ms = time_ms(lambda: dual_step(g, y, sd_cfg.batch, generator, sd_cfg.chunk), device, FIT_ITERS)
+    ascent = DualAscent(dataset.train.reshape(n, -1).to(device), sd_cfg.batch, generator, sd_cfg.chunk)
+    ms = time_ms(lambda: ascent.step(sd_cfg.lr), device, FIT_ITERS)
     fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.batch, "ms_per_iter": ms,
            "sdot_iters": sd_cfg.iters, "est_fit_s": ms * sd_cfg.iters / 1000,
            "mips_pairs_per_s": sd_cfg.batch * n / (ms / 1000),
@@ -151,6 +169,35 @@ def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int
            "extract_bf16_images_per_s": extraction_rate(online, "bf16", device)}
     print(json.dumps(fit), flush=True)
     return rows, fit
+
+
+def rate(fn: Callable[[], Any], device: torch.device, seconds: float) -> tuple[int, float]:
+    """(calls, calls per second) of `fn` after one warm-up call, repeated for about `seconds` (at least twice)."""
+    fn()
+    calls, elapsed = 0, 0.0
+    while calls < 2 or elapsed < seconds:
+        elapsed += timed(fn, device)[0]
+        calls += 1
+    return calls, calls / elapsed
+
+
+def bench_scaling(sizes: list[int], dim: int, batch: int, device: torch.device, seconds: float) -> list[dict[str, Any]]:
+    """Fit iterations/s and MIPS queries/s of SD-FM against the number of data points N."""
+    rows = []
+    for n in sizes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        y = torch.randn(n, dim, device=device, generator=gen)
+        ascent = DualAscent(y, batch, gen)
+        fit_calls, fit_rate = rate(lambda: ascent.step(1e-3), device, seconds)
+        search, g = InnerProductSearch(y), 0.1 * torch.randn(n, device=device, generator=gen)
+        queries = torch.randn(batch, dim, device=device, generator=gen)
+        _, mips_rate = rate(lambda: search(queries, g), device, seconds)
+        row = {"device": device.type, "n_data": n, "dim": dim, "batch": batch, "fit_iters": fit_calls,
+               "fit_iters_per_s": fit_rate, "fit_ms_per_iter": 1000 / fit_rate, "est_fit_s": 2000 / fit_rate,
+               "mips_queries_per_s": batch * mips_rate, "mips_scores_per_s": batch * n * mips_rate}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -163,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choices: {', '.join(CASES)}")
     rows, fits = [], []
-    for name in names:
+    for name in [] if args.scaling_only else names:
         batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
         case_rows, fit = bench_case(name, device, args.repeats, batches)
         rows += case_rows
@@ -174,12 +221,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "NFM online: perturb (per-address seeded eps') + teacher encode of the batch; cached: a gather from the "
              "(N, draws, ...) cache on the device; extraction: 1024 images, one timed pass",
              f"fit: {FIT_ITERS} timed SD-FM dual iterations, extrapolated to the recipe's method.coupling.iters "
-             "(plus a final evaluation of about 10 N noise draws, not included)"]
+             "(plus a final evaluation of about 10 N noise draws, not included)",
+             f"scaling: synthetic N(0, I_{args.dim}) points, noise batch {args.fit_batch}, each rate timed for about "
+             f"{args.seconds:g} s after a warm-up call; est. fit s = 2000 iterations at that rate (the recipes' "
+             "default), without the final evaluation"]
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    scaling = bench_scaling(sizes, args.dim, args.fit_batch, device, args.seconds)
     payload = {"bench": "bench_couplings", "machine": machine(device), "settings": vars(args), "notes": notes,
-               "rows": rows, "fit_rows": fits}
+               "rows": rows, "fit_rows": fits, "scaling_rows": scaling}
     info = payload["machine"]
     print(f"\nbench_couplings on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
-    print(markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(fits, FIT_COLUMNS))
+    print(markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(fits, FIT_COLUMNS) + "\n\n"
+          + markdown_table(scaling, SCALING_COLUMNS))
     for note in notes:
         print(f"- {note}")
     out = Path(args.out) if args.out else RESULTS / f"bench_couplings-{device.type}.json"

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nfm.semidiscrete_ot import SemidiscretePotential, fit_potential, load_potential, mips, save_potential
+from nfm.mips import InnerProductSearch
+from nfm.semidiscrete_ot import (CHI2_TOL, ON_UNCONVERGED, SemidiscretePotential, check_convergence, fit_potential,
+                                 load_potential, save_potential)
 from shared.catalog import BuildContext
 from shared.rundir import couplings_dir
 
@@ -62,7 +64,9 @@ class SemidiscreteOTConfig:
     iters: int = 2000  # stochastic-ascent iterations of the dual fit
     batch: int = 4096  # noise samples per fit iteration
     lr: float = 0.01  # Adam step of the fit, relative to the data's RMS norm
-    chunk: int = 8192  # data points per matmul block of the inner-product search
+    chunk: int = 0  # data points per tile of the inner-product search (0: 256 on the CPU, 16384 on a GPU)
+    chi2_tol: float = CHI2_TOL  # converged when the final chi^2 of the assignments is at most this (and W2^2/2 >= 0)
+    on_unconverged: str = "warn"  # what an unconverged fit (or a loaded unconverged potential) does: warn | error
 
 
 class Coupling:
@@ -165,20 +169,27 @@ class SemidiscreteOTCoupling(Coupling):
 
     The potential g is fitted once (`nfm.semidiscrete_ot.fit_potential`) on the first call, on the training
     device, unless `path` already holds one for the same data (checked by fingerprint); a fitted potential is
-    saved to `path`. The data moves to the training device on the first call.
+    saved to `path`. A fitted or loaded potential that fails the convergence criterion (final chi^2 above
+    `chi2_tol` or a negative W_2^2/2) warns, or raises `NotConvergedError` with on_unconverged="error" (then
+    nothing is saved). The data moves to the training device on the first call.
     """
 
     name = "semidiscrete_ot"
 
     def __init__(self, data: Tensor, fingerprint: str, path: str | Path | None = None, iters: int = 2000,
-                 batch: int = 4096, lr: float = 0.01, chunk: int = 8192, seed: int = 0, progress: bool = True):
+                 batch: int = 4096, lr: float = 0.01, chunk: int = 0, seed: int = 0, progress: bool = True,
+                 chi2_tol: float = CHI2_TOL, on_unconverged: str = "warn"):
+        if on_unconverged not in ON_UNCONVERGED:
+            raise ValueError(f"method.coupling.on_unconverged must be one of {', '.join(ON_UNCONVERGED)}, "
+                             f"got {on_unconverged!r}")
         self.data, self.fingerprint = data, fingerprint
         self.path = Path(path) if path else None
-        self.fit_options = dict(iters=iters, batch=batch, lr=lr, seed=seed, chunk=chunk, progress=progress)
-        self.chunk = chunk
+        self.fit_options = dict(iters=iters, batch=batch, lr=lr, seed=seed, chunk=chunk, progress=progress,
+                                chi2_tol=chi2_tol, on_unconverged=on_unconverged)
+        self.chunk, self.chi2_tol, self.on_unconverged = chunk, chi2_tol, on_unconverged
         self.potential: SemidiscretePotential | None = None  # set once loaded or fitted
         self._g: Tensor | None = None
-        self._flat: Tensor | None = None
+        self._search: InnerProductSearch | None = None
 
     @classmethod
     def from_config(cls, cfg: SemidiscreteOTConfig, ctx: BuildContext | None = None) -> "SemidiscreteOTCoupling":
@@ -186,7 +197,7 @@ class SemidiscreteOTCoupling(Coupling):
             raise ValueError("coupling semidiscrete_ot needs the training data set to fit its potential")
         path = cfg.potential or couplings_dir(ctx.run_dir) / SDOT_FILE
         return cls(ctx.dataset.train, ctx.dataset.fingerprint, path, cfg.iters, cfg.batch, cfg.lr, cfg.chunk,
-                   ctx.run_config.seed, ctx.run_config.train.progress)
+                   ctx.run_config.seed, ctx.run_config.train.progress, cfg.chi2_tol, cfg.on_unconverged)
 
     def prepare(self, device: torch.device | str) -> None:
         """Load (or fit and save) the potential and move it and the data to `device`."""
@@ -196,6 +207,7 @@ class SemidiscreteOTCoupling(Coupling):
         if self.potential is None:
             if self.path is not None and self.path.is_file():
                 self.potential = load_potential(self.path, self.fingerprint, len(self.data))
+                check_convergence(self.potential, self.chi2_tol, self.on_unconverged)
             else:
                 self.potential = fit_potential(self.data.to(device), self.fingerprint, **self.fit_options)
                 if self.path is not None:
@@ -205,7 +217,7 @@ class SemidiscreteOTCoupling(Coupling):
                            f"dual={info['dual']:.6g}, W2^2/2={info['w2_half']:.6g}, {info['fit_seconds']:.1f} s"
                            + (f", saved to {self.path}" if self.path is not None else ""))
         self.data = self.data.to(device)
-        self._flat = self.data.reshape(len(self.data), -1)
+        self._search = InnerProductSearch(self.data.reshape(len(self.data), -1), self.chunk)
         self._g = self.potential.g.to(device)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -215,6 +227,6 @@ class SemidiscreteOTCoupling(Coupling):
     def pairs(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(y_{k*}, x0) for B = len(x) fresh noise samples; x gives only the batch size, device and dtype."""
         self.prepare(x.device)
-        x0 = torch.randn(len(x), self._flat.shape[1], device=x.device, generator=generator)
-        _, k = mips(x0, self._flat, self._g, self.chunk)
+        x0 = torch.randn(len(x), self._search.keys.shape[1], device=x.device, generator=generator)
+        _, k = self._search(x0, self._g)
         return self.data[k].to(x.dtype), x0.reshape(len(x), *self.data.shape[1:]).to(x.dtype)

@@ -10,17 +10,22 @@ semi-dual is the concave problem
 
 and at its maximum x0 -> y_{k*(x0)}, k*(x0) = argmax_k g_k + <x0, y_k>, is the optimal transport map, with
 D(g) + d/2 + mean_k |y_k|^2 / 2 = W_2^2 / 2 (the `w2_half` below). The assignment k* is a maximum inner-product
-search (MIPS), computed here in blocks of data points.
+search (MIPS, `nfm.mips`), computed in tiles with buffers reused across the fit's iterations.
 
-Convergence diagnostic: chi^2(p || uniform) = N sum_k p_k^2 - 1 of the assignment frequencies p, estimated
-without bias from the counts c of B noise draws as N sum_k c_k (c_k - 1) / (B (B - 1)) - 1 (0 when every data
-point receives exactly its share; the SD-FM paper reports gains saturating near 0.05).
+Convergence diagnostic: chi^2(p || uniform) = N sum_k p_k^2 - 1 = N |dD/dg|^2 of the assignment frequencies p,
+estimated without bias from the counts c of B noise draws as N sum_k c_k (c_k - 1) / (B (B - 1)) - 1 (0 when
+every data point receives exactly its share; the SD-FM paper reports gains saturating near 0.05).
+
+Convergence criterion (`convergence_problem`): a fitted potential is converged when its final chi^2, measured
+on at least 10 N fresh noise draws, is at most `chi2_tol` (default 0.05) and its W_2^2/2 estimate is
+non-negative (weak duality makes D(g) + d/2 + mean|y|^2/2 a lower bound of W_2^2/2 >= 0, so a negative value
+means g is far from the maximum). An unconverged fit warns, or raises `NotConvergedError` when asked to.
 """
 from __future__ import annotations
 
 import math
-import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +33,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from nfm.mips import InnerProductSearch
 from shared.checkpoint import CheckpointError, atomic_write_bytes
+from shared.progress import Progress
 
 INFO_KEYS = ("n", "dim", "iters", "batch", "lr", "seed", "chi2", "dual", "w2_half", "fit_seconds")
+CHI2_TOL = 0.05  # default convergence tolerance on the final chi^2 (the SD-FM paper's saturation level)
+ON_UNCONVERGED = ("warn", "error")
+
+
+class NotConvergedError(RuntimeError):
+    """A fitted potential fails the convergence criterion and the caller asked for an error."""
 
 
 @dataclass
@@ -45,96 +57,179 @@ class SemidiscretePotential:
     history: dict[str, Tensor] = field(default_factory=dict)  # per logged window: iter, dual, chi2
 
 
-def mips(queries: Tensor, keys: Tensor, bias: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """max_k and argmax_k of <q_i, y_k> + b_k for queries (B, d), keys (N, d), bias (N,): (B,) float, (B,) int64.
-
-    Scans blocks of `chunk` keys with a running maximum (memory B x chunk), in float32 even under autocast.
-    """
-    with torch.autocast(queries.device.type, enabled=False):
-        queries, keys, bias = queries.float(), keys.float(), bias.float()
-        best = torch.full((queries.shape[0],), -math.inf, device=queries.device)
-        arg = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
-        for start in range(0, keys.shape[0], chunk):
-            scores = torch.addmm(bias[start:start + chunk], queries, keys[start:start + chunk].T)
-            value, index = scores.max(1)
-            better = value > best
-            best = torch.where(better, value, best)
-            arg = torch.where(better, index + start, arg)
-    return best, arg
-
-
 def chi2_estimate(counts: Tensor, draws: int) -> Tensor:
-    """Unbiased chi^2(p || uniform) = N sum_k p_k^2 - 1 from assignment counts (N,) of `draws` noise samples."""
+    """Unbiased chi^2(p || uniform) = N sum_k p_k^2 - 1 from assignment counts (N,) of `draws` noise samples.
+
+    Computed as N (c . c - draws) / (draws (draws - 1)) - 1 in float64, without temporaries when `counts` is
+    already float64.
+    """
     counts = counts.double()
-    return counts.numel() * (counts * (counts - 1)).sum() / (draws * (draws - 1)) - 1
+    return counts.numel() * (torch.dot(counts, counts) - draws) / (draws * (draws - 1)) - 1
 
 
-def dual_step(g: Tensor, y: Tensor, batch: int, generator: torch.Generator, chunk: int = 8192
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """One batch of B noise draws against data y (N, d): the estimates of dD/dg (N,), D(g) and chi^2 (0-dim)."""
-    x0 = torch.randn(batch, y.shape[1], device=y.device, generator=generator)
-    best, arg = mips(x0, y, g, chunk)
-    counts = torch.bincount(arg, minlength=y.shape[0])
-    grad = 1.0 / y.shape[0] - counts.float() / batch
-    return grad, g.double().mean() - best.double().mean(), chi2_estimate(counts, batch)
+class AssignmentSampler:
+    """Draws B noise samples x0 ~ N(0, I_d) and assigns them to data y (N, d) under a potential g, in place.
+
+    Holds the search's tiles, the noise batch (B, d) and the counts (N,) float64, all on y's device, so a call
+    allocates nothing of size N. `counts` holds the last call's assignment counts.
+    """
+
+    def __init__(self, y: Tensor, batch: int, generator: torch.Generator, chunk: int = 0):
+        if batch < 2:
+            raise ValueError(f"the noise batch must hold at least 2 samples (chi^2 needs pairs), got {batch}")
+        self.search = InnerProductSearch(y, chunk)
+        self.batch, self.generator = batch, generator
+        device = self.search.keys.device
+        self.noise = torch.empty(batch, self.search.keys.shape[1], device=device)
+        self.counts = torch.zeros(self.search.n, dtype=torch.float64, device=device)
+        self._ones = torch.ones(batch, dtype=torch.float64, device=device)
+
+    def __call__(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Estimates of D(g) and chi^2 from one fresh batch, as 0-dim float64 tensors on the device (no sync)."""
+        torch.randn(self.noise.shape, generator=self.generator, out=self.noise)
+        best, arg = self.search(self.noise, g)
+        self.counts.zero_().index_add_(0, arg, self._ones)
+        dual = g.sum().double() / self.search.n - best.double().mean()
+        return dual, chi2_estimate(self.counts, self.batch)
+
+
+class DualAscent:
+    """Adam ascent on D(g) from g = 0: g <- g + lr_t m_hat / (sqrt(v_hat) + eps), dD/dg_k = 1/N - c_k / B.
+
+    The moments and the gradient are preallocated (N,) float32 buffers updated in place; the dual and chi^2
+    estimates of the iterations since the last `window()` are summed on the device and read only there.
+    """
+
+    def __init__(self, y: Tensor, batch: int, generator: torch.Generator, chunk: int = 0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.sampler = AssignmentSampler(y, batch, generator, chunk)
+        n, device = self.sampler.search.n, self.sampler.noise.device
+        self.g = torch.zeros(n, device=device)
+        self._m, self._v = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        self._grad, self._denom = torch.empty(n, device=device), torch.empty(n, device=device)
+        self.betas, self.eps = betas, eps
+        self.steps = 0
+        self._sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self._window = 0
+
+    def step(self, lr: float) -> None:
+        """One iteration: a noise batch, the stochastic gradient of D at g, and an Adam step of size `lr`."""
+        dual, chi2 = self.sampler(self.g)
+        self._sums[0] += dual
+        self._sums[1] += chi2
+        self._window += 1
+        n, batch = self.sampler.search.n, self.sampler.batch
+        torch.mul(self.sampler.counts, -1.0 / batch, out=self._grad)
+        self._grad.add_(1.0 / n)
+        self.steps += 1
+        b1, b2 = self.betas
+        self._m.mul_(b1).add_(self._grad, alpha=1 - b1)
+        self._v.mul_(b2).addcmul_(self._grad, self._grad, value=1 - b2)
+        torch.sqrt(self._v, out=self._denom)
+        self._denom.div_(math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        self.g.addcdiv_(self._m, self._denom, value=lr / (1 - b1 ** self.steps))
+
+    def window(self) -> tuple[float, float]:
+        """Mean dual and chi^2 estimates over the steps since the last call (one host sync); resets the sums."""
+        if self._window == 0:
+            raise RuntimeError("no DualAscent.step since the last window()")
+        dual, chi2 = (self._sums / self._window).tolist()
+        self._sums.zero_()
+        self._window = 0
+        return dual, chi2
 
 
 @torch.no_grad()
 def evaluate_potential(g: Tensor, y: Tensor, generator: torch.Generator, batches: int = 20, batch: int = 4096,
-                       chunk: int = 8192) -> dict[str, float]:
+                       chunk: int = 0) -> dict[str, float]:
     """Dual D(g), W_2^2/2 = D + d/2 + mean|y|^2/2 and chi^2, averaged over `batches` fresh noise batches."""
-    g, y = g.to(y.device).float(), y.reshape(y.shape[0], -1).float()
-    dual = chi2 = 0.0
+    y = y.reshape(y.shape[0], -1).float()
+    sampler = AssignmentSampler(y, batch, generator, chunk)
+    sums = torch.zeros(2, dtype=torch.float64, device=y.device)
+    g = g.to(y.device).float()
     for _ in range(batches):
-        _, d, c = dual_step(g, y, batch, generator, chunk)
-        dual, chi2 = dual + d.item() / batches, chi2 + c.item() / batches
+        dual, chi2 = sampler(g)
+        sums[0] += dual
+        sums[1] += chi2
+    dual, chi2 = (sums / batches).tolist()
     w2_half = dual + y.shape[1] / 2 + y.double().pow(2).sum(1).mean().item() / 2
     return {"dual": dual, "chi2": chi2, "w2_half": w2_half}
 
 
-@torch.no_grad()
-def fit_potential(y: Tensor, fingerprint: str, iters: int = 2000, batch: int = 4096, lr: float = 0.01,
-                  seed: int = 0, chunk: int = 8192, log_every: int = 50, eval_batches: int = 20,
-                  progress: bool = True) -> SemidiscretePotential:
-    """Stochastic ascent on D(g) from g = 0 over data rows y (N, ...), on y's device.
+def convergence_problem(info: dict[str, float], chi2_tol: float = CHI2_TOL) -> str:
+    """Why a fit with final diagnostics `info` (chi2, w2_half) is not converged; "" when it is.
 
-    Adam on -dD/dg with a cosine step-size decay to zero; the step is `lr` times the data's RMS norm
-    sqrt(mean_k |y_k|^2), the scale of <x0, y_k>, so one `lr` suits data sets of any size and dimension.
-    Every `log_every` iterations the window's mean dual and chi^2 estimates are recorded; the final
-    `info` holds `evaluate_potential` on at least `eval_batches` fresh batches and 10 N noise draws.
+    Converged: chi^2 <= chi2_tol and W_2^2/2 >= 0 (see the module docstring); NaNs fail both tests.
     """
+    problems = []
+    if not info["chi2"] <= chi2_tol:
+        problems.append(f"chi^2 of the assignments {info['chi2']:.4g} > tolerance {chi2_tol:g}")
+    if not info["w2_half"] >= 0:
+        problems.append(f"W_2^2/2 estimate {info['w2_half']:.4g} < 0")
+    return "; ".join(problems)
+
+
+def check_convergence(potential: SemidiscretePotential, chi2_tol: float = CHI2_TOL,
+                      on_unconverged: str = "warn") -> None:
+    """Warn (on_unconverged="warn") or raise `NotConvergedError` ("error") when the potential is not converged."""
+    if on_unconverged not in ON_UNCONVERGED:
+        raise ValueError(f"on_unconverged must be one of {', '.join(ON_UNCONVERGED)}, got {on_unconverged!r}")
+    info = potential.info
+    problem = convergence_problem(info, chi2_tol)
+    if not problem:
+        return
+    settings = ", ".join(f"{k} {info[k]:g}" for k in ("iters", "batch", "lr") if k in info)
+    message = (f"the semidiscrete OT potential over {int(info.get('n', len(potential.g)))} points has not converged "
+               f"({problem}; fitted with {settings or 'unknown settings'}): its pairs are far from the optimal "
+               "transport plan. Fit longer (raise method.coupling.iters) or with more noise per iteration (raise "
+               "method.coupling.batch); if chi^2 stalls rather than falls, lower method.coupling.lr")
+    if on_unconverged == "error":
+        raise NotConvergedError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def fit_potential(y: Tensor, fingerprint: str, iters: int = 2000, batch: int = 4096, lr: float = 0.01,
+                  seed: int = 0, chunk: int = 0, log_every: int = 50, eval_batches: int = 20,
+                  progress: bool = True, log_seconds: float = 30.0, chi2_tol: float = CHI2_TOL,
+                  on_unconverged: str = "warn") -> SemidiscretePotential:
+    """Stochastic ascent on D(g) from g = 0 over data rows y (N, ...), on y's device; checks convergence.
+
+    Adam (`DualAscent`) with a cosine step-size decay to zero; the step is `lr` times the data's RMS norm
+    sqrt(mean_k |y_k|^2), the scale of <x0, y_k>, so one `lr` suits data sets of any size and dimension.
+    Every `log_every` iterations the window's mean dual and chi^2 estimates are recorded and shown: on a
+    progress bar (`progress`), else as a log line at most every `log_seconds`. The final `info` holds
+    `evaluate_potential` on at least `eval_batches` fresh batches and 10 N noise draws; a fit that fails the
+    convergence criterion (chi^2 > chi2_tol or W_2^2/2 < 0) warns or raises (`check_convergence`).
+    """
+    if iters < 1 or log_every < 1:
+        raise ValueError(f"iters and log_every must be >= 1, got iters={iters}, log_every={log_every}")
+    if on_unconverged not in ON_UNCONVERGED:
+        raise ValueError(f"on_unconverged must be one of {', '.join(ON_UNCONVERGED)}, got {on_unconverged!r}")
     start = time.perf_counter()
     y = y.reshape(y.shape[0], -1).float()
     generator = torch.Generator(device=y.device).manual_seed(seed)
     step_size = lr * y.pow(2).sum(1).mean().sqrt().item()
-    g = torch.zeros(y.shape[0], device=y.device, requires_grad=True)
-    opt = torch.optim.Adam([g], lr=step_size)
+    ascent = DualAscent(y, batch, generator, chunk)
     history: dict[str, list[float]] = {"iter": [], "dual": [], "chi2": []}
-    sums = torch.zeros(2, dtype=torch.float64, device=y.device)
-    bar = tqdm(range(iters), desc="sdot fit", disable=not progress, dynamic_ncols=True, mininterval=0.5,
-               file=sys.stderr)
-    for it in bar:
-        grad, dual, chi2 = dual_step(g.detach(), y, batch, generator, chunk)
-        sums += torch.stack([dual, chi2])
-        g.grad = -grad
-        opt.param_groups[0]["lr"] = step_size * 0.5 * (1 + math.cos(math.pi * it / iters))
-        opt.step()
+    bar = Progress(iters, f"sdot fit over {y.shape[0]} points", progress, log_seconds)
+    for it in range(iters):
+        ascent.step(step_size * 0.5 * (1 + math.cos(math.pi * it / iters)))
+        bar.update()
         if (it + 1) % log_every == 0 or it + 1 == iters:
-            window = (it % log_every) + 1
-            mean_dual, mean_chi2 = (sums / window).tolist()
-            sums.zero_()
+            mean_dual, mean_chi2 = ascent.window()
             history["iter"].append(it + 1)
             history["dual"].append(mean_dual)
             history["chi2"].append(mean_chi2)
-            bar.set_postfix(dual=f"{mean_dual:.4g}", chi2=f"{mean_chi2:.3g}")
+            bar.report(it + 1, {"dual": f"{mean_dual:.4g}", "chi2": f"{mean_chi2:.3g}", "target": f"<={chi2_tol:g}"})
     bar.close()
-    g = g.detach()
     eval_batches = max(eval_batches, math.ceil(10 * y.shape[0] / batch))
-    final = evaluate_potential(g, y, generator, eval_batches, batch, chunk)
+    final = evaluate_potential(ascent.g, y, generator, eval_batches, batch, chunk)
     info = {"n": y.shape[0], "dim": y.shape[1], "iters": iters, "batch": batch, "lr": lr, "seed": seed, **final,
             "fit_seconds": time.perf_counter() - start}
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in history.items()}
-    return SemidiscretePotential(g.float(), fingerprint, info, tensors)
+    potential = SemidiscretePotential(ascent.g, fingerprint, info, tensors)
+    check_convergence(potential, chi2_tol, on_unconverged)
+    return potential
 
 
 def save_potential(path: str | Path, potential: SemidiscretePotential) -> None:

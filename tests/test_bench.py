@@ -78,14 +78,66 @@ def test_bench_sample_benchmarks_a_trained_run(tmp_path, bench):
 
 
 def test_bench_couplings_times_every_source_and_nfm_extraction(tmp_path, bench):
-    payload = bench("bench_couplings", tmp_path / "c.json", "--cases", "toy", "--batches", "64,128")
+    payload = bench("bench_couplings", tmp_path / "c.json", "--cases", "toy", "--batches", "64,128",
+                    "--sizes", "500,3000", "--fit-batch", "64", "--seconds", "0")
     assert [r["batch"] for r in payload["rows"]] == [64, 128]
+    assert [r["n_data"] for r in payload["scaling_rows"]] == [500, 3000]
+    for row in payload["scaling_rows"]:
+        _positive(row, ["fit_iters_per_s", "mips_queries_per_s", "mips_scores_per_s", "est_fit_s"])
+        assert row["fit_iters"] >= 2 and math.isclose(row["mips_scores_per_s"], row["n_data"] * row["mips_queries_per_s"])
     for row in payload["rows"]:
         _positive(row, ["independent_ms", "ot_exact_ms", "sdot_ms", "nf_online_ms", "nf_online_bf16_ms",
                         "nf_precomputed_ms", "step_ms"])
         assert math.isclose(row["nf_pct_of_step"], 100 * row["nf_online_ms"] / row["step_ms"])
     (fit,) = payload["fit_rows"]
     _positive(fit, ["ms_per_iter", "extract_images_per_s", "extract_bf16_images_per_s"])
+
+
+def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_streaming
+
+    out = tmp_path / "s.json"
+    payload = bench_streaming.main(["--device", "cpu", "--sizes-gb", "0.002,0.004", "--image-size", "8", "--batch",
+                                    "16", "--workers", "1", "--batches", "12", "--warmup", "2", "--repeats", "2",
+                                    "--sample-every", "3", "--tmp", str(tmp_path), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    _check_machine(payload)
+    small, large = payload["rows"]
+    assert (small["size_gb"], large["size_gb"]) == (0.002, 0.004) and large["images"] >= 2 * small["images"]
+    for row in (small, large):
+        assert row["image_shape"] == [3, 8, 8] and row["timed_batches"] == 10 and row["processes"] == 2
+        assert len(row["images_per_s_per_repeat"]) == 2
+        _positive(row, ["images_per_s", "mb_per_s", "write_s", *(f"{k}_{w}_mb" for k in ("rss", "pss", "anon")
+                                                                 for w in ("start", "end", "peak"))])
+        assert row["pss_peak_mb"] <= row["rss_peak_mb"] and row["anon_peak_mb"] <= row["pss_peak_mb"] + 1
+    assert not list(tmp_path.glob("bench_streaming-*"))  # the temporary sets are deleted
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu_and_writes_one_json(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from bench import gpu_check
+
+    payload = gpu_check.main(["--smoke"])
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(payload, default=str))
+    parts = payload["parts"]
+    assert list(parts) == list(gpu_check.PARTS) and payload["smoke"] is True
+    assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(gpu_check.PARTS, "ok")
+    tests = parts["cuda_tests"]["result"]
+    assert tests["failed"] == tests["errors"] == 0 and "summary" in tests
+    train = parts["student_train"]["result"]
+    assert set(train["params"]) == {"unet", "dit"} and all(n > 0 for n in train["params"].values())
+    for rates in train["images_per_s"].values():
+        assert list(rates) == list(gpu_check.MODES) and rates["bf16_compile"] == "skipped: --smoke"
+        _positive(rates, ["fp32", "bf16", "bf16_channels_last"])
+    for rates in parts["sampling"]["result"]["nfe_per_s"].values():
+        _positive(rates, ["fp32", "bf16"])
+    _positive(parts["teacher_encode"]["result"]["images_per_s"], ["fp32", "bf16"])
+    _positive(parts["f2d2_meanflow"]["result"], ["meanflow_ms_per_step"])
+    launch = parts["accelerate"]["result"]
+    assert launch["ok"] and launch["cpu"]["processes"] == 2 and "gpu" not in launch
 
 
 def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_path):

@@ -1,5 +1,9 @@
-"""Semidiscrete OT (SD-FM): chunked MIPS, the chi^2 estimator, the dual fit, saving, and the coupling built on it."""
+"""Semidiscrete OT (SD-FM): tiled MIPS, the chi^2 estimator, the dual fit against a float64 reference, its
+convergence check and progress report, saving, and the coupling built on it."""
 from __future__ import annotations
+
+import math
+import warnings
 
 import pytest
 import torch
@@ -7,8 +11,9 @@ import torch
 from nfm import couplings
 from flowdistill.api import load_run
 from nfm.couplings import SDOT_FILE, IndependentCoupling, SemidiscreteOTConfig, SemidiscreteOTCoupling
-from nfm.semidiscrete_ot import (SemidiscretePotential, chi2_estimate, evaluate_potential, fit_potential,
-                                 load_potential, mips, save_potential)
+from nfm.mips import InnerProductSearch, mips
+from nfm.semidiscrete_ot import (NotConvergedError, SemidiscretePotential, chi2_estimate, convergence_problem,
+                                 evaluate_potential, fit_potential, load_potential, save_potential)
 from shared.catalog import BuildContext
 from shared.checkpoint import CheckpointError
 from shared.config import RunConfig
@@ -36,14 +41,37 @@ def fitted(request) -> tuple[torch.Tensor, SemidiscretePotential]:
     return y, fit_potential(y, "fp", seed=0, **FIT)
 
 
-@pytest.mark.parametrize("n,chunk", [(37, 8), (37, 37), (37, 100), (1, 4)])
-def test_chunked_mips_equals_brute_force_argmax(n, chunk):
-    q, keys = torch.randn(50, 5, generator=gen(0)), torch.randn(n, 5, generator=gen(1))
+@pytest.mark.parametrize("two_pass", [True, False], ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("n,chunk", [(37, 8), (37, 37), (37, 100), (1, 4), (3000, 0), (3000, 7)])
+def test_tiled_mips_equals_float64_brute_force_argmax(n, chunk, two_pass):
+    q, keys = torch.randn(700, 5, generator=gen(0)), torch.randn(n, 5, generator=gen(1))
     bias = torch.randn(n, generator=gen(2))
-    best, arg = mips(q, keys, bias, chunk)
-    scores = q @ keys.T + bias
-    assert torch.equal(arg, scores.argmax(1))
-    assert torch.allclose(best, scores.max(1).values, atol=1e-5)
+    search = InnerProductSearch(keys, chunk, two_pass)
+    scores = q.double() @ keys.double().T + bias.double()
+    for queries in (q, q[:3], q):  # the tile buffers are reused, and regrown for a larger batch
+        best, arg = search(queries, bias)
+        assert torch.equal(arg, scores[:len(queries)].argmax(1))
+        assert torch.allclose(best.double(), scores[:len(queries)].max(1).values, atol=1e-5)
+    assert torch.equal(mips(q, keys, bias, chunk)[1], arg)
+
+
+@pytest.mark.parametrize("two_pass", [True, False], ids=["two-pass", "one-pass"])
+def test_mips_breaks_exact_ties_at_the_first_index_like_argmax(two_pass):
+    keys = torch.randint(-2, 3, (12, 3), generator=gen(0)).float().repeat(4, 1)  # every key 4 times, 12 apart
+    q = torch.randint(-2, 3, (64, 3), generator=gen(1)).float()
+    bias = torch.zeros(48)
+    _, arg = InnerProductSearch(keys, 8, two_pass)(q, bias)
+    assert torch.equal(arg, (q @ keys.T).argmax(1)) and (arg < 12).all()
+
+
+def test_mips_rejects_mismatched_shapes():
+    search = InnerProductSearch(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"queries must be \(B, 3\)"):
+        search(torch.zeros(2, 4), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        search(torch.zeros(2, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match="non-empty"):
+        InnerProductSearch(torch.zeros(0, 3))
 
 
 def test_chi2_estimate_is_unbiased():
@@ -54,6 +82,70 @@ def test_chi2_estimate_is_unbiased():
     assert sum(draws) / len(draws) == pytest.approx(exact, abs=0.02)
     uniform = torch.bincount(torch.multinomial(torch.full((50,), 0.02), 20000, True, generator=gen(0)), minlength=50)
     assert abs(chi2_estimate(uniform, 20000).item()) < 0.02
+
+
+def reference_fit(y: torch.Tensor, iters: int, batch: int, lr: float, seed: int) -> torch.Tensor:
+    """The dual ascent written out in float64 with dense scores and torch.optim.Adam, on the same noise draws."""
+    generator = gen(seed)
+    g = torch.zeros(len(y), dtype=torch.float64, requires_grad=True)
+    step = lr * y.double().pow(2).sum(1).mean().sqrt().item()
+    opt = torch.optim.Adam([g], lr=step)
+    for it in range(iters):
+        x0 = torch.randn(batch, y.shape[1], generator=generator).double()
+        k = (x0 @ y.double().T + g.detach()).argmax(1)
+        g.grad = torch.bincount(k, minlength=len(y)).double() / batch - 1.0 / len(y)  # -dD/dg
+        opt.param_groups[0]["lr"] = step * 0.5 * (1 + math.cos(math.pi * it / iters))
+        opt.step()
+    return g.detach()
+
+
+def test_fit_equals_the_float64_dense_reference_potential_and_assignments():
+    y = points((50, 3), 2)
+    potential = fit_potential(y, "fp", iters=40, batch=256, lr=0.05, progress=False, chi2_tol=math.inf)
+    ref = reference_fit(y, 40, 256, 0.05, 0)
+    assert torch.allclose(potential.g.double(), ref, atol=1e-4 * ref.abs().max().item())
+    x0 = torch.randn(4000, 3, generator=gen(5))
+    fast = mips(x0, y, potential.g)[1]
+    exact = (x0.double() @ y.double().T + ref).argmax(1)
+    assert (fast == exact).float().mean().item() > 0.999
+
+
+def test_unconverged_fit_warns_with_its_numbers_or_refuses():
+    y = points((64, 2))
+    with pytest.warns(UserWarning, match=r"over 64 points has not converged \(chi\^2 of the assignments [0-9.]+ > "
+                                         r"tolerance 0.05.*iters 1, batch 256.*raise method.coupling.iters"):
+        potential = fit_potential(y, "fp", iters=1, batch=256, progress=False)
+    assert potential.info["chi2"] > 0.05 and potential.info["iters"] == 1
+    with pytest.raises(NotConvergedError, match="has not converged"):
+        fit_potential(y, "fp", iters=1, batch=256, progress=False, on_unconverged="error")
+    with pytest.raises(ValueError, match="on_unconverged must be one of warn, error"):
+        fit_potential(y, "fp", iters=1, batch=256, progress=False, on_unconverged="ignore")
+
+
+def test_convergence_criterion_needs_small_chi2_and_a_non_negative_w2():
+    assert convergence_problem({"chi2": 0.01, "w2_half": 0.3}) == ""
+    assert "W_2^2/2 estimate -0.2 < 0" in convergence_problem({"chi2": 0.01, "w2_half": -0.2})
+    assert "> tolerance 0.01" in convergence_problem({"chi2": 0.02, "w2_half": 1.0}, chi2_tol=0.01)
+    assert convergence_problem({"chi2": math.nan, "w2_half": math.nan}).count(";") == 1
+
+
+def test_fit_reports_convergence_as_it_goes_with_bars_off(capsys):
+    y = points((64, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_potential(y, "fp", iters=30, batch=256, lr=0.05, log_every=10, progress=False, log_seconds=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sdot fit over 64 points")]
+    assert [line.split(":")[1].split()[0] for line in lines] == ["10/30", "20/30", "30/30"]
+    assert all("it/s" in line and "chi2=" in line and "dual=" in line for line in lines)
+    assert "ETA" in lines[0] and "ETA" not in lines[-1]
+
+
+def test_fit_reports_convergence_on_the_progress_bar(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_potential(points((64, 2)), "fp", iters=20, batch=256, lr=0.05, log_every=10, progress=True)
+    err = capsys.readouterr().err
+    assert "sdot fit over 64 points" in err and "20/20" in err and "chi2=" in err
 
 
 def test_fit_raises_the_dual_and_brings_chi2_below_threshold(fitted):
@@ -120,7 +212,8 @@ def test_coupling_fits_once_saves_in_the_run_dir_and_reuses_the_potential(tmp_pa
         return SemidiscreteOTCoupling.from_config(cfg, BuildContext(run_cfg, dataset, run_dir_of(run_cfg), load_run))
 
     first = build_coupling(data)
-    x, z = first.pairs(torch.empty(16, 2), gen(0))
+    with pytest.warns(UserWarning, match="over 40 points has not converged"):  # 50 iterations are too few
+        x, z = first.pairs(torch.empty(16, 2), gen(0))
     assert (couplings_dir(tmp_path / "r") / SDOT_FILE).is_file()
 
     def no_refit(*args, **kwargs):
@@ -128,7 +221,8 @@ def test_coupling_fits_once_saves_in_the_run_dir_and_reuses_the_potential(tmp_pa
 
     monkeypatch.setattr(couplings, "fit_potential", no_refit)
     second = build_coupling(data)
-    x2, z2 = second.pairs(torch.empty(16, 2), gen(0))
+    with pytest.warns(UserWarning, match="over 40 points has not converged"):  # the loaded potential is checked too
+        x2, z2 = second.pairs(torch.empty(16, 2), gen(0))
     assert torch.equal(x, x2) and torch.equal(z, z2)
     other = Dataset("toy", y + 1, y[:4], None, None, None, "fp2")
     with pytest.raises(CheckpointError, match="fingerprint fp1, but this run's data has fingerprint fp2") as err:

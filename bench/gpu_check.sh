@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-shot GPU check (about 10 minutes on one H200): the CUDA tests, student training img/s of a U-Net and a
+# DiT (fp32, bf16, bf16 + channels-last, bf16 + torch.compile), sampling NFE/s, TarFlow encode img/s, the
+# MeanFlow-F2D2 jvp loss's step time and peak memory, and a 2-process `accelerate launch`. ONE JSON file:
+#   OUT=/path/to/out bash bench/gpu_check.sh      # writes $OUT/gpu_check.json (bench/results/ without OUT)
+# Extra arguments go to bench/gpu_check.py (e.g. --parts student_train,sampling). Packages missing on the GPU
+# machine are installed from wheels in shared/wheels/ when that folder exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d shared/wheels ]; then pip install -q --no-deps shared/wheels/*.whl; fi
+pip install -q --no-deps --no-build-isolation -e . >/dev/null
+python - <<'PY'
+import torch
+assert torch.cuda.is_available(), "bench/gpu_check.sh needs a CUDA device (bench/gpu_check.py --smoke runs on a CPU)"
+print("GPU:", torch.cuda.get_device_name(0))
+PY
+python -m bench.gpu_check "$@"
