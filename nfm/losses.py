@@ -54,6 +54,13 @@ class FlowMatchingLoss:
             raise ValueError(f"unknown method.time_sampler {cfg.time_sampler!r}; choices: {', '.join(TIME_SAMPLERS)}")
         self.cfg, self.coupling = cfg, coupling
 
+    def prepare(self, device: torch.device) -> None:
+        """Set the coupling up on `device` before the first step (fit or load an OT potential, move a
+        teacher), so that its cost is reported on its own rather than inside the first step's ETA."""
+        prepare = getattr(self.coupling, "prepare", None)
+        if prepare is not None:
+            prepare(device)
+
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:
         x, z = self.coupling.pairs(batch[0], generator)

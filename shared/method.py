@@ -17,7 +17,8 @@ from shared.sampling import SampleResult, sample
 
 
 class Loss(Protocol):
-    """What the trainer calls once per step."""
+    """What the trainer calls once per step. A loss may also define `prepare(device)`, which training
+    calls once before the first step (e.g. to fit a coupling), so that work is not timed as a step."""
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:

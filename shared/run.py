@@ -290,6 +290,8 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
                           f"{accelerator.num_processes} process(es) on {accelerator.device}")
         if resume and trainer.resume():
             accelerator.print(f"resumed at step {trainer.step}")
+        if hasattr(method, "prepare"):  # one-off set-up (an OT fit) before the loop and its ETA start
+            method.prepare(accelerator.device)
         aside = replaced_dir(run_dir)
         if accelerator.is_main_process and aside.exists():
             trainer.after_checkpoint.append(lambda: shutil.rmtree(aside, ignore_errors=True))
