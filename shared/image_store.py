@@ -1,4 +1,4 @@
-"""Images kept as uint8: in memory, or in memory-mapped `.npy` shards described by a JSON manifest.
+"""Images kept as uint8: in memory, or in `.npy` shards on disk described by a JSON manifest.
 
 A shard folder (written once by `flowdistill prepare-data`, see `shared.image_sources`) holds
 
@@ -11,15 +11,16 @@ with a manifest is complete. An `ImageStore` reads rows of such a folder (or of 
 tensor) as uint8 batches; the float conversion x = (v + 0.5) / levels * 2 - 1 stays in one place,
 `shared.data.image_to_model`, which this module (below `shared.data`) receives as an argument.
 
-Resident memory stays bounded while streaming: pages of a memory map that were read count towards
-the process's resident set, so after every `resident_bytes` gathered the store drops them again
-(`madvise(MADV_DONTNEED)`: clean file pages, re-read from the page cache or disk when needed).
+Resident memory stays flat while streaming: rows of a shard are read with positional reads
+(`os.preadv`) straight into the batch's buffer, so what was read lives in the kernel's page cache,
+shared and reclaimable, and never in the process's resident set (a memory map would keep every page
+it touched, up to the size of the set).
 """
 from __future__ import annotations
 
 import json
 import math
-import mmap
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,27 +58,17 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(shape), offset
 
 
-def _open_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
-    """A read-only memory map of an .npy file and the uint8 array (n, C, H, W) it holds (no copy)."""
-    shape, offset = _npy_header(path)
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)  # rows are read in shuffled order: no read-ahead
-    return mm, np.frombuffer(mm, dtype=np.uint8, count=math.prod(shape), offset=offset).reshape(shape)
-
-
 class ImageStore:
     """uint8 images (N, C, H, W) with `levels` grey levels per channel and optional int64 labels (N,).
 
     Backed by an in-memory tensor or by memory-mapped shard files; `rows` (when set) selects and orders
     a subset of the backing rows, so splits are views that copy nothing. Picklable for DataLoader
-    workers: memory maps are reopened in each process.
+    workers: shard files are reopened in each process.
     """
 
     def __init__(self, levels: int, shape: tuple[int, int, int], *, tensor: Tensor | None = None,
                  shards: list[tuple[Path, int]] | None = None, labels: Tensor | None = None,
-                 rows: Tensor | None = None, resident_bytes: int = 256 << 20):
+                 rows: Tensor | None = None):
         if (tensor is None) == (shards is None):
             raise ValueError("an ImageStore is backed by either a tensor or shard files")
         self.levels, self.shape = int(levels), tuple(int(s) for s in shape)
@@ -87,9 +78,7 @@ class ImageStore:
         self.total = len(tensor) if tensor is not None else int(self.starts[-1])
         self.labels = labels
         self.rows = rows
-        self.resident_bytes = resident_bytes  # gathered bytes between two releases of mapped pages
-        self._maps: list[tuple[mmap.mmap, np.ndarray]] | None = None
-        self._gathered = 0
+        self._files: list[tuple[int, int]] | None = None  # per shard: (file descriptor, data offset)
 
     @classmethod
     def from_tensor(cls, images: Tensor, levels: int, labels: Tensor | None = None) -> "ImageStore":
@@ -119,13 +108,17 @@ class ImageStore:
         base = rows if self.rows is None else self.rows[rows]
         view = ImageStore.__new__(ImageStore)
         view.__dict__.update(self.__dict__)
-        view.rows, view._maps, view._gathered = base, None, 0
+        view.rows, view._files = base, None
         return view
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"], state["_gathered"] = None, 0
+        state["_files"] = None
         return state
+
+    def __del__(self) -> None:
+        for fd, _ in getattr(self, "_files", None) or []:
+            os.close(fd)
 
     # ------------------------------------------------------------------ reading
 
@@ -140,19 +133,20 @@ class ImageStore:
         base = self._backing(rows)
         if self.tensor is not None:
             return self.tensor[torch.from_numpy(base)]
-        if self._maps is None:
-            self._maps = [_open_npy(path) for path, _ in self.shards]
-        out = np.empty((len(base), *self.shape), dtype=np.uint8)
+        if self._files is None:
+            self._files = [(os.open(path, os.O_RDONLY), _npy_header(path)[1]) for path, _ in self.shards]
+        out = np.empty((len(base), self.row_bytes), dtype=np.uint8)
         shard = np.searchsorted(self.starts, base, side="right") - 1
+        size = self.row_bytes
         for k in np.unique(shard):
+            fd, offset = self._files[k]
             picked = np.flatnonzero(shard == k)
             local = base[picked] - self.starts[k]
             order = np.argsort(local, kind="stable")  # read each shard in file order
-            out[picked[order]] = self._maps[k][1][local[order]]
-        self._gathered += out.nbytes
-        if self._gathered >= self.resident_bytes:
-            self.release()
-        return torch.from_numpy(out)
+            for i, row in zip(picked[order].tolist(), local[order].tolist()):
+                if os.preadv(fd, [out[i].data], offset + row * size) != size:
+                    raise StoreError(f"{str(self.shards[k][0])!r} ended before row {row}: the shard is cut short")
+        return torch.from_numpy(out.reshape(len(base), *self.shape))
 
     def labels_at(self, rows: Tensor) -> Tensor | None:
         """int64 labels (B,) of rows `rows`, or None for unlabelled data."""
@@ -167,13 +161,6 @@ class ImageStore:
     def all_labels(self) -> Tensor | None:
         """Every label (N,) int64, or None."""
         return None if self.labels is None else self.labels_at(torch.arange(len(self)))
-
-    def release(self) -> None:
-        """Drop the mapped pages read so far from this process's resident set (they stay on disk)."""
-        self._gathered = 0
-        for mm, _ in self._maps or []:
-            if hasattr(mmap, "MADV_DONTNEED"):
-                mm.madvise(mmap.MADV_DONTNEED)
 
 
 class StoredImages:
