@@ -135,7 +135,20 @@ class Pipeline:
                 joint = self._plan("f2d2", f"f2d2-{c}", spec.f2d2_joint,
                                    [f"method.teacher={base.dir}", f"train.init_from={u.dir}"], {"on": c, "part": "joint"})
                 self.f2d2 += [u, joint]
+                self._check_f2d2_steps(joint.config)
         self.compact = [run for seed in (spec.seeds if spec.compact else ()) for run in self._plan_compact(seed)]
+
+    def _check_f2d2_steps(self, cfg: RunConfig) -> None:
+        """Refuse, before anything trains, NFE the joint map cannot be scored at (untrained Shortcut jumps)."""
+        from f2d2.flowmap import untrained_jumps
+
+        if cfg.method.variant != "shortcut":
+            return
+        bad = [k for k in self.spec.steps if untrained_jumps(k, "linear", cfg.method.levels)]
+        if bad:
+            raise ConfigError(f"pipeline steps {bad}: a Shortcut F2D2 map with method.levels={cfg.method.levels} is "
+                              f"scored on the linear grid with K a power of two up to {2 ** cfg.method.levels}; "
+                              "drop those steps or use a meanflow f2d2 recipe")
 
     def _plan_compact(self, seed: int) -> list[PlannedRun]:
         """The distilled compact flow of one seed and its undistilled twin (same recipe, NLL weight 1)."""

@@ -99,6 +99,8 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     with pytest.raises(ConfigError, match="compact stage needs method nf_kd"):
         Pipeline(load_pipeline(tiny_spec(tmp_path, compact=str(TOY / "teacher.yaml"))))
+    with pytest.raises(ConfigError, match=r"pipeline steps \[3\]: a Shortcut F2D2 map"):
+        Pipeline(load_pipeline(tiny_spec(tmp_path, steps=[1, 3])))
 
 
 def test_compact_stage_plans_a_distilled_flow_and_its_undistilled_twin(tmp_path):
