@@ -11,7 +11,6 @@ bench/results/f2d2-fixed-point.json.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -20,7 +19,7 @@ from f2d2.fixed_point import ConvergedShortcutMap, euler_half_step_targets, exac
 from f2d2.flowmap import few_step_log_likelihood
 from f2d2.losses import shortcut_targets
 from shared.densities import KNOWN_DENSITIES, GaussianMixture
-from shared.evaluate import format_table, write_json
+from shared.evaluate import format_table, standard_error, write_json
 
 RULES = {"midpoint (current)": shortcut_targets, "two Euler half steps (earlier)": euler_half_step_targets}
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (1, 4):
                     diff = few_step_log_likelihood(ConvergedShortcutMap(tangent, levels, targets), x, k).logp - exact
                     row[f"K{k}_bias"] = diff.mean().item()
-                    row[f"K{k}_se"] = (diff.std() / math.sqrt(len(diff))).item()
+                    row[f"K{k}_se"] = standard_error(diff)
                 rows.append(row)
     print(f"few-step log p - exact log p at the converged Shortcut map, nats per sample ({args.n} points)")
     print(format_table(rows, ["density", "levels", "finest level", "K1_bias", "K1_se", "K4_bias", "K4_se"]))

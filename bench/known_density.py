@@ -20,7 +20,6 @@ per-sample |error|, all in nats per sample. Writes <out>/<data>.json and prints 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from flowdistill.api import load_run
 from flowdistill.f2d2_eval import evaluate
-from shared.evaluate import format_table, score_split, write_json
+from shared.evaluate import format_table, score_split, standard_error, write_json
 
 GRIDS = ("linear", "geometric")  # grids of trained jumps (f2d2.flowmap.untrained_jumps)
 STEPS = (1, 2, 4, 8)
@@ -40,7 +39,7 @@ def _row(method: str, nfe: float, logp: Tensor, exact: Tensor, seconds: float) -
     """Mean NLL, gap to the exact NLL with its paired standard error, mean |error| (nats per sample)."""
     diff = exact - logp  # per-sample NLL gap
     return {"method": method, "nfe": round(nfe, 1), "nll": -logp.mean().item(), "exact_nll": -exact.mean().item(),
-            "gap": diff.mean().item(), "gap_se": (diff.std() / math.sqrt(len(diff))).item(),
+            "gap": diff.mean().item(), "gap_se": standard_error(diff),
             "mean_abs_error": diff.abs().mean().item(), "max_abs_error": diff.abs().max().item(),
             "seconds": round(seconds, 2)}
 

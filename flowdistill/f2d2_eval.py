@@ -22,7 +22,8 @@ from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
 from f2d2.guidance import guided_sample
 from flowdistill.api import load_run
 from shared.data import bits_per_dim
-from shared.evaluate import evaluation_points, format_table, generate, generate_with, sync, write_columns, write_json
+from shared.evaluate import (evaluation_points, format_table, generate, generate_with, standard_error, sync,
+                             write_columns, write_json)
 from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import Run, require_same_data
@@ -43,11 +44,6 @@ def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[
         logps.append(res.logp.detach().double().cpu())
         nfe += res.nfe * len(logps[-1])
     return {"logp": torch.cat(logps), "nfe": nfe / len(x), "seconds": seconds}
-
-
-def _stderr(values: Tensor) -> float:
-    """Standard error of the mean of per-sample values (N,)."""
-    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
 
 def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
@@ -131,7 +127,7 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
             row["analytic_mae"] = (few["logp"] - analytic).abs().mean().item()
             row["ref_analytic_mae"] = (ref["logp"] - analytic).abs().mean().item()
             row["gap_to_exact"] = row["nll"] - row["exact_nll"]
-            row["gap_stderr"] = _stderr(analytic - few["logp"])  # paired: the same points
+            row["gap_stderr"] = standard_error(analytic - few["logp"])  # paired: the same points
             row["ref_gap_to_exact"] = row["ref_nll"] - row["exact_nll"]
         row.update(seconds=few["seconds"], ref_seconds=ref["seconds"], ref_nfe=ref["nfe"],
                    speedup=ref["seconds"] / max(few["seconds"], 1e-9))

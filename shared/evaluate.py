@@ -140,7 +140,7 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
         columns["logp_nats"] = logp
     nll = -logp
     out = {"split": label, "n": len(nll), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div,
-           "units": run.dataset.units, "nll_nats": nll.mean().item(), "nll_nats_stderr": _stderr(nll),
+           "units": run.dataset.units, "nll_nats": nll.mean().item(), "nll_nats_stderr": standard_error(nll),
            "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
     if std is not None:
         out["log_jacobian_nats"] = std.log_jacobian  # -sum(log std): added to every standardised log p
@@ -151,7 +151,7 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
         exact = run.dataset.log_density(x.cpu()).double()
         columns["exact_logp_nats"], columns["abs_error_nats"] = exact, (logp - exact).abs()
         out.update(exact_nll_nats=-exact.mean().item(), gap_to_exact_nats=(nll.mean() + exact.mean()).item(),
-                   gap_stderr=_stderr(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
+                   gap_stderr=standard_error(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
     return out, columns
 
 
@@ -177,7 +177,7 @@ def write_nll(folder: str | Path, stem: str, summary: dict[str, Any], columns: d
     return paths
 
 
-def _stderr(values: Tensor) -> float:
+def standard_error(values: Tensor) -> float:
     """Standard error of the mean of a 1-D tensor (0 for one value)."""
     return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
