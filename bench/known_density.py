@@ -59,18 +59,23 @@ def choose_grid(f2d2_run: Any, divergence: str) -> tuple[str, dict[str, float]]:
     return min(scores, key=scores.get), scores
 
 
-def known_density_table(data: str, prefix: str, runs: Path, batch_size: int = 500) -> dict[str, Any]:
-    """Validation grid choice and the test-split rows (see the module docstring)."""
-    f2d2 = load_run(runs / f"{prefix}-f2d2_joint", device="cpu")
+def known_density_table(data: str, prefix: str, runs: Path, batch_size: int = 500, f2d2_run: str = "",
+                        tarflow_run: str = "") -> dict[str, Any]:
+    """Validation grid choice and the test-split rows (see the module docstring).
+
+    `f2d2_run` / `tarflow_run` name the runs under `runs` (default `<prefix>-f2d2_joint`, `<prefix>-tarflow`).
+    """
+    f2d2_run, tarflow_run = f2d2_run or f"{prefix}-f2d2_joint", tarflow_run or f"{prefix}-tarflow"
+    f2d2 = load_run(runs / f2d2_run, device="cpu")
     if f2d2.config.data.name != data or f2d2.dataset.log_density is None:
-        raise ValueError(f"{runs / (prefix + '-f2d2_joint')} is trained on {f2d2.config.data.name!r}; expected "
+        raise ValueError(f"{runs / f2d2_run} is trained on {f2d2.config.data.name!r}; expected "
                          f"{data!r}, a data set with a known density")
     divergence = f2d2.config.eval.divergence
     grid, val_scores = choose_grid(f2d2, divergence)
     summary, columns = evaluate(f2d2, list(STEPS), 0, 2000, divergence, grid=grid, batch_size=batch_size)
     exact = columns["exact_logp_nats"]
     rows = []
-    flow = load_run(runs / f"{prefix}-tarflow", device="cpu")
+    flow = load_run(runs / tarflow_run, device="cpu")
     res, flow_cols = score_split(flow, "test")
     rows.append(_row("TarFlow (exact, one pass)", res["nfe_mean"], flow_cols["logp_nats"], exact, res["seconds"]))
     first = summary["rows"][0]
@@ -86,7 +91,7 @@ def known_density_table(data: str, prefix: str, runs: Path, batch_size: int = 50
                      "exact_nll": r["exact_nll"], "gap": r["naive_nll"] - r["exact_nll"], "gap_se": float("nan"),
                      "mean_abs_error": float("nan"), "max_abs_error": float("nan"), "seconds": float("nan")})
     return {"data": data, "split": "test", "n": len(exact), "grid": grid, "grid_chosen_on": "val",
-            "val_mean_abs_error_K4": val_scores, "units": "nats per sample", "runs": prefix,
+            "val_mean_abs_error_K4": val_scores, "units": "nats per sample", "runs": {"f2d2": f2d2_run, "teacher": f2d2.config.method.teacher, "tarflow": tarflow_run},
             "w2": {r["K"]: r["quality"] for r in summary["rows"]}, "rows": rows}
 
 
@@ -95,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="gmm2", help="known-density data set the runs were trained on")
     parser.add_argument("--prefix", default="density", help="run names <prefix>-fm, -f2d2_joint, -tarflow")
     parser.add_argument("--runs", default="runs", help="folder holding the runs")
+    parser.add_argument("--f2d2-run", default="", help="F2D2 joint run name (default <prefix>-f2d2_joint)")
+    parser.add_argument("--tarflow-run", default="", help="TarFlow run name (default <prefix>-tarflow)")
     parser.add_argument("--out", default="docs/likelihood", help="folder of <data>.json")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = known_density_table(args.data, args.prefix, Path(args.runs))
+    result = known_density_table(args.data, args.prefix, Path(args.runs), f2d2_run=args.f2d2_run,
+                                 tarflow_run=args.tarflow_run)
     print(f"{args.data}: test split, {result['n']} points, nats per sample; grid {result['grid']} chosen on the "
           f"validation split (mean |error| at K = 4: {result['val_mean_abs_error_K4']})")
     print(format_table(result["rows"], ["method", "nfe", "nll", "exact_nll", "gap", "gap_se", "mean_abs_error",

@@ -62,7 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep on disk
     progress: bool = True  # tqdm bar on the main process
     sample_grid: bool = True  # write a sample grid / scatter at the end of training
-    init_from: str = ""  # run directory whose latest EMA weights initialise the model (staged training)
+    init_from: str = ""  # run directory whose evaluation weights (best, else EMA) initialise the model (staged training)
     eval_every: int = 0  # steps between validation-loss passes; the best weights go to checkpoints/best (0: off)
     trackers: tuple[str, ...] = ()  # Accelerate trackers that also receive the metrics, e.g. [tensorboard] (<run>/tracking)
 

@@ -21,14 +21,16 @@ def test_known_density_table_scores_each_likelihood_against_the_exact_density(tm
     assert main(["train", str(DENSITY / "f2d2_joint.yaml"), f"out_dir={runs}", "name=d-f2d2_joint",
                  "train.steps=20", f"method.teacher={fm}", f"train.init_from={fm}", "model.backbone.hidden=32",
                  "model.backbone.depth=2", "model.head_hidden=16", *SMALL]) == 0
-    assert main(["train", str(DENSITY / "tarflow.yaml"), f"out_dir={runs}", "name=d-tarflow", "train.steps=20",
+    assert main(["train", str(DENSITY / "tarflow.yaml"), f"out_dir={runs}", "name=d-flow", "train.steps=20",
                  "train.eval_every=10", "model.width=32", "model.blocks=2", "model.layers=1", "model.head_dim=16",
                  *SMALL]) == 0
-    assert table_main(["--data", "gmm2", "--prefix", "d", "--runs", str(runs), "--out", str(tmp_path)]) == 0
+    assert table_main(["--data", "gmm2", "--prefix", "d", "--runs", str(runs), "--out", str(tmp_path),
+                       "--tarflow-run", "d-flow"]) == 0  # a run not named <prefix>-tarflow
     result = json.loads((tmp_path / "gmm2.json").read_text())
     assert result["grid"] in ("linear", "geometric") and result["grid_chosen_on"] == "val"
     assert set(result["val_mean_abs_error_K4"]) == {"linear", "geometric"}  # levels 7: geometric reaches K = 8
     assert result["split"] == "test" and result["n"] == 200
+    assert result["runs"] == {"f2d2": "d-f2d2_joint", "teacher": str(fm), "tarflow": "d-flow"}
     methods = [r["method"] for r in result["rows"]]
     assert methods[0].startswith("TarFlow") and methods[1].startswith("ODE reference")
     assert sum(m.startswith("F2D2 K =") for m in methods) == 4 and sum(m.startswith("naive") for m in methods) == 4
