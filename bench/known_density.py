@@ -1,10 +1,11 @@
 """The known-density table: every likelihood the project computes, scored against the exact log p.
 
     python -m bench.known_density --data gmm2 --prefix density        # runs of recipes/density/*.yaml
-    python -m bench.known_density --data gmm8 --prefix density-gmm8
+    python -m bench.known_density --data gmm8 --prefix density-gmm8 --f2d2-run f2d2_8-joint
 
 For one data set whose exact density is known (shared.densities) and the runs trained on it by the
-recipes in recipes/density (<prefix>-fm, <prefix>-f2d2_joint, <prefix>-tarflow), this:
+recipes in recipes/density (<prefix>-f2d2_joint and <prefix>-tarflow, or the runs named by --f2d2-run and
+--tarflow-run; the FM field is the F2D2 run's teacher), this:
 
 1. chooses F2D2's time grid on the first 1,000 validation points: f2d2-eval at K = 4 on the linear
    and the geometric grid (the grids whose jumps Shortcut trains at every K), keeping the one with the
