@@ -4,8 +4,9 @@ Data x (B, *shape) is cut into N tokens of d values: p x p patches of C channels
 (d = C p^2), `token_dim` consecutive coordinates for vectors. Each of T blocks reverses the token
 order on odd blocks (identity on even ones), runs K causal pre-LN transformer layers and applies
     z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),    log|det dz/dx| = -sum_i alpha_i,
-with (alpha, mu) the transformer outputs shifted one token right. Token 0, which sees no earlier
-token, gets a learned per-block (alpha, mu). The output projection and those token-0 parameters
+with (alpha, mu) the transformer outputs shifted one token right (`model.transform: spline` follows
+the affine map with a monotone rational-quadratic spline whose knots are predicted the same way;
+`nfm.token_transforms`). Token 0, which sees no earlier token, gets learned per-block parameters. The output projection and those token-0 parameters
 start at zero, so every block starts as the identity. Encoding (data -> noise) is one parallel
 pass; decoding inverts the blocks in reverse order, one token at a time, with a key/value cache.
 """
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from nfm import token_transforms
+from nfm.token_transforms import TRANSFORMS, params_per_value
 
 
 @dataclass
@@ -37,6 +40,9 @@ class TarFlowConfig:
     num_classes: int = 0  # number of class labels for conditioning (0: unconditional)
     label_dropout: float = 0.1  # training probability of replacing a label by the learned null class
     eta: float = 0.05  # std of the Gaussian noise added to training data; 0 for dequantized likelihood runs
+    transform: str = "affine"  # per-value map of a block: affine, or spline (affine then a rational-quadratic spline)
+    spline_bins: int = 8  # spline bins K (transform: spline)
+    spline_bound: float = 4.0  # the spline acts on [-B, B] after the affine map, identity outside (transform: spline)
 
 
 class KVCache:
@@ -107,20 +113,26 @@ class Layer(nn.Module):
 
 
 class FlowBlock(nn.Module):
-    """One autoregressive affine block on tokens (B, N, d), permuting them first when `flip` is set."""
+    """One autoregressive block on tokens (B, N, d), permuting them first when `flip` is set.
+
+    The per-value map (affine or spline) is `nfm.token_transforms`; its P parameters per value are
+    predicted as (P, d) per token.
+    """
 
     def __init__(self, cfg: TarFlowConfig, n_tokens: int, token_dim: int, flip: bool):
         super().__init__()
         self.flip, self.num_classes = flip, cfg.num_classes
+        self.transform, self.bins, self.bound = cfg.transform, cfg.spline_bins, cfg.spline_bound
+        self.n_params = params_per_value(cfg.transform, cfg.spline_bins)
         self.inp = nn.Linear(token_dim, cfg.width)
         self.pos = nn.Parameter(0.01 * torch.randn(n_tokens, cfg.width))
         self.label = nn.Embedding(cfg.num_classes + 1, cfg.width) if cfg.num_classes else None
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
-        self.out = nn.Linear(cfg.width, 2 * token_dim)
+        self.out = nn.Linear(cfg.width, self.n_params * token_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.first = nn.Parameter(torch.zeros(2 * token_dim))  # (alpha, mu) of token 0
+        self.first = nn.Parameter(torch.zeros(self.n_params * token_dim))  # the map's parameters for token 0
 
     def _permute(self, tokens: Tensor) -> Tensor:
         return tokens.flip(1) if self.flip else tokens
@@ -137,14 +149,14 @@ class FlowBlock(nn.Module):
 
     @staticmethod
     def _guide(out: Tensor, guidance: float) -> Tensor:
-        """(1 + w) * conditional - w * unconditional outputs (alpha and mu alike)."""
+        """(1 + w) * conditional - w * unconditional outputs (every map parameter alike)."""
         if not guidance:
             return out
         cond, uncond = out.chunk(2)
         return (1 + guidance) * cond - guidance * uncond
 
     def outputs(self, x: Tensor, y: Tensor | None, guidance: float = 0.0) -> Tensor:
-        """Unshifted (alpha, mu) predictions (B, L, 2d): position i predicts token i + 1 from tokens 0..i."""
+        """Unshifted map parameters (B, L, P*d): position i predicts those of token i + 1 from tokens 0..i."""
         h = self._inputs(x, y, guidance, 0)
         for layer in self.layers:
             h = layer(h)
@@ -157,30 +169,33 @@ class FlowBlock(nn.Module):
             h = layer.step(h, pos, cache, i)
         return self._guide(self.out(self.norm(h)), guidance)
 
+    def _params(self, flat: Tensor) -> Tensor:
+        """Flat parameters (..., P*d) -> (..., P, d)."""
+        return flat.unflatten(-1, (self.n_params, -1))
+
     def forward(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
         """Tokens x (B, N, d) -> z (B, N, d) and log|det dz/dx| (B,) in nats per sample."""
         x = self._permute(x)
         out = self.outputs(x[:, :-1], y, guidance).to(x.dtype)  # the last token predicts nothing
         params = torch.cat([self.first.to(x.dtype).expand(x.shape[0], 1, -1), out], 1)
-        alpha, mu = params.chunk(2, -1)
-        z = (x - mu) * torch.exp(-alpha)
-        return self._permute(z), -alpha.sum((1, 2))
+        z, logdet = token_transforms.forward(x, self._params(params), self.transform, self.bins, self.bound)
+        return self._permute(z), logdet.sum((1, 2))
 
     def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
-        """Invert `forward` token by token: x_i = z_i * exp(alpha_i) + mu_i, N - 1 sequential passes."""
+        """Invert `forward` token by token (x_i = z_i * exp(alpha_i) + mu_i when affine), N - 1 sequential passes."""
         z = self._permute(z)
         n = z.shape[1]
         x = torch.empty_like(z)
-        alpha, mu = self.first.to(z.dtype).chunk(2)
-        x[:, 0] = z[:, 0] * torch.exp(alpha) + mu
+        invert = token_transforms.inverse
+        first = self._params(self.first.to(z.dtype)).expand(z.shape[0], -1, -1)
+        x[:, 0] = invert(z[:, 0], first, self.transform, self.bins, self.bound)
         cache = KVCache(len(self.layers), n) if use_cache else None
         for i in range(n - 1):
             if cache is not None:
                 out = self.step(x[:, i:i + 1], i, cache, y, guidance)[:, 0]
             else:
                 out = self.outputs(x[:, :i + 1], y, guidance)[:, -1]
-            alpha, mu = out.to(z.dtype).chunk(2, -1)
-            x[:, i + 1] = z[:, i + 1] * torch.exp(alpha) + mu
+            x[:, i + 1] = invert(z[:, i + 1], self._params(out.to(z.dtype)), self.transform, self.bins, self.bound)
         return self._permute(x)
 
 
@@ -287,6 +302,11 @@ def _check_config(cfg: TarFlowConfig) -> None:
         raise ValueError(f"tarflow head_dim {cfg.head_dim} must divide width {cfg.width}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.dropout < 1:
         raise ValueError(f"tarflow dropout {cfg.dropout} and label_dropout {cfg.label_dropout} must lie in [0, 1)")
+    if cfg.transform not in TRANSFORMS:
+        raise ValueError(f"tarflow transform must be one of {TRANSFORMS}, got {cfg.transform!r}")
+    if cfg.transform == "spline" and (cfg.spline_bins < 2 or cfg.spline_bound <= 0):
+        raise ValueError(f"tarflow spline_bins {cfg.spline_bins} must be >= 2 and spline_bound "
+                         f"{cfg.spline_bound} > 0")
     if cfg.eta < 0 or cfg.num_classes < 0:
         raise ValueError(f"tarflow eta {cfg.eta} and num_classes {cfg.num_classes} must be >= 0")
 

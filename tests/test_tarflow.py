@@ -19,6 +19,8 @@ CASES = [  # (data shape, config overrides): vectors of scalar and pair tokens, 
     ((1, 4, 4), dict(patch=2)),
     ((1, 8, 8), dict(patch=2, blocks=4)),
     ((2, 4, 6), dict(patch=2, num_classes=3)),
+    ((3,), dict(token_dim=1, transform="spline", spline_bins=5, spline_bound=1.5)),
+    ((1, 4, 4), dict(patch=2, transform="spline", spline_bins=4, spline_bound=1.0, num_classes=3)),
 ]
 
 
@@ -115,22 +117,25 @@ def test_kv_cache_step_equals_parallel_outputs():
     torch.testing.assert_close(steps, block.outputs(x, y), rtol=0, atol=1e-6)
 
 
-def test_2d_density_integrates_to_one():
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_2d_density_integrates_to_one(transform):
     torch.manual_seed(0)
-    flow = TarFlow(TarFlowConfig(width=16, head_dim=8, blocks=4, layers=1, mlp_ratio=2, eta=0.0), (2,)).eval()
+    flow = TarFlow(TarFlowConfig(width=16, head_dim=8, blocks=4, layers=1, mlp_ratio=2, eta=0.0,
+                                 transform=transform, spline_bound=2.0), (2,)).eval().double()
     with torch.no_grad():
         for block in flow.blocks:
             block.out.weight.normal_(0, 0.075)
-        x = torch.randn(2000, 2)
+            block.first.normal_(0, 0.3 if transform == "spline" else 0.0)
+        x = torch.randn(2000, 2, dtype=torch.float64)
         z, logdet = flow.encode(x)
         assert (z - x).abs().mean() > 0.2 and logdet.std() > 0.1  # a non-trivial, non-Gaussian density
-        side, n = 6.0, 301
-        grid = torch.linspace(-side, side, n)
+        side, n = 8.0, 641  # fine enough for the spline's sharper peaks
+        grid = torch.linspace(-side, side, n, dtype=torch.float64)
         pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
         z, logdet = flow.encode(pts)
-        density = (standard_normal_logprob(z) + logdet).double().exp()
+        density = (standard_normal_logprob(z) + logdet).exp()
     mass = density.sum().item() * (2 * side / (n - 1)) ** 2
-    assert abs(mass - 1) < 0.02
+    assert abs(mass - 1) < 0.005
 
 
 def test_guidance_zero_matches_conditional_and_guided_decode_inverts_guided_encode():
@@ -180,3 +185,15 @@ def test_encode_batched_fp32_and_bf16():
     assert z16.dtype == torch.float32 and logdet16.dtype == torch.float32
     assert (z16 - zb).abs().max() < 0.1 and (logdet16 - logdet_b).abs().max() < 0.05 * 64
     assert math.isfinite(logdet16.sum().item())
+
+
+def test_fresh_spline_model_is_identity_and_bad_transforms_are_refused():
+    flow = TarFlow(TarFlowConfig(width=16, head_dim=8, transform="spline", spline_bins=6), (4,))
+    x = 3 * torch.randn(7, 4)  # inside and outside the spline's interval [-4, 4]
+    z, logdet = flow(x)
+    assert torch.allclose(z, x, atol=1e-5) and logdet.abs().max() < 1e-5
+    assert flow.blocks[0].out.out_features == (3 * 6 + 1) * 1
+    with pytest.raises(ValueError, match="transform must be one of"):
+        TarFlow(TarFlowConfig(transform="mixture"), (4,))
+    with pytest.raises(ValueError, match="spline_bins 1 must be >= 2"):
+        TarFlow(TarFlowConfig(transform="spline", spline_bins=1), (4,))
