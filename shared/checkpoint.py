@@ -211,18 +211,24 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
 
 
 def remove_temporaries(ckpt_root: str | Path) -> list[str]:
-    """Delete the hidden temporary folders of checkpoint writes that a kill interrupted; returns their names.
+    """Delete the hidden temporaries of checkpoint writes that a kill interrupted; returns their names.
 
+    These are `.step_X.*` folders and `.latest.*.tmp` files (a kill inside the pointer's atomic write).
     A `.step_X.previous` folder whose `step_X` is missing is the last good checkpoint of an interrupted
     replace: it is moved back instead of deleted.
     """
     root = Path(ckpt_root)
     removed = []
-    for path in sorted(root.glob(".step_*")) if root.is_dir() else []:
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.glob(".step_*")):
         if path.name.endswith(".previous") and not (root / path.name[1:-len(".previous")]).exists():
             os.replace(path, root / path.name[1:-len(".previous")])
             continue
         shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    for path in sorted(root.glob(f".{LATEST}.*.tmp")):
+        path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
 

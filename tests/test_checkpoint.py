@@ -120,5 +120,7 @@ def test_rewriting_a_step_keeps_the_old_checkpoint_until_the_new_one_is_in_place
     remove_temporaries(tmp_path)  # the next start puts it back
     assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first)["step"] == 5
     (tmp_path / ".step_00000009.abc").mkdir()  # a temp folder of a killed write
-    assert remove_temporaries(tmp_path) == [".step_00000009.abc"]
-    assert not list(tmp_path.glob(".step_*"))
+    (tmp_path / ".latest.k3j2.tmp").write_text("step_00000009\n")  # a kill inside the pointer's write
+    assert remove_temporaries(tmp_path) == [".step_00000009.abc", ".latest.k3j2.tmp"]
+    assert not list(tmp_path.glob(".*"))
+    assert latest_checkpoint(tmp_path) == first
