@@ -12,6 +12,7 @@ pass; decoding inverts the blocks in reverse order, one token at a time, with a 
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class TarFlowConfig:
     transform: str = "affine"  # per-value map of a block: affine, or spline (affine then a rational-quadratic spline)
     spline_bins: int = 8  # spline bins K (transform: spline)
     spline_bound: float = 4.0  # the spline acts on [-B, B] after the affine map, identity outside (transform: spline)
+    logit_alpha: float = 0.0  # > 0: blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x itself
 
 
 class KVCache:
@@ -254,6 +256,30 @@ class TarFlow(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return y.to(device=device, dtype=torch.long)
 
+    def to_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Data x (B, *shape) -> v = logit(s), s = a + (1 - 2a)(x + 1)/2, and log|det dv/dx| (B,) nats.
+
+        Per value, dv/dx = (1 - 2a) / (2 s (1 - s)). The map is a bijection from |x| < 1 + 2a / (1 - 2a)
+        onto the real line, so the density integrates to one there; data in [-1, 1] lies inside. With
+        `model.logit_alpha` a = 0, v = x and the log-det is 0.
+        """
+        x = x if x.dtype == torch.float64 else x.float()
+        logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        a = self.cfg.logit_alpha
+        if not a:
+            return x, logdet
+        s = a + (1 - 2 * a) * (x + 1) / 2
+        if s.amin() <= 0 or s.amax() >= 1:
+            raise ValueError(f"tarflow with model.logit_alpha {a} needs data in [-1, 1] (dequantized images), "
+                             f"got values in [{x.amin().item():.4g}, {x.amax().item():.4g}]")
+        log_jac = math.log((1 - 2 * a) / 2) - torch.log(s) - torch.log1p(-s)
+        return torch.logit(s), logdet + log_jac.flatten(1).sum(1)
+
+    def from_logit(self, v: Tensor) -> Tensor:
+        """The inverse of `to_logit`: x = 2 (sigmoid(v) - a) / (1 - 2a) - 1 (identity when a = 0)."""
+        a = self.cfg.logit_alpha
+        return v if not a else 2 * (torch.sigmoid(v) - a) / (1 - 2 * a) - 1
+
     def encode(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
         """Data x (B, *shape) -> noise z (same shape) and log|det dz/dx| (B,) in nats per sample (fp32 or fp64).
 
@@ -261,8 +287,8 @@ class TarFlow(nn.Module):
         y=None); unconditional models ignore y. `guidance` w encodes with the guided (alpha, mu).
         """
         y = self._labels(y, x.shape[0], x.device, guidance)
-        tokens = self.to_tokens(x if x.dtype == torch.float64 else x.float())
-        logdet = torch.zeros(x.shape[0], dtype=tokens.dtype, device=x.device)
+        v, logdet = self.to_logit(x)
+        tokens = self.to_tokens(v)
         for block in self.blocks:
             tokens, ld = block(tokens, y, guidance)
             logdet = logdet + ld
@@ -271,8 +297,8 @@ class TarFlow(nn.Module):
     def encode_with_levels(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """`encode` plus the output of every block (B, *shape) in order; the last equals z."""
         y = self._labels(y, x.shape[0], x.device, 0.0)
-        tokens = self.to_tokens(x if x.dtype == torch.float64 else x.float())
-        logdet = torch.zeros(x.shape[0], dtype=tokens.dtype, device=x.device)
+        v, logdet = self.to_logit(x)
+        tokens = self.to_tokens(v)
         outputs = []
         for block in self.blocks:
             tokens, ld = block(tokens, y, 0.0)
@@ -287,7 +313,7 @@ class TarFlow(nn.Module):
         tokens = self.to_tokens(z if z.dtype == torch.float64 else z.float())
         for block in reversed(self.blocks):
             tokens = block.inverse(tokens, y, guidance, use_cache)
-        return self.from_tokens(tokens)
+        return self.from_logit(self.from_tokens(tokens))
 
     def forward(self, x: Tensor, *, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The training pass, `encode(x, y)`: (z, log|det dz/dx| (B,) nats per sample)."""
@@ -309,6 +335,11 @@ def _check_config(cfg: TarFlowConfig) -> None:
                          f"{cfg.spline_bound} > 0")
     if cfg.eta < 0 or cfg.num_classes < 0:
         raise ValueError(f"tarflow eta {cfg.eta} and num_classes {cfg.num_classes} must be >= 0")
+    if not 0 <= cfg.logit_alpha < 0.5:
+        raise ValueError(f"tarflow logit_alpha {cfg.logit_alpha} must lie in [0, 0.5) (0 turns the logit map off)")
+    if cfg.logit_alpha and cfg.eta:
+        raise ValueError(f"tarflow logit_alpha {cfg.logit_alpha} needs eta 0: x + eta*eps leaves [-1, 1], where "
+                         "the logit map is undefined; use it for dequantized likelihood recipes")
 
 
 @torch.no_grad()

@@ -21,7 +21,16 @@ CASES = [  # (data shape, config overrides): vectors of scalar and pair tokens, 
     ((2, 4, 6), dict(patch=2, num_classes=3)),
     ((3,), dict(token_dim=1, transform="spline", spline_bins=5, spline_bound=1.5)),
     ((1, 4, 4), dict(patch=2, transform="spline", spline_bins=4, spline_bound=1.0, num_classes=3)),
+    ((1, 4, 4), dict(patch=2, logit_alpha=0.05)),
+    ((3,), dict(token_dim=1, logit_alpha=0.01, transform="spline", spline_bins=4, spline_bound=3.0)),
 ]
+
+
+def inputs(n: int, shape: tuple[int, ...], kw: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Test data: Gaussian, or uniform on [-0.99, 0.99] for a flow whose logit map needs data in [-1, 1]."""
+    if kw.get("logit_alpha"):
+        return (torch.rand(n, *shape, dtype=dtype) * 2 - 1) * 0.99
+    return torch.randn(n, *shape, dtype=dtype)
 
 
 def make(shape: tuple[int, ...], scale: float = 0.1, seed: int = 0, **kw) -> TarFlow:
@@ -56,7 +65,7 @@ def test_fresh_model_is_identity_and_registered():
 @pytest.mark.parametrize("shape,kw", CASES)
 def test_logdet_matches_bruteforce_jacobian(shape, kw):
     flow = make(shape, **kw).double()
-    x = torch.randn(2, *shape, dtype=torch.float64)
+    x = inputs(2, shape, kw, torch.float64)
     y = labels_for(flow, 2)
     z, logdet = flow.encode(x, y)
     assert z.shape == x.shape and logdet.shape == (2,) and logdet.dtype == torch.float64
@@ -70,7 +79,7 @@ def test_logdet_matches_bruteforce_jacobian(shape, kw):
 @pytest.mark.parametrize("shape,kw", CASES)
 def test_decode_inverts_encode_and_cache_matches_uncached(shape, kw):
     flow = make(shape, **kw)
-    x = torch.randn(8, *shape)
+    x = inputs(8, shape, kw)
     y = labels_for(flow, 8)
     z, _ = flow.encode(x, y)
     cached, uncached = flow.decode(z, y), flow.decode(z, y, use_cache=False)
@@ -197,3 +206,31 @@ def test_fresh_spline_model_is_identity_and_bad_transforms_are_refused():
         TarFlow(TarFlowConfig(transform="mixture"), (4,))
     with pytest.raises(ValueError, match="spline_bins 1 must be >= 2"):
         TarFlow(TarFlowConfig(transform="spline", spline_bins=1), (4,))
+
+
+def test_logit_map_density_integrates_to_one_on_its_domain_and_refuses_data_outside():
+    torch.manual_seed(0)
+    a = 0.05
+    flow = TarFlow(TarFlowConfig(width=16, head_dim=8, blocks=2, layers=1, mlp_ratio=2, eta=0.0, logit_alpha=a),
+                   (2,)).eval().double()
+    with torch.no_grad():
+        for block in flow.blocks:
+            block.out.weight.normal_(0, 0.075)
+        edge = 1 + 2 * a / (1 - 2 * a)  # the logit map is a bijection from (-edge, edge) onto the real line
+        n = 801
+        grid = torch.linspace(-edge, edge, n, dtype=torch.float64)[1:-1]
+        pts = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+        z, logdet = flow.encode(pts)
+        density = (standard_normal_logprob(z) + logdet).exp()
+        x = flow.decode(flow.encode(pts[::97])[0])
+    mass = density.sum().item() * (2 * edge / (n - 1)) ** 2
+    assert abs(mass - 1) < 0.005
+    torch.testing.assert_close(x, pts[::97], rtol=0, atol=1e-9)
+    fresh = TarFlow(TarFlowConfig(width=16, head_dim=8, blocks=1, layers=1, eta=0.0, logit_alpha=a), (2,))
+    v, ld = fresh.encode(torch.tensor([[0.0, 0.5]]))
+    assert abs(ld.item()) > 0.1 and torch.allclose(v, torch.logit(a + (1 - 2 * a) * torch.tensor([[0.5, 0.75]])))
+    with pytest.raises(ValueError, match=r"logit_alpha 0.05 needs data in \[-1, 1\]"):
+        fresh.encode(torch.tensor([[0.0, 1.2]]))
+    for bad, match in [(dict(logit_alpha=0.5), "must lie in"), (dict(logit_alpha=0.05, eta=0.1), "needs eta 0")]:
+        with pytest.raises(ValueError, match=match):
+            TarFlow(TarFlowConfig(**{"eta": 0.0, **bad}), (2,))
