@@ -6,9 +6,12 @@ order on odd blocks (identity on even ones), runs K causal pre-LN transformer la
     z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),    log|det dz/dx| = -sum_i alpha_i,
 with (alpha, mu) the transformer outputs shifted one token right (`model.transform: spline` follows
 the affine map with a monotone rational-quadratic spline whose knots are predicted the same way;
-`nfm.token_transforms`). Token 0, which sees no earlier token, gets learned per-block parameters. The output projection and those token-0 parameters
-start at zero, so every block starts as the identity. Encoding (data -> noise) is one parallel
-pass; decoding inverts the blocks in reverse order, one token at a time, with a key/value cache.
+`nfm.token_transforms`). Token 0, which sees no earlier token, gets learned per-block parameters.
+The output projection and those token-0 parameters start at zero, so every block starts as the
+identity. Encoding (data -> noise) is one parallel pass; decoding inverts the blocks in reverse order,
+one token at a time, with a key/value cache.
+With `model.logit_alpha` a > 0 the blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] instead
+of x (RealNVP's preprocessing for dequantized images); its log-Jacobian is part of log|det dz/dx|.
 """
 from __future__ import annotations
 
