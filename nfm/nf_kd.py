@@ -151,6 +151,10 @@ def build_nfkd_loss(cfg: NFKDConfig, ctx: BuildContext) -> NFKD:
     if float(run.model.eta) != float(ctx.run_config.model.eta):
         raise ValueError(f"the teacher was trained with eta={run.model.eta}, the student has model.eta="
                          f"{ctx.run_config.model.eta}: they must model the same perturbed density")
+    alphas = (getattr(run.config.model, "logit_alpha", 0.0), getattr(ctx.run_config.model, "logit_alpha", 0.0))
+    if float(alphas[0]) != float(alphas[1]):
+        raise ValueError(f"the teacher's blocks see logit_alpha={alphas[0]}, the student has model.logit_alpha="
+                         f"{alphas[1]}: latent matching needs both flows to start from the same logit map")
     return NFKD(cfg, run.model, ctx.dataset.levels)
 
 

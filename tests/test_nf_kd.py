@@ -93,3 +93,19 @@ def test_a_compact_glow_distils_from_a_glow_teacher_through_the_cli(tmp_path, ca
     assert main(["train", str(toy / "glow_student_kd.yaml"), f"out_dir={tmp_path}", "name=bad", "train.steps=1",
                  f"method.teacher={tmp_path / 'teacher'}", "model.eta=0.1", *small]) == 2
     assert "same perturbed density" in capsys.readouterr().err
+
+
+def test_a_tarflow_student_must_share_its_teachers_logit_map(tmp_path, capsys):
+    digits = ROOT / "recipes" / "digits"
+    small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
+             "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16"]
+    assert main(["train", str(digits / "teacher_bpd_logit.yaml"), f"out_dir={tmp_path}", "name=teacher",
+                 "train.steps=2", "model.blocks=4", "model.width=16", "model.head_dim=8", *small]) == 0
+    student = [str(digits / "tarflow_student_kd.yaml"), f"out_dir={tmp_path}", "train.steps=2",
+               f"method.teacher={tmp_path / 'teacher'}", "model.width=16", "model.head_dim=8", *small]
+    capsys.readouterr()
+    assert main(["train", *student, "name=plain"]) == 2
+    assert "logit_alpha=0.001" in capsys.readouterr().err
+    assert not (tmp_path / "plain" / "checkpoints").exists()
+    assert main(["train", *student, "name=logit", "model.logit_alpha=0.001"]) == 0
+    assert '"latent_mse"' in (tmp_path / "logit" / "metrics.jsonl").read_text()
