@@ -60,7 +60,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     teacher = ensure(args.teacher, ["train.progress=false", "train.sample_grid=false", *args.set])
     rows = [{"role": "teacher", **score(teacher, args.samples)}]
-    stem = Path(args.student).stem
+    stem = f"{Path(args.student).parent.name}-{Path(args.student).stem}"  # digits and MNIST recipes share stems
     for seed in [int(s) for s in args.seeds.split(",")]:
         common = [f"seed={seed}", f"method.teacher={teacher}", "train.progress=false", "train.sample_grid=false",
                   *args.set]
