@@ -257,10 +257,10 @@ RUNNERS: dict[str, Callable[[Sizes, torch.device, Budget, bool], dict[str, Any]]
 # ---------------------------------------------------------------- driver
 
 
-def run_part(name: str, sizes: Sizes, device: torch.device, smoke: bool) -> dict[str, Any]:
-    """One part with its budget: {"status", "seconds", "result" or "error"}; status ok, failed (the part ran but
-    its check did not pass), error (it raised) or timeout."""
-    budget = Budget(sizes.budgets[name])
+def run_part(name: str, sizes: Sizes, device: torch.device, smoke: bool, scale: float = 1.0) -> dict[str, Any]:
+    """One part with its budget (`scale` times the part's own): {"status", "seconds", "result" or "error"};
+    status ok, failed (the part ran but its check did not pass), error (it raised) or timeout."""
+    budget = Budget(sizes.budgets[name] * scale)
     print(f"== {name} (budget {budget.seconds:.0f} s)", flush=True)
     try:
         result = RUNNERS[name](sizes, device, budget, smoke)
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (tests the script itself)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--out", default="", help="JSON output (default: $OUT/gpu_check.json or bench/results/)")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="scale the parts' time budgets so that together they fit in this many seconds (0: as set)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -302,13 +304,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --smoke for the CPU check of this script")
     device = torch.device("cpu" if args.smoke else "cuda")
     sizes = SMOKE if args.smoke else FULL
+    planned = sum(sizes.budgets[p] for p in parts)
+    scale = min(1.0, args.seconds / planned) if args.seconds > 0 else 1.0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     start = time.perf_counter()
     payload: dict[str, Any] = {"bench": "gpu_check", "smoke": args.smoke, "machine": machine(device), "parts": {}}
     out = output_path(args.out, device)
     for name in parts:
-        payload["parts"][name] = run_part(name, sizes, device, args.smoke)
+        payload["parts"][name] = run_part(name, sizes, device, args.smoke, scale)
         payload["seconds"] = time.perf_counter() - start
         atomic_write_text(out, json.dumps(payload, indent=2, default=str) + "\n")  # kept if a later part hangs
     print(f"wrote {out}: " + ", ".join(f"{k} {v['status']}" for k, v in payload["parts"].items()))

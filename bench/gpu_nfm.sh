@@ -1,33 +1,103 @@
 #!/usr/bin/env bash
-# One-shot GPU run of the NFM comparison on MNIST-5k (about 10 minutes on one H200):
-# the TarFlow teacher, its pairs, and the students with the independent, minibatch-OT, semidiscrete-OT,
-# NFM and NFM-OT couplings, then evaluation and the report. Everything lands in one folder:
+# One-shot GPU run of the NFM comparison on MNIST-5k (about 9 minutes on one H200), in phases that share the GPU:
+#   1. the NFM teacher (recipes/mnist/teacher_gpu.yaml) and its pairs   | the likelihood teacher
+#   2. the students, independent, minibatch OT, semidiscrete OT, NFM     | (recipes/mnist/teacher_bpd_gpu.yaml),
+#      and NFM-OT, seeds 0 and 1 in two processes                        | then its test bits/dim
+#   3. evaluation (quality vs NFE, curvature, teacher vs student sampling time) and the report
+#   4. bench/gpu_check.py (CUDA tests and throughputs) in the time left before the deadline
 #   OUT=/path/to/out bash bench/gpu_nfm.sh
-# Writes $OUT/mnist-gpu/{evaluation-*.json, report/, runs/teacher-*/checkpoints/...} and prints the table.
-# Packages missing on the GPU machine (diffusers, clean-fid, POT) are installed from wheels in
-# shared/wheels/ when that folder exists (pip download --no-deps --only-binary=:all: ...).
-set -euo pipefail
+# Runs (with the teachers' weights) go to $RUNS (default runs/gpu); $OUT receives gpu_nfm.tar.gz (evaluation JSON,
+# report, configs, metrics and logs of every run), gpu_check.json and the table on stdout. GPU_NFM_SECONDS (default 540) is the
+# deadline of the whole script; each phase is cut at it. Packages missing on the GPU machine (diffusers,
+# clean-fid, POT, normflows, mlxtend) are installed from the wheels in $WHEELS (default .whl) when it exists:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers clean-fid pot mlxtend ...
+# GPU_NFM_SMOKE=1 runs every phase at toy sizes on the CPU (a check of this script, no meaningful numbers).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-runs}"
-if [ -d shared/wheels ]; then pip install -q --no-deps shared/wheels/*.whl; fi
-pip install -q --no-deps --no-build-isolation -e . >/dev/null
-python - <<'PY'
-import torch
-assert torch.cuda.is_available(), "bench/gpu_nfm.sh needs a CUDA device"
-print("GPU:", torch.cuda.get_device_name(0))
-PY
-flowdistill run recipes/mnist/pipeline.yaml name=mnist-gpu "out_dir=$OUT" \
-  "teacher=recipes/mnist/teacher.yaml train.steps=3000 train.batch_size=256 train.mixed_precision=bf16 train.progress=false" \
-  "student=recipes/mnist/fm_independent.yaml train.steps=3000 train.batch_size=256 train.mixed_precision=bf16 train.progress=false" \
-  'seeds=[0]' 'solvers=[euler]' 'grids=[linear]' n_samples=2000
-python - "$OUT/mnist-gpu" <<'PY'
-import json, sys, pathlib
+START=$(date +%s)
+DEADLINE="${GPU_NFM_SECONDS:-540}"
+OUT="${OUT:-runs/gpu-out}"
+RUNS="${RUNS:-runs/gpu}"
+WHEELS="${WHEELS:-.whl}"
+SMOKE="${GPU_NFM_SMOKE:-0}"
+mkdir -p "$OUT" "$RUNS/logs"
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+say() { echo "[gpu_nfm $(( $(date +%s) - START )) s] $*"; }
+
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 FLOWDISTILL_CACHE="${FLOWDISTILL_CACHE:-$RUNS/cache}"
+FD="python3 -m flowdistill"
+
+if [ "$SMOKE" = 1 ]; then
+  TEACHER="recipes/mnist/teacher_gpu.yaml train.steps=4 train.eval_every=2 model.width=32 model.blocks=2 model.layers=1 model.head_dim=16"
+  STUDENT="recipes/mnist/fm_independent.yaml train.steps=4 model.channels=[8,16,16] model.norm_groups=4 model.attention_head_dim=8"
+  BPD="train.steps=4 train.eval_every=2 model.width=32 model.blocks=2 model.layers=1 model.head_dim=16"
+  SCORE=(n_samples=64 curvature_samples=16 curvature_steps=8 nll_points=16 'steps=[1,2]'
+         'coupling_overrides.semidiscrete_ot=[method.coupling.iters=20]')
+  CHECK=(--smoke)
+else
+  python3 -c "import torch; assert torch.cuda.is_available(), 'bench/gpu_nfm.sh needs a CUDA device'; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
+  TEACHER="recipes/mnist/teacher_gpu.yaml"
+  STUDENT="recipes/mnist/fm_independent.yaml train.steps=2000 train.batch_size=256 train.ckpt_every=1000"
+  BPD=""
+  SCORE=(n_samples=2000 curvature_steps=128 curvature_samples=300 nll_points=300 'steps=[1,2,4,8]')
+  CHECK=()
+fi
+QUIET="train.progress=false train.sample_grid=false"
+PIPE=(recipes/mnist/pipeline.yaml name=mnist-gpu "out_dir=$RUNS" "teacher=$TEACHER $QUIET" "student=$STUDENT $QUIET"
+      'solvers=[euler]' 'grids=[linear]' "${SCORE[@]}")
+
+say "phase 1: NFM teacher and pairs | likelihood teacher (deadline ${DEADLINE} s)"
+( timeout "$(left)" $FD train recipes/mnist/teacher_bpd_gpu.yaml name=mnist-bpd-gpu "out_dir=$RUNS" $QUIET $BPD &&
+  timeout "$(left)" $FD nll "$RUNS/mnist-bpd-gpu" --split test ) >"$RUNS/logs/bpd.log" 2>&1 &
+BPD_PID=$!
+timeout "$(left)" $FD run "${PIPE[@]}" 'seeds=[0,1]' --until couplings >"$RUNS/logs/teacher.log" 2>&1
+say "teacher: exit $? ($(tail -1 "$RUNS/logs/teacher.log"))"
+
+say "phase 2: students, seeds 0 and 1 in parallel"
+STUDENT_PIDS=()
+for seed in 0 1; do
+  timeout "$(left)" $FD run "${PIPE[@]}" "seeds=[$seed]" --only students >"$RUNS/logs/students-$seed.log" 2>&1 &
+  STUDENT_PIDS+=($!)
+done
+wait "${STUDENT_PIDS[@]}"
+say "students: $(grep -h "done\|Error\|error" "$RUNS"/logs/students-*.log | tail -2)"
+
+say "phase 3: evaluation and report"
+timeout "$(left)" $FD run "${PIPE[@]}" 'seeds=[0,1]' --from evaluate >"$RUNS/logs/evaluate.log" 2>&1
+say "evaluate: exit $? ($(tail -1 "$RUNS/logs/evaluate.log"))"
+wait "$BPD_PID"
+say "likelihood teacher: exit $? ($(tail -1 "$RUNS/logs/bpd.log"))"
+
+if [ "$(left)" -gt 45 ]; then
+  say "phase 4: bench/gpu_check.py in the $(left) s left"
+  timeout "$(left)" python3 -m bench.gpu_check "${CHECK[@]}" --seconds "$(( $(left) - 15 ))" --out "$OUT/gpu_check.json" \
+    >"$RUNS/logs/gpu_check.log" 2>&1
+  say "gpu_check: exit $?"
+fi
+
+python3 - "$RUNS" <<'PY'
+import json, pathlib, sys
 root = pathlib.Path(sys.argv[1])
-result = json.loads(max(root.glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime).read_text())
-t = result["teacher"]
-print(f"teacher: {t['metric']} {t['value']:.4g} at {t['nfe']} NFE, {1000 * t['seconds_per_sample']:.3f} ms/sample")
-print("| coupling | NFE | quality | ms/sample |")
-print("|---|---|---|---|")
-for r in result["students"]:
-    print(f"| {r['student']} | {r['nfe']} | {r['mean']:.4g} | {1000 * r['seconds_per_sample']:.3f} |")
+evaluations = sorted((root / "mnist-gpu").glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime)
+if evaluations:
+    result = json.loads(evaluations[-1].read_text())
+    t = result["teacher"]
+    print(f"teacher: {t['metric']} {t['value']:.4g} at {t['nfe']} NFE, {1000 * t['seconds_per_sample']:.3f} ms/sample")
+    print("| coupling | NFE | quality | ± | ms/sample |\n|---|---|---|---|---|")
+    for r in result["students"]:
+        print(f"| {r['student']} | {r['nfe']} | {r['mean']:.4g} | {r.get('std', 0):.2g} | {1000 * r['seconds_per_sample']:.3f} |")
+nll = root / "mnist-bpd-gpu" / "nll-test.json"
+if nll.is_file():
+    print("likelihood teacher, test:", {k: v for k, v in json.loads(nll.read_text()).items() if "bits" in k or "nll" in k})
 PY
+
+# What comes back: one archive of every run's config, metrics, logs, evaluation and report, without weights
+# (the teachers' weights stay in $RUNS: 22 MB each, over what a result file may hold).
+tar -czf "$OUT/gpu_nfm.tar.gz" --exclude='checkpoints' --exclude='cache' --exclude='*/couplings/nf_*' "$RUNS"
+ls -la "$OUT"
+say "done"
