@@ -273,7 +273,7 @@ def run_part(name: str, sizes: Sizes, device: torch.device, smoke: bool, scale: 
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    status["seconds"] = budget.seconds - budget.left()
+    status["seconds"], status["budget_s"] = budget.seconds - budget.left(), budget.seconds
     print(f"   {status['status']} in {status['seconds']:.1f} s", flush=True)
     return status
 

@@ -140,6 +140,23 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu_and_writes_one_json(tmp_path
     assert launch["ok"] and launch["cpu"]["processes"] == 2 and "gpu" not in launch
 
 
+def test_gpu_check_seconds_scales_the_part_budgets_to_fit(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from bench import gpu_check
+
+    parts = ["teacher_encode", "sampling"]
+    planned = sum(gpu_check.SMOKE.budgets[p] for p in parts)
+    payload = gpu_check.main(["--smoke", "--parts", ",".join(parts), "--seconds", str(planned / 4),
+                              "--out", str(tmp_path / "check.json")])
+    budgets = {name: part["budget_s"] for name, part in payload["parts"].items()}
+    assert budgets == {p: pytest.approx(gpu_check.SMOKE.budgets[p] / 4) for p in parts}
+    assert sum(budgets.values()) == pytest.approx(planned / 4)
+    unscaled = gpu_check.main(["--smoke", "--parts", "teacher_encode", "--seconds", "1e6", "--out",
+                               str(tmp_path / "unscaled.json")])  # a larger allowance never raises a budget
+    assert unscaled["parts"]["teacher_encode"]["budget_s"] == gpu_check.SMOKE.budgets["teacher_encode"]
+
+
 def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_path):
     import json
     import subprocess
