@@ -100,7 +100,8 @@ def test_a_tarflow_student_must_share_its_teachers_logit_map(tmp_path, capsys):
     small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
              "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16"]
     assert main(["train", str(digits / "teacher_bpd_logit.yaml"), f"out_dir={tmp_path}", "name=teacher",
-                 "train.steps=2", "model.blocks=4", "model.width=16", "model.head_dim=8", *small]) == 0
+                 "train.steps=2", "model.blocks=4", "model.width=16", "model.head_dim=8", "model.logit_alpha=0.001",
+                 *small]) == 0
     student = [str(digits / "tarflow_student_kd.yaml"), f"out_dir={tmp_path}", "train.steps=2",
                f"method.teacher={tmp_path / 'teacher'}", "model.width=16", "model.head_dim=8", *small]
     capsys.readouterr()
