@@ -3,15 +3,20 @@
 # DiT (fp32, bf16, bf16 + channels-last, bf16 + torch.compile), sampling NFE/s, TarFlow encode img/s, the
 # MeanFlow-F2D2 jvp loss's step time and peak memory, and a 2-process `accelerate launch`. ONE JSON file:
 #   OUT=/path/to/out bash bench/gpu_check.sh      # writes $OUT/gpu_check.json (bench/results/ without OUT)
-# Extra arguments go to bench/gpu_check.py (e.g. --parts student_train,sampling). Packages missing on the GPU
-# machine are installed from wheels in shared/wheels/ when that folder exists.
+# Extra arguments go to bench/gpu_check.py (e.g. --parts student_train,sampling --seconds 300). Packages missing
+# on the GPU machine are installed from the wheels in $WHEELS (default .whl, made by bench/gpu_wheels.sh) when
+# that folder holds any; the project itself runs from this checkout (PYTHONPATH), not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d shared/wheels ]; then pip install -q --no-deps shared/wheels/*.whl; fi
-pip install -q --no-deps --no-build-isolation -e . >/dev/null
-python - <<'PY'
+WHEELS="${WHEELS:-.whl}"
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+python3 - <<'PY'
 import torch
 assert torch.cuda.is_available(), "bench/gpu_check.sh needs a CUDA device (bench/gpu_check.py --smoke runs on a CPU)"
-print("GPU:", torch.cuda.get_device_name(0))
+print("GPU:", torch.cuda.get_device_name(0), "torch", torch.__version__)
 PY
-python -m bench.gpu_check "$@"
+python3 -m bench.gpu_check "$@"

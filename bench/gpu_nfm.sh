@@ -10,7 +10,7 @@
 # report, configs, metrics and logs of every run), gpu_check.json and the table on stdout. GPU_NFM_SECONDS (default 560) is the
 # deadline of the whole script; each phase is cut at it. Packages missing on the GPU machine (diffusers,
 # clean-fid, POT, normflows, mlxtend) are installed from the wheels in $WHEELS (default .whl) when it exists:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers clean-fid pot mlxtend ...
+#   bash bench/gpu_wheels.sh                # fills .whl (ignored by git); carry it to the GPU machine
 # GPU_NFM_SMOKE=1 runs every phase at toy sizes on the CPU (a check of this script, no meaningful numbers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
