@@ -7,8 +7,8 @@ Parts (each in its own try/except with a time budget, so one failure keeps the o
     sampling          Euler sampling NFE/s of the same two students (fp32 and bf16)
     teacher_encode    TarFlow teacher encode img/s (fp32 and bf16)
     f2d2_meanflow     MeanFlow-F2D2 (jvp) step time and peak CUDA memory (bench.bench_f2d2's loss table)
-    accelerate        a 2-process `accelerate launch` of a tiny `flowdistill train` on one GPU, and a 2-process
-                      CPU run (torchrun, gloo) if two processes cannot share the GPU, or in --smoke
+    accelerate        a 2-process `accelerate launch --multi_gpu` of a tiny `flowdistill train` on two GPUs, and a
+                      2-process CPU run (torchrun, gloo) if it fails, with one GPU, or in --smoke
 
     python -m bench.gpu_check [--smoke] [--out FILE] [--parts cuda_tests,student_train,...]
 
@@ -211,7 +211,7 @@ def f2d2_meanflow(sizes: Sizes, device: torch.device, budget: Budget, smoke: boo
 def _launch(cpu: bool, sizes: Sizes, out_dir: Path, timeout: float) -> dict[str, Any]:
     """Two processes of a tiny toy2d `flowdistill train`; return code, processes the run reports, output tail.
 
-    On the GPU: `accelerate launch --multi_gpu --num_processes 2` (both processes on the one device);
+    On the GPU: `accelerate launch --multi_gpu --num_processes 2` (one device per process);
     on the CPU: torchrun with 2 processes and no visible GPU (Accelerate then uses gloo), since
     `accelerate launch --cpu` starts a single process.
     """
@@ -237,10 +237,11 @@ def _launch(cpu: bool, sizes: Sizes, out_dir: Path, timeout: float) -> dict[str,
 
 
 def accelerate(sizes: Sizes, device: torch.device, budget: Budget, smoke: bool) -> dict[str, Any]:
-    """Two processes on one GPU; if that fails (or in --smoke / without CUDA), two CPU processes (gloo)."""
+    """Two processes on two GPUs; if that fails (or with fewer than two GPUs, or in --smoke), two CPU processes
+    (gloo). `--multi_gpu` gives each process its own device, so one GPU cannot hold both (seen on an H200)."""
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        if device.type == "cuda" and not smoke:
+        if device.type == "cuda" and not smoke and torch.cuda.device_count() >= 2:
             result["gpu"] = _launch(False, sizes, Path(tmp), budget.left() / 2)
         if "gpu" not in result or result["gpu"]["returncode"] != 0:
             result["cpu"] = _launch(True, sizes, Path(tmp), budget.left())
