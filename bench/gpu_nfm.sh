@@ -87,7 +87,7 @@ if [ "$(left)" -gt 45 ]; then
   say "gpu_check: exit $?"
 fi
 
-python3 - "$RUNS" <<'PY'
+python3 - "$RUNS" <<'PY' | tee "$OUT/gpu_nfm_table.md"
 import json, pathlib, sys
 root = pathlib.Path(sys.argv[1])
 evaluations = sorted((root / "mnist-gpu").glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime)
