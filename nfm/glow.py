@@ -15,6 +15,9 @@ as (D, 1, 1) images: no squeeze, one level, 1x1 convolutions only.
 
 ActNorm and the split priors start at the identity and the coupling networks output zero, so a fresh
 Glow is a fixed rotation per step with coupling scales sigmoid(2) = 0.88: near the identity.
+With `model.logit_alpha` a > 0 the levels see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] instead of x
+(`nfm.logit_map`, as TarFlow does); its log-Jacobian is part of log|det df/dx|, and the per-level outputs
+are those of the logit-mapped data.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nfm.logit_map import check_logit_alpha, from_logit, to_logit
 
 
 @dataclass
@@ -34,6 +39,7 @@ class GlowConfig:
     steps: int = 4  # K flow steps per level
     hidden: int = 64  # channels of each coupling network
     eta: float = 0.0  # std of the Gaussian noise added to training data (NFM teachers); 0 for dequantized runs
+    logit_alpha: float = 0.0  # > 0: levels see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x
 
 
 def squeeze(x: Tensor) -> Tensor:
@@ -215,13 +221,14 @@ class Glow(nn.Module):
     def encode_with_levels(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """z = f(x) shaped like x, log|det df/dx| (B,) in nats, and the output of every level's K steps
         (before its split; the last is the top latent): the points where a student is matched to a teacher."""
-        outputs, dropped, logdet = self._encode(x)
+        v, logit_logdet = to_logit(x, self.cfg.logit_alpha, "glow")
+        outputs, dropped, logdet = self._encode(v)
         a = outputs[-1]
         for level in reversed(range(len(self.levels))):
             if level < len(dropped):
                 a = torch.cat([dropped[level], a], 1)
             a = self._unsqueeze(a)
-        return a.reshape(x.shape), logdet, outputs
+        return a.reshape(x.shape), logit_logdet + logdet, outputs
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """z = f(x) shaped like x (standard normal under the model) and log|det df/dx| (B,) in nats."""
@@ -255,13 +262,14 @@ class Glow(nn.Module):
             for step in reversed(self.levels[level]):
                 h = step.inverse(h)
             h = self._unsqueeze(h)
-        return h.reshape(z.shape)
+        return from_logit(h.reshape(z.shape), self.cfg.logit_alpha)
 
 
 def _check_config(cfg: GlowConfig, data_shape: tuple[int, ...]) -> None:
     """Raise ValueError for sizes a Glow cannot be built with on this data shape."""
     if min(cfg.levels, cfg.steps, cfg.hidden) < 1 or cfg.eta < 0:
         raise ValueError("glow levels, steps and hidden must be >= 1 and eta >= 0")
+    check_logit_alpha("glow", cfg.logit_alpha, cfg.eta)
     if len(data_shape) == 1:
         if cfg.levels != 1:
             raise ValueError(f"glow on vectors has no squeeze: set model.levels=1 (got {cfg.levels})")

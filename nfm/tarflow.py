@@ -11,11 +11,11 @@ The output projection and those token-0 parameters start at zero, so every block
 identity. Encoding (data -> noise) is one parallel pass; decoding inverts the blocks in reverse order,
 one token at a time, with a key/value cache.
 With `model.logit_alpha` a > 0 the blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] instead
-of x (RealNVP's preprocessing for dequantized images); its log-Jacobian is part of log|det dz/dx|.
+of x (RealNVP's preprocessing for dequantized images, `nfm.logit_map`); its log-Jacobian is part of
+log|det dz/dx|.
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from nfm import token_transforms
+from nfm.logit_map import check_logit_alpha, from_logit, to_logit
 from nfm.token_transforms import TRANSFORMS, params_per_value
 
 
@@ -260,28 +261,12 @@ class TarFlow(nn.Module):
         return y.to(device=device, dtype=torch.long)
 
     def to_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Data x (B, *shape) -> v = logit(s), s = a + (1 - 2a)(x + 1)/2, and log|det dv/dx| (B,) nats.
-
-        Per value, dv/dx = (1 - 2a) / (2 s (1 - s)). The map is a bijection from |x| < 1 + 2a / (1 - 2a)
-        onto the real line, so the density integrates to one there; data in [-1, 1] lies inside. With
-        `model.logit_alpha` a = 0, v = x and the log-det is 0.
-        """
-        x = x if x.dtype == torch.float64 else x.float()
-        logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        a = self.cfg.logit_alpha
-        if not a:
-            return x, logdet
-        s = a + (1 - 2 * a) * (x + 1) / 2
-        if s.amin() <= 0 or s.amax() >= 1:
-            raise ValueError(f"tarflow with model.logit_alpha {a} needs data in [-1, 1] (dequantized images), "
-                             f"got values in [{x.amin().item():.4g}, {x.amax().item():.4g}]")
-        log_jac = math.log((1 - 2 * a) / 2) - torch.log(s) - torch.log1p(-s)
-        return torch.logit(s), logdet + log_jac.flatten(1).sum(1)
+        """Data x (B, *shape) -> v and log|det dv/dx| (B,) nats: `nfm.logit_map.to_logit` with `model.logit_alpha`."""
+        return to_logit(x, self.cfg.logit_alpha, "tarflow")
 
     def from_logit(self, v: Tensor) -> Tensor:
-        """The inverse of `to_logit`: x = 2 (sigmoid(v) - a) / (1 - 2a) - 1 (identity when a = 0)."""
-        a = self.cfg.logit_alpha
-        return v if not a else 2 * (torch.sigmoid(v) - a) / (1 - 2 * a) - 1
+        """The inverse of `to_logit` (identity when `model.logit_alpha` is 0)."""
+        return from_logit(v, self.cfg.logit_alpha)
 
     def encode(self, x: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> tuple[Tensor, Tensor]:
         """Data x (B, *shape) -> noise z (same shape) and log|det dz/dx| (B,) in nats per sample (fp32 or fp64).
@@ -338,11 +323,7 @@ def _check_config(cfg: TarFlowConfig) -> None:
                          f"{cfg.spline_bound} > 0")
     if cfg.eta < 0 or cfg.num_classes < 0:
         raise ValueError(f"tarflow eta {cfg.eta} and num_classes {cfg.num_classes} must be >= 0")
-    if not 0 <= cfg.logit_alpha < 0.5:
-        raise ValueError(f"tarflow logit_alpha {cfg.logit_alpha} must lie in [0, 0.5) (0 turns the logit map off)")
-    if cfg.logit_alpha and cfg.eta:
-        raise ValueError(f"tarflow logit_alpha {cfg.logit_alpha} needs eta 0: x + eta*eps leaves [-1, 1], where "
-                         "the logit map is undefined; use it for dequantized likelihood recipes")
+    check_logit_alpha("tarflow", cfg.logit_alpha, cfg.eta)
 
 
 @torch.no_grad()

@@ -19,14 +19,22 @@ def perturbed(flow: Glow, scale: float = 0.1, seed: int = 0) -> Glow:
     return flow
 
 
+def inputs(n: int, shape: tuple[int, ...], cfg: GlowConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian test data, or uniform on [-0.99, 0.99] for a Glow whose logit map needs data in [-1, 1]."""
+    if cfg.logit_alpha:
+        return (torch.rand(n, *shape, dtype=dtype) * 2 - 1) * 0.99
+    return torch.randn(n, *shape, dtype=dtype)
+
+
 @pytest.mark.parametrize("shape,cfg", [((1, 8, 8), GlowConfig(levels=2, steps=2, hidden=16)),
                                        ((3, 4, 4), GlowConfig(levels=1, steps=3, hidden=8)),
                                        ((2, 8, 4), GlowConfig(levels=2, steps=1, hidden=8)),
-                                       ((5,), GlowConfig(levels=1, steps=4, hidden=8))])
+                                       ((5,), GlowConfig(levels=1, steps=4, hidden=8)),
+                                       ((1, 4, 4), GlowConfig(levels=2, steps=2, hidden=8, logit_alpha=0.05))])
 def test_log_determinant_equals_the_brute_force_jacobian_in_float64(shape, cfg):
     torch.manual_seed(0)
     flow = perturbed(Glow(cfg, shape)).double()
-    x = torch.randn(1, *shape, dtype=torch.float64)
+    x = inputs(1, shape, cfg, torch.float64)
     jac = torch.autograd.functional.jacobian(lambda v: flow.encode(v.reshape(1, *shape))[0].reshape(-1),
                                              x.reshape(-1))
     assert torch.linalg.slogdet(jac)[1].item() == pytest.approx(flow.encode(x)[1].item(), abs=1e-9)
@@ -34,11 +42,12 @@ def test_log_determinant_equals_the_brute_force_jacobian_in_float64(shape, cfg):
 
 @pytest.mark.parametrize("shape,cfg", [((1, 8, 8), GlowConfig(levels=3, steps=2, hidden=16)),
                                        ((1, 28, 28), GlowConfig(levels=2, steps=2, hidden=16)),
-                                       ((2,), GlowConfig(levels=1, steps=4, hidden=16))])
+                                       ((2,), GlowConfig(levels=1, steps=4, hidden=16)),
+                                       ((1, 28, 28), GlowConfig(levels=2, steps=2, hidden=16, logit_alpha=0.001))])
 def test_decode_inverts_encode_in_float32(shape, cfg):
     torch.manual_seed(1)
     flow = perturbed(Glow(cfg, shape), 0.05)
-    x = torch.randn(16, *shape)
+    x = inputs(16, shape, cfg)
     z, _ = flow.encode(x)
     assert z.shape == x.shape
     assert (flow.decode(z) - x).abs().max().item() < 1e-4
@@ -73,6 +82,27 @@ def test_the_density_of_a_2d_glow_integrates_to_one():
     logp = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi) + logdet
     mass = (logp.exp() * (grid[1] - grid[0]) ** 2).sum().item()
     assert mass == pytest.approx(1.0, abs=1e-3)
+
+
+def test_logit_map_glow_density_integrates_to_one_on_its_domain_and_refuses_bad_input():
+    a = 0.05
+    torch.manual_seed(3)
+    flow = perturbed(Glow(GlowConfig(levels=1, steps=3, hidden=16, logit_alpha=a), (2,)), 0.05).double()
+    edge = 1 + 2 * a / (1 - 2 * a)  # the logit map is a bijection from (-edge, edge) onto the real line
+    n = 801
+    grid = torch.linspace(-edge, edge, n, dtype=torch.float64)[1:-1]
+    points = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        z, logdet = flow.encode(points)
+        back = flow.decode(flow.encode(points[::97])[0])
+    logp = -0.5 * z.pow(2).sum(1) - math.log(2 * math.pi) + logdet
+    assert (logp.exp().sum() * (2 * edge / (n - 1)) ** 2).item() == pytest.approx(1.0, abs=0.005)
+    torch.testing.assert_close(back, points[::97], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match=r"glow with model.logit_alpha 0.05 needs data in \[-1, 1\]"):
+        flow.encode(torch.tensor([[0.0, 1.2]], dtype=torch.float64))
+    for bad, match in [(dict(logit_alpha=0.5), "must lie in"), (dict(logit_alpha=0.05, eta=0.1), "needs eta 0")]:
+        with pytest.raises(ValueError, match=match):
+            Glow(GlowConfig(**bad), (2,))
 
 
 def test_glow_trains_as_a_teacher_and_pairs_nfm_students(tmp_path, capsys):
