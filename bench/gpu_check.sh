@@ -8,12 +8,7 @@
 # that folder holds any; the project itself runs from this checkout (PYTHONPATH), not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="${WHEELS:-.whl}"
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 python3 - <<'PY'
 import torch
 assert torch.cuda.is_available(), "bench/gpu_check.sh needs a CUDA device (bench/gpu_check.py --smoke runs on a CPU)"

@@ -18,7 +18,6 @@ START=$(date +%s)
 DEADLINE="${GPU_NFM_SECONDS:-560}"
 OUT="${OUT:-runs/gpu-out}"
 RUNS="${RUNS:-runs/gpu}"
-WHEELS="${WHEELS:-.whl}"
 SMOKE="${GPU_NFM_SMOKE:-0}"
 SEEDS="${GPU_NFM_SEEDS:-0}"  # comma-separated student seeds
 COUPLINGS=(independent minibatch_ot semidiscrete_ot nf_teacher nf_teacher_ot)
@@ -26,12 +25,8 @@ mkdir -p "$OUT" "$RUNS/logs"
 left() { local s=$(( DEADLINE - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }  # timeout needs >= 1
 say() { echo "[gpu_nfm $(( $(date +%s) - START )) s] $*"; }
 
-if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 FLOWDISTILL_CACHE="${FLOWDISTILL_CACHE:-$RUNS/cache}"
+source bench/gpu_env.sh
+export FLOWDISTILL_CACHE="${FLOWDISTILL_CACHE:-$RUNS/cache}"
 FD="python3 -m flowdistill"
 
 if [ "$SMOKE" = 1 ]; then
