@@ -122,7 +122,7 @@ def extraction_rate(coupling: NFTeacherCoupling, dtype: str, device: torch.devic
     data = coupling.data.to(device)
     index = torch.arange(images) % len(data)
     draw = torch.zeros_like(index)
-    seconds = time_ms(lambda: teacher_encode(coupling.teacher.flow, perturbed(data, index, draw, coupling.teacher.eta, 0),
+    seconds = time_ms(lambda: teacher_encode(coupling.teacher.flow, perturbed(data, index, draw, coupling.teacher, 0),
                                              dtype, coupling.batch_size), device, 1) / 1000
     return images / seconds
 

@@ -45,7 +45,8 @@ def cache_dir_of(cfg: Any) -> Path:
 
 def cache_spec(teacher: TeacherHandle, dataset: Any, cfg: Any) -> dict[str, Any]:
     """Everything the cached pairs depend on (`cfg`: the coupling section)."""
-    return {"teacher_run": str(teacher.run_dir), "teacher_step": teacher.step, "teacher_sha256": teacher.weights_sha256,
+    dequantized = {} if teacher.dequantize_levels is None else {"dequantize_levels": teacher.dequantize_levels}
+    return {**dequantized, "teacher_run": str(teacher.run_dir), "teacher_step": teacher.step, "teacher_sha256": teacher.weights_sha256,
             "eta": teacher.eta, "data": dataset.name, "data_fingerprint": dataset.fingerprint,
             "n_images": len(dataset.train), "shape": list(dataset.shape), "draws": cfg.draws,
             "seed": cfg.seed, "teacher_dtype": cfg.dtype, "shard_size": cfg.shard}
@@ -188,8 +189,8 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
         if _shard_ok(path, sid, stop - start, draws):
             continue
         index = torch.arange(start, stop)
-        z = torch.stack([teacher_encode(teacher.flow, perturbed(data, index, torch.full_like(index, d), teacher.eta,
-                                                                  method.seed), method.dtype, method.batch).cpu()
+        z = torch.stack([teacher_encode(teacher.flow, perturbed(data, index, torch.full_like(index, d), teacher, method.seed),
+                                         method.dtype, method.batch).cpu()
                          for d in range(draws)], dim=1)
         atomic_write_bytes(path, save({"z": z.contiguous(), "index": index}, metadata={"spec_id": sid}))
         atomic_write_text(path.with_suffix(".sha256"), sha256_file(path) + "\n")

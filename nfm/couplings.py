@@ -11,8 +11,8 @@ Every flow-matching student in flowdistill trains on pairs (x, z) produced here;
                      from an entropic plan (`ot.sinkhorn`) when `ot_reg > 0`
     semidiscrete_ot  SD-FM: fresh noise x0 paired with the data point argmax_k g_k + <x0, y_k> of a
                      fitted dual potential g (`nfm.semidiscrete_ot`); it picks the data for the noise
-    nf_teacher       NFM: z = f_teacher(x + eta eps') / sigma_f from a trained TarFlow, online or from a
-                     precomputed cache (`nfm.teacher_coupling`, `nfm.coupling_cache`)
+    nf_teacher       NFM: z = f_teacher(x + eta eps') / sigma_f from a trained flow (TarFlow or Glow; the
+                     cell noise of a dequantized one), online or from a precomputed cache (`nfm.teacher_coupling`, `nfm.coupling_cache`)
     nf_teacher_ot    NFM-OT: the teacher's z re-paired with fresh N(0, I) noise by exact minibatch OT
 
 The loss asks for `coupling.pairs(x, generator) -> (x, z)`; couplings that choose the data (SD-FM)

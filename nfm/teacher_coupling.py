@@ -1,6 +1,7 @@
 """NFM couplings: the noise a normalizing-flow teacher assigns to each data point, and its OT variant.
 
-    nf_teacher      z = f_teacher(x_i + eta * eps'(i, d)) / sigma_f     (NFM; `nfm.teacher_pairs`)
+    nf_teacher      z = f_teacher(x_i + eta * eps'(i, d)) / sigma_f     (NFM; `nfm.teacher_pairs`; a dequantized
+                    likelihood teacher gets uniform cell noise instead, as it was trained)
     nf_teacher_ot   the same teacher latents for a batch, then fresh eps ~ N(0, I) re-paired with them
                     by the exact minibatch OT assignment on |z_i - eps_j|^2: the student's noise has
                     exactly the N(0, I) marginal it starts from at sampling time, and keeps the pairing's
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from nfm.coupling_cache import cache_dir_of, cache_spec, load_cache
 from nfm.couplings import Coupling, exact_assignment, squared_costs
-from nfm.teacher_pairs import TEACHER_DTYPES, TeacherHandle, load_teacher, perturbed, teacher_encode, teacher_sigma
+from nfm.teacher_pairs import NOISE_LAWS, TEACHER_DTYPES, TeacherHandle, load_teacher, perturbed, teacher_encode, teacher_sigma
 from shared.catalog import BuildContext
 from shared.run import require_same_data
 
@@ -44,8 +45,8 @@ class NFTeacherConfig:
     cache: str = ""  # cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>)
 
     def data_noise(self) -> str:
-        """The coupling draws its own data perturbation (the teacher's input x + eta*eps')."""
-        return "the teacher's x + eta*eps'"
+        """The coupling draws its own data perturbation (the teacher's input: x + eta*eps', or cell noise)."""
+        return "the teacher's x + eta*eps' (or its dequantization noise)"
 
     def run_dependencies(self) -> dict[str, str]:
         """The teacher run the pairs come from (needed for training only, never for sampling)."""
@@ -114,11 +115,12 @@ class NFTeacherCoupling(Coupling):
         if self.mode == "precomputed":
             z = self._cache[index, draw]
         elif self.draws == 0:
-            noise = torch.randn(len(x), *self.data.shape[1:], generator=generator, device=x.device)
-            z = teacher_encode(self.teacher.flow, self.data[index] + self.teacher.eta * noise, self.dtype,
+            law = NOISE_LAWS[self.teacher.noise_kind]
+            noise = law(len(x), *self.data.shape[1:], generator=generator, device=x.device)
+            z = teacher_encode(self.teacher.flow, self.teacher.perturb(self.data[index], noise), self.dtype,
                                self.batch_size)
         else:
-            z = teacher_encode(self.teacher.flow, perturbed(self.data, index, draw, self.teacher.eta, self.seed),
+            z = teacher_encode(self.teacher.flow, perturbed(self.data, index, draw, self.teacher, self.seed),
                                self.dtype, self.batch_size)
         return self.data[index].to(x.dtype), (z / self.sigma).to(x.dtype)
 

@@ -1,11 +1,16 @@
 """The teacher side of NFM pairs: a frozen flow, the addressed noise eps'(i, d), encodes and sigma_f.
 
-    z = f_teacher(x_i + eta * eps'(i, d)) / sigma_f
+    z = f_teacher(x~_i(d)) / sigma_f,   x~_i(d) = x_i + eta * eps'(i, d)            (a noise-trained teacher)
+                                        x~_i(d) = x_i + (u'(i, d) - 1/2) * 2 / L      (a dequantized one, eta = 0)
 
-`eta` is the teacher's own training noise (saved in its model config); `sigma_f` is the RMS of the
-teacher outputs over the first `SIGMA_POINTS` training images (draw 0). eps'(i, d) comes from a
-generator seeded by (seed, i, d), so a pair is a function of its address and the teacher alone:
-the online coupling and the precomputed cache (`nfm.coupling_cache`) produce the same pairs.
+The teacher's input is perturbed exactly as the teacher was trained: Gaussian noise of its own `eta`
+(saved in its model config), or, for a likelihood teacher trained on uniformly dequantized images
+(`method.dequantize`), uniform noise over the pixel's cell of width 2 / L (L quantisation levels). Its
+latents then follow the density it was fitted to; a cell centre x_i alone is a point the teacher never
+saw. `sigma_f` is the RMS of the teacher outputs over the first `SIGMA_POINTS` training images (draw 0).
+eps'(i, d) and u'(i, d) come from a generator seeded by (seed, i, d), so a pair is a function of its
+address and the teacher alone: the online coupling and the precomputed cache (`nfm.coupling_cache`)
+produce the same pairs.
 """
 from __future__ import annotations
 
@@ -34,11 +39,24 @@ class TeacherHandle:
     step: int
     weights_sha256: str
     data_fingerprint: str
+    dequantize_levels: int | None = None  # L of a teacher trained on uniformly dequantized images, else None
 
     @property
     def eta(self) -> float:
         """The noise level the teacher was trained with (its couplings must use the same)."""
         return float(self.flow.eta)
+
+    def perturb(self, x: Tensor, noise: Tensor) -> Tensor:
+        """The teacher's training input for clean x (B, *shape): x + eta * noise (noise ~ N(0, I)), or for a
+        dequantized teacher x + (noise - 1/2) * 2 / L (noise ~ U[0, 1)); see `noise_kind`."""
+        if self.dequantize_levels is not None:
+            return x + (noise - 0.5) * (2.0 / self.dequantize_levels)
+        return x + self.eta * noise
+
+    @property
+    def noise_kind(self) -> str:
+        """"uniform" for a dequantized teacher, else "gaussian": the law of the noise `perturb` takes."""
+        return "uniform" if self.dequantize_levels is not None else "gaussian"
 
 
 def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torch.device | str = "cpu"
@@ -57,7 +75,8 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
                          "NFM couplings need a normalizing-flow teacher")
     path, _ = evaluation_weights(run_dir)
     run.model.requires_grad_(False)
-    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint)
+    levels = run.dataset.levels if getattr(run.config.method, "dequantize", False) else None
+    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
 
 
 def pair_seed(seed: int, index: int, draw: int) -> int:
@@ -66,13 +85,18 @@ def pair_seed(seed: int, index: int, draw: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def pair_noise(seed: int, index: Tensor, draw: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """eps' (B, *shape) on the CPU for the addresses (index[b], draw[b])."""
+NOISE_LAWS = {"gaussian": torch.randn, "uniform": torch.rand}
+
+
+def pair_noise(seed: int, index: Tensor, draw: Tensor, shape: tuple[int, ...], kind: str = "gaussian") -> Tensor:
+    """eps' ~ N(0, I) (or u' ~ U[0, 1) with kind="uniform"), (B, *shape) on the CPU, for the addresses
+    (index[b], draw[b])."""
+    law = NOISE_LAWS[kind]
     out = torch.empty(len(index), *shape)
     gen = torch.Generator()
     for row, (i, d) in enumerate(zip(index.tolist(), draw.tolist())):
         gen.manual_seed(pair_seed(seed, i, d))
-        out[row] = torch.randn(shape, generator=gen)
+        out[row] = law(shape, generator=gen)
     return out
 
 
@@ -85,10 +109,10 @@ def teacher_encode(flow: nn.Module, x: Tensor, dtype: str = "fp32", batch_size: 
         return encode_batched(flow, x.float(), batch_size=batch_size, dtype=TEACHER_DTYPES[dtype])[0]
 
 
-def perturbed(data: Tensor, index: Tensor, draw: Tensor, eta: float, seed: int) -> Tensor:
-    """x_i + eta * eps'(i, d): the teacher's input for each address, on data's device."""
-    noise = pair_noise(seed, index.cpu(), draw.cpu(), tuple(data.shape[1:])).to(data.device, data.dtype)
-    return data[index.to(data.device)] + eta * noise
+def perturbed(data: Tensor, index: Tensor, draw: Tensor, teacher: TeacherHandle, seed: int) -> Tensor:
+    """x~_i(d), the teacher's input for each address (B, *shape), on data's device (`TeacherHandle.perturb`)."""
+    noise = pair_noise(seed, index.cpu(), draw.cpu(), tuple(data.shape[1:]), teacher.noise_kind)
+    return teacher.perturb(data[index.to(data.device)], noise.to(data.device, data.dtype))
 
 
 def estimate_sigma(z_draw0: Tensor) -> float:
@@ -105,6 +129,5 @@ def teacher_sigma(teacher: TeacherHandle, data: Tensor, seed: int, dtype: str = 
                   ) -> float:
     """sigma_f computed by encoding draw 0 of the first `sigma_points(N)` images of `data`."""
     index = torch.arange(sigma_points(len(data)))
-    z = teacher_encode(teacher.flow, perturbed(data, index, torch.zeros_like(index), teacher.eta, seed), dtype,
-                       batch_size)
+    z = teacher_encode(teacher.flow, perturbed(data, index, torch.zeros_like(index), teacher, seed), dtype, batch_size)
     return estimate_sigma(z)

@@ -64,7 +64,7 @@ def test_pairs_round_trip_through_the_teacher(tmp_path, teacher_run):
     torch.testing.assert_close(decoded, noisy, atol=1e-4, rtol=0)
     # sigma_f makes the teacher outputs unit-RMS on the points it was estimated from
     all_index = torch.arange(len(coupling.data))
-    z0 = teacher_encode(coupling.teacher.flow, perturbed(coupling.data, all_index, torch.zeros_like(all_index), eta, 0))
+    z0 = teacher_encode(coupling.teacher.flow, perturbed(coupling.data, all_index, torch.zeros_like(all_index), coupling.teacher, 0))
     assert (z0 / coupling.sigma).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -193,3 +193,37 @@ def test_a_damaged_shard_is_recomputed_when_extraction_resumes(tmp_path, teacher
     (root / MANIFEST).write_text(json.dumps(manifest)[:40])  # a torn manifest names itself
     with pytest.raises(CheckpointError, match="manifest.json is unreadable"):
         _coupling(recipe).prepare("cpu")
+
+
+def test_a_dequantized_teacher_gets_its_own_cell_noise(tmp_path):
+    """A likelihood teacher (eta = 0, uniform dequantization) is fed x + uniform cell noise, as it was trained:
+    every teacher input decodes back inside its pixel's cell of width 2/L, off the cell centre, with a
+    uniform spread; online and precomputed pairs agree and the cache records the levels."""
+    assert main(["train", str(ROOT / "recipes" / "digits" / "teacher_bpd.yaml"), f"out_dir={tmp_path}", "name=t",
+                 "train.steps=3", "train.batch_size=32", "train.progress=false", "train.sample_grid=false",
+                 "model.width=16", "model.head_dim=8", "model.blocks=2", "model.layers=1"]) == 0
+    recipe = tmp_path / "student.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"name": "digits", "test_fraction": 0.2},
+        "model": {"name": "unet", "channels": [8, 16], "layers_per_block": 1, "attention": [False, False],
+                  "norm_groups": 4},
+        "method": {"name": "fm", "coupling": {"name": "nf_teacher", "teacher": str(tmp_path / "t"), "draws": 2,
+                                              "shard": 500, "cache": str(tmp_path / "cache")}},
+        "train": {"steps": 2, "batch_size": 16, "progress": False, "sample_grid": False},
+        "out_dir": str(tmp_path / "runs")}))
+    coupling = _coupling(recipe)
+    levels = coupling.teacher.dequantize_levels
+    assert levels == 17 and coupling.teacher.eta == 0.0 and coupling.teacher.noise_kind == "uniform"
+    x, z = coupling.pairs(torch.zeros(256, 1, 8, 8), torch.Generator().manual_seed(0))
+    offset = coupling.teacher.flow.decode(z * coupling.sigma) - x
+    half_cell = 1.0 / levels
+    assert offset.abs().max().item() <= half_cell + 1e-4  # inside the cell
+    assert offset.abs().mean().item() == pytest.approx(half_cell / 2, rel=0.05)  # uniform: E|u - 1/2| * 2/L = 1/(2L)
+    assert offset.mean().abs().item() < 0.02 * half_cell  # centred on x
+    root = extract(resolve_config(recipe, ["method.coupling.mode=precomputed"]), load_run)
+    assert json.loads((root / MANIFEST).read_text())["spec"]["dequantize_levels"] == 17
+    pre = _coupling(recipe, "method.coupling.mode=precomputed")
+    xp, zp = pre.pairs(torch.zeros(64, 1, 8, 8), torch.Generator().manual_seed(1))
+    xo, zo = coupling.pairs(torch.zeros(64, 1, 8, 8), torch.Generator().manual_seed(1))
+    assert torch.equal(xo, xp)
+    torch.testing.assert_close(zo, zp, atol=1e-5, rtol=1e-5)
