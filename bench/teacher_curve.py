@@ -1,8 +1,9 @@
 """The teacher-quality curve: NFM student quality against the quality of the teacher that paired it.
 
 Reads a comparison's `results.json` (`flowdistill compare`) whose NFM students name their teacher with
-`method.coupling.teacher=<run>`, scores each teacher's test NLL of x + eta*eps (nats per dimension, exact,
-one encode), and plots student FD at each NFE against the teacher's sample FD and its NLL, with the
+`method.coupling.teacher=<run>`, scores each teacher's exact test NLL (one encode) of the inputs it was
+trained on, x + eta*eps or, for a dequantized likelihood teacher, x + uniform cell noise (nats per
+dimension on the model's [-1, 1] scale; bits/dim too for the latter), and plots student FD at each NFE against the teacher's sample FD and its NLL, with the
 baseline couplings as horizontal lines. A straight-line fit of student FD on teacher FD (per NFE) says
 which teacher FD would make NFM match semidiscrete OT.
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from flowdistill.api import load_run
+from nfm.teacher_pairs import NOISE_LAWS, load_teacher
+from shared.data import bits_per_dim
 from shared.evaluate import format_table, write_json
 
 BASELINES = ("independent", "minibatch_ot", "semidiscrete_ot")
@@ -32,13 +35,18 @@ def teacher_of(entry: str) -> tuple[str, str] | None:
 
 
 @torch.no_grad()
-def perturbed_nll(run_dir: str, seed: int = 0) -> float:
-    """Mean exact NLL (nats per dimension) of test points x + eta*eps under a teacher, eps seeded."""
+def perturbed_nll(run_dir: str, seed: int = 0) -> dict[str, float]:
+    """Mean exact test NLL (nats per dimension) of the teacher's own training perturbation of x, seeded;
+    with `teacher_bpd` (bits/dim of the integer data) for a dequantized teacher."""
     run = load_run(run_dir)
+    teacher = load_teacher(run_dir, load_run)
     x = run.dataset.test
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    logp = run.sampler.log_likelihood(run.model, x + float(run.model.eta) * eps).logp
-    return float(-logp.mean() / run.dataset.dim)
+    noise = NOISE_LAWS[teacher.noise_kind](x.shape, generator=torch.Generator().manual_seed(seed))
+    nll = -run.sampler.log_likelihood(run.model, teacher.perturb(x, noise)).logp.double().mean()
+    out = {"teacher_nll_per_dim": float(nll / run.dataset.dim)}
+    if teacher.dequantize_levels is not None:
+        out["teacher_bpd"] = float(bits_per_dim(nll, run.dataset.dim, teacher.dequantize_levels))
+    return out
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
@@ -69,7 +77,7 @@ def main() -> None:
         student, teacher_dir = pair
         teacher = teachers[Path(teacher_dir).name]
         row = {"student": student, "teacher": teacher["name"], "teacher_fd": teacher["value"],
-               "teacher_nll_per_dim": perturbed_nll(teacher_dir)}
+               **perturbed_nll(teacher_dir)}
         row.update({f"fd_nfe{n}": cell[(student, n)]["mean"] for n in nfes if (student, n) in cell})
         rows.append(row)
     rows.sort(key=lambda r: r["teacher_fd"])
@@ -90,7 +98,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, label in ((axes[0], "teacher_fd", "teacher sample FD"),
-                           (axes[1], "teacher_nll_per_dim", "teacher test NLL of x + eta*eps (nats/dim)")):
+                           (axes[1], "teacher_nll_per_dim", "teacher test NLL of its training inputs (nats/dim)")):
         for i, n in enumerate(nfes):
             pts = [(r[key], r[f"fd_nfe{n}"]) for r in rows if f"fd_nfe{n}" in r]
             ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"NFM, {n} NFE")
@@ -106,7 +114,9 @@ def main() -> None:
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, Path(args.out).with_suffix(".png"))
-    table = format_table(rows, ["student", "teacher", "teacher_fd", "teacher_nll_per_dim", *[f"fd_nfe{n}" for n in nfes]])
+    bpd = ["teacher_bpd"] if all("teacher_bpd" in r for r in rows) else []
+    table = format_table(rows, ["student", "teacher", "teacher_fd", "teacher_nll_per_dim", *bpd,
+                                *[f"fd_nfe{n}" for n in nfes]])
     lines = [f"Source: `{args.results}` ({args.solver}, {args.grid} grid). Baselines: "
              + "; ".join(f"{b} " + ", ".join(f"{n} NFE {v:.4g}" for n, v in vals.items()) for b, vals in baselines.items()),
              "", table, "", "Teacher FD at which the NFM student's line reaches semidiscrete OT: "

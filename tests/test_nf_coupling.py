@@ -5,6 +5,7 @@ The teacher run comes from the session fixtures `nf_teacher_run` / `train_tiny_t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -195,19 +196,26 @@ def test_a_damaged_shard_is_recomputed_when_extraction_resumes(tmp_path, teacher
         _coupling(recipe).prepare("cpu")
 
 
-def test_a_dequantized_teacher_gets_its_own_cell_noise(tmp_path):
+@pytest.fixture(scope="module")
+def bpd_teacher(tmp_path_factory) -> Path:
+    """A tiny dequantized likelihood teacher (eta = 0) on digits."""
+    root = tmp_path_factory.mktemp("bpd")
+    assert main(["train", str(ROOT / "recipes" / "digits" / "teacher_bpd.yaml"), f"out_dir={root}", "name=t",
+                 "train.steps=3", "train.batch_size=32", "train.progress=false", "train.sample_grid=false",
+                 "model.width=16", "model.head_dim=8", "model.blocks=2", "model.layers=1"]) == 0
+    return root / "t"
+
+
+def test_a_dequantized_teacher_gets_its_own_cell_noise(tmp_path, bpd_teacher):
     """A likelihood teacher (eta = 0, uniform dequantization) is fed x + uniform cell noise, as it was trained:
     every teacher input decodes back inside its pixel's cell of width 2/L, off the cell centre, with a
     uniform spread; online and precomputed pairs agree and the cache records the levels."""
-    assert main(["train", str(ROOT / "recipes" / "digits" / "teacher_bpd.yaml"), f"out_dir={tmp_path}", "name=t",
-                 "train.steps=3", "train.batch_size=32", "train.progress=false", "train.sample_grid=false",
-                 "model.width=16", "model.head_dim=8", "model.blocks=2", "model.layers=1"]) == 0
     recipe = tmp_path / "student.yaml"
     recipe.write_text(yaml.safe_dump({
         "data": {"name": "digits", "test_fraction": 0.2},
         "model": {"name": "unet", "channels": [8, 16], "layers_per_block": 1, "attention": [False, False],
                   "norm_groups": 4},
-        "method": {"name": "fm", "coupling": {"name": "nf_teacher", "teacher": str(tmp_path / "t"), "draws": 2,
+        "method": {"name": "fm", "coupling": {"name": "nf_teacher", "teacher": str(bpd_teacher), "draws": 2,
                                               "shard": 500, "cache": str(tmp_path / "cache")}},
         "train": {"steps": 2, "batch_size": 16, "progress": False, "sample_grid": False},
         "out_dir": str(tmp_path / "runs")}))
@@ -227,3 +235,15 @@ def test_a_dequantized_teacher_gets_its_own_cell_noise(tmp_path):
     xo, zo = coupling.pairs(torch.zeros(64, 1, 8, 8), torch.Generator().manual_seed(1))
     assert torch.equal(xo, xp)
     torch.testing.assert_close(zo, zp, atol=1e-5, rtol=1e-5)
+
+
+def test_the_teacher_curve_scores_a_dequantized_teacher_in_bits_per_dim(bpd_teacher):
+    """bench.teacher_curve scores a likelihood teacher on dequantized test images: its bits/dim agrees with
+    `flowdistill nll` (another dequantization draw, the same density) to within the draw's noise."""
+    from bench.teacher_curve import perturbed_nll
+
+    scores = perturbed_nll(str(bpd_teacher))
+    assert main(["nll", str(bpd_teacher), "--split", "test", "--device", "cpu"]) == 0
+    reference = json.loads((bpd_teacher / "nll-test.json").read_text())["bits_per_dim"]
+    assert scores["teacher_bpd"] == pytest.approx(reference, abs=0.02)
+    assert scores["teacher_bpd"] == pytest.approx((scores["teacher_nll_per_dim"] + math.log(17 / 2)) / math.log(2))
