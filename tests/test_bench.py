@@ -93,6 +93,19 @@ def test_bench_couplings_times_every_source_and_nfm_extraction(tmp_path, bench):
     _positive(fit, ["ms_per_iter", "extract_images_per_s", "extract_bf16_images_per_s"])
 
 
+def test_teacher_cost_times_online_pairs_of_each_teacher_against_the_student_step(tmp_path, bench, nf_teacher_run):
+    student = str(ROOT / "recipes" / "toy2d" / "fm_nf_teacher.yaml")
+    payload = bench("teacher_cost", tmp_path / "t.json", student, str(nf_teacher_run), str(nf_teacher_run),
+                    "--set", "data.n_train=1000", "--set", "data.n_test=200")
+    _check_machine(payload)
+    assert len(payload["rows"]) == 2
+    for row in payload["rows"]:
+        _positive(row, ["pairs_ms", "student_step_ms", "params"])
+        assert row["perturbation"] == "gaussian" and row["batch"] == 512  # the recipe's own batch
+        assert math.isclose(row["coupling_share_of_step"], row["pairs_ms"] / (row["pairs_ms"] + row["student_step_ms"]))
+    assert payload["rows"][0]["cost_vs_first"] == 1.0
+
+
 def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from bench import bench_streaming
