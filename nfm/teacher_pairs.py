@@ -55,7 +55,7 @@ class TeacherHandle:
 
     @property
     def noise_kind(self) -> str:
-        """"uniform" for a dequantized teacher, else "gaussian": the law of the noise `perturb` takes."""
+        """The law of the noise `perturb` takes: "uniform" for a dequantized teacher, else "gaussian"."""
         return "uniform" if self.dequantize_levels is not None else "gaussian"
 
 
