@@ -46,7 +46,7 @@ class NFTeacherConfig:
 
     def data_noise(self) -> str:
         """The coupling draws its own data perturbation (the teacher's input: x + eta*eps', or cell noise)."""
-        return "the teacher's x + eta*eps' (or its dequantization noise)"
+        return "the teacher's input: x + eta*eps', or x + cell noise for a dequantized teacher"
 
     def run_dependencies(self) -> dict[str, str]:
         """The teacher run the pairs come from (needed for training only, never for sampling)."""

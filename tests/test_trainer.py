@@ -179,7 +179,7 @@ def test_dequantize_adds_cell_noise_that_is_a_function_of_seed_and_step(tmp_path
 @pytest.mark.parametrize("recipe,levels,match", [
     ("toy2d/fm_independent.yaml", None, "needs quantised image data"),
     ("digits/teacher_bpd.yaml", 17, "draws its own data noise (method.dequantize or the model's x + eta*eps)"),
-    ("digits/fm_nf_teacher.yaml", 17, "draws its own data noise (the teacher's x + eta*eps')"),
+    ("digits/fm_nf_teacher.yaml", 17, "draws its own data noise (the teacher's input: x + eta*eps', or x + cell noise"),
 ])
 def test_data_dequantize_is_refused_where_it_cannot_apply(recipe, levels, match):
     import re
