@@ -39,7 +39,7 @@ def perturbed_nll(run_dir: str, seed: int = 0) -> dict[str, float]:
     """Mean exact test NLL (nats per dimension) of the teacher's own training perturbation of x, seeded;
     with `teacher_bpd` (bits/dim of the integer data) for a dequantized teacher."""
     run = load_run(run_dir)
-    teacher = load_teacher(run_dir, load_run)
+    teacher = load_teacher(run_dir, lambda *_, **__: run)  # the run just loaded: no second read
     x = run.dataset.test
     noise = NOISE_LAWS[teacher.noise_kind](x.shape, generator=torch.Generator().manual_seed(seed))
     nll = -run.sampler.log_likelihood(run.model, teacher.perturb(x, noise)).logp.double().mean()
