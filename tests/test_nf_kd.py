@@ -110,3 +110,23 @@ def test_a_tarflow_student_must_share_its_teachers_logit_map(tmp_path, capsys):
     assert not (tmp_path / "plain" / "checkpoints").exists()
     assert main(["train", *student, "name=logit", "model.logit_alpha=0.001"]) == 0
     assert '"latent_mse"' in (tmp_path / "logit" / "metrics.jsonl").read_text()
+    # a student that keeps the teacher's first blocks (train.init_from) starts as the teacher cut after them:
+    # its latent is the teacher's output after block 1; its undistilled twin starts fresh
+    from flowdistill.api import load_run, resolve_config
+    from flowdistill.components import CATALOG
+    from flowdistill.flow_scores import UNDISTILLED
+    from shared.run import build_model, init_from_run
+
+    kept = resolve_config(student[0], [*student[1:], "name=kept", "model.logit_alpha=0.001",
+                                       f"train.init_from={tmp_path / 'teacher'}"])
+    teacher = load_run(tmp_path / "teacher").model
+    run = load_run(tmp_path / "logit")
+    model = build_model(kept, run.dataset, CATALOG)
+    assert init_from_run(model, kept.train.init_from) == []  # every tensor of the student came from the teacher
+    x = run.dataset.test[:8]
+    with torch.no_grad():
+        z, _, _ = model.encode_with_levels(x)
+        _, _, teacher_levels = teacher.encode_with_levels(x)
+    torch.testing.assert_close(z, teacher_levels[1])
+    assert resolve_config(student[0], [*student[1:], f"train.init_from={tmp_path / 'teacher'}",
+                                       *UNDISTILLED]).train.init_from == ""
