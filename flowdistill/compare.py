@@ -111,14 +111,25 @@ def train_seconds(run_dir: Path, batch_size: int) -> float:
     return seconds
 
 
+def cached_rows(saved: dict[str, Any], key: dict[str, Any]) -> dict[str, Any] | None:
+    """A saved evaluation that covers `key` (same weights, solvers, grids, sample counts and curvature settings;
+    the requested step counts a subset of the saved ones), restricted to the requested step counts; else None."""
+    have = saved.get("key")
+    if not isinstance(have, dict) or {**have, "steps": None} != {**key, "steps": None}:
+        return None
+    if not set(key["steps"]) <= set(have.get("steps") or ()):
+        return None
+    return {**saved, "key": key, "rows": [r for r in saved["rows"] if r["steps"] in key["steps"]]}
+
+
 def evaluate_student(run: Run, spec: CompareConfig, extractor: Any) -> dict[str, Any]:
     """Quality rows for every solver x grid, curvature and losses of one student; cached in its run folder."""
     key = {"step": run.step, "steps": list(spec.steps), "solvers": list(spec.solvers), "grids": list(spec.grids),
            "n": spec.n_samples, "curvature": [spec.curvature_steps, spec.curvature_samples]}
     cache = run.dir / "compare-eval.json"
     if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
+        saved = cached_rows(json.loads(cache.read_text()), key)
+        if saved is not None:
             return saved
     rows = []
     for solver in spec.solvers:

@@ -81,6 +81,11 @@ def test_rerun_reuses_trained_runs_and_cached_evaluations(comparison):
     first = json.loads((root / "out" / "cmp" / "results.json").read_text())["rows"]
     again = json.loads((root / "out" / "again" / "results.json").read_text())["rows"]
     assert first == again
+    # fewer step counts than were evaluated: the cached rows are reused, not recomputed and not overwritten
+    assert main(["compare", str(spec), "name=fewer", "steps=[4]"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    fewer = json.loads((root / "out" / "fewer" / "results.json").read_text())["rows"]
+    assert fewer == [r for r in first if r["steps"] == 4] and fewer
 
 
 def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
