@@ -6,11 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowdistill.api import load_run, resolve_config
 from flowdistill.cli import main
+from flowdistill.components import CATALOG
+from flowdistill.flow_scores import UNDISTILLED
 from nfm.glow import Glow, GlowConfig
 from nfm.nf_kd import NFKD, NFKDConfig, check_mapping, check_weights
 from nfm.tarflow import TarFlow, TarFlowConfig
 from nfm.teacher import TeacherConfig, TeacherNLL
+from shared.run import build_model, init_from_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +99,7 @@ def test_a_compact_glow_distils_from_a_glow_teacher_through_the_cli(tmp_path, ca
     assert "same perturbed density" in capsys.readouterr().err
 
 
-def test_a_tarflow_student_must_share_its_teachers_logit_map(tmp_path, capsys):
+def test_a_tarflow_student_shares_its_teachers_logit_map_and_can_keep_its_blocks(tmp_path, capsys):
     digits = ROOT / "recipes" / "digits"
     small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
              "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16"]
@@ -112,11 +116,6 @@ def test_a_tarflow_student_must_share_its_teachers_logit_map(tmp_path, capsys):
     assert '"latent_mse"' in (tmp_path / "logit" / "metrics.jsonl").read_text()
     # a student that keeps the teacher's first blocks (train.init_from) starts as the teacher cut after them:
     # its latent is the teacher's output after block 1; its undistilled twin starts fresh
-    from flowdistill.api import load_run, resolve_config
-    from flowdistill.components import CATALOG
-    from flowdistill.flow_scores import UNDISTILLED
-    from shared.run import build_model, init_from_run
-
     kept = resolve_config(student[0], [*student[1:], "name=kept", "model.logit_alpha=0.001",
                                        f"train.init_from={tmp_path / 'teacher'}"])
     teacher = load_run(tmp_path / "teacher").model
