@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flowdistill.api import load_run
-from nfm.teacher_pairs import NOISE_LAWS, load_teacher
+from nfm.teacher_pairs import NOISE_LAWS, teacher_of_run
 from shared.data import bits_per_dim
 from shared.evaluate import format_table, write_json
 
@@ -39,7 +39,7 @@ def perturbed_nll(run_dir: str, seed: int = 0) -> dict[str, float]:
     """Mean exact test NLL (nats per dimension) of the teacher's own training perturbation of x, seeded;
     with `teacher_bpd` (bits/dim of the integer data) for a dequantized teacher."""
     run = load_run(run_dir)
-    teacher = load_teacher(run_dir, lambda *_, **__: run)  # the run just loaded: no second read
+    teacher = teacher_of_run(run, run_dir)
     x = run.dataset.test
     noise = NOISE_LAWS[teacher.noise_kind](x.shape, generator=torch.Generator().manual_seed(seed))
     nll = -run.sampler.log_likelihood(run.model, teacher.perturb(x, noise)).logp.double().mean()

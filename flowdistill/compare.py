@@ -111,36 +111,47 @@ def train_seconds(run_dir: Path, batch_size: int) -> float:
     return seconds
 
 
-def cached_rows(saved: dict[str, Any], key: dict[str, Any]) -> dict[str, Any] | None:
-    """A saved evaluation that covers `key` (same weights, solvers, grids, sample counts and curvature settings;
-    the requested step counts a subset of the saved ones), restricted to the requested step counts; else None."""
+def _row_id(row: dict[str, Any]) -> tuple[str, str, int]:
+    return row["solver"], row["grid"], row["steps"]
+
+
+def saved_evaluation(saved: dict[str, Any], key: dict[str, Any]) -> tuple[dict[tuple[str, str, int], dict[str, Any]],
+                                                                           float | None]:
+    """What a saved evaluation can still serve: its quality rows by (solver, grid, steps) when it scored the same
+    weights with the same sample count, and its curvature when that was measured with the same settings."""
     have = saved.get("key")
-    if not isinstance(have, dict) or {**have, "steps": None} != {**key, "steps": None}:
-        return None
-    if not set(key["steps"]) <= set(have.get("steps") or ()):
-        return None
-    return {**saved, "key": key, "rows": [r for r in saved["rows"] if r["steps"] in key["steps"]]}
+    if not isinstance(have, dict) or have.get("step") != key["step"] or have.get("n") != key["n"]:
+        return {}, None
+    rows = {_row_id(r): r for r in saved.get("rows", [])}
+    return rows, saved.get("curvature") if have.get("curvature") == key["curvature"] else None
 
 
 def evaluate_student(run: Run, spec: CompareConfig, extractor: Any) -> dict[str, Any]:
-    """Quality rows for every solver x grid, curvature and losses of one student; cached in its run folder."""
-    key = {"step": run.step, "steps": list(spec.steps), "solvers": list(spec.solvers), "grids": list(spec.grids),
-           "n": spec.n_samples, "curvature": [spec.curvature_steps, spec.curvature_samples]}
+    """Quality rows for every solver x grid x step count, curvature and losses of one student.
+
+    Cached in its run folder row by row: a later spec re-evaluates only the (solver, grid, steps) cells the
+    cache lacks, and the cache keeps the union of everything measured on these weights."""
+    key = {"step": run.step, "n": spec.n_samples, "curvature": [spec.curvature_steps, spec.curvature_samples]}
     cache = run.dir / "compare-eval.json"
-    if cache.is_file():
-        saved = cached_rows(json.loads(cache.read_text()), key)
-        if saved is not None:
-            return saved
-    rows = []
+    have, curv = saved_evaluation(json.loads(cache.read_text()) if cache.is_file() else {}, key)
+    rows, fresh = [], False
     for solver in spec.solvers:
         for grid in spec.grids:
-            rows += quality_vs_steps(run, list(spec.steps), solver, grid, spec.n_samples, 0, extractor)
+            missing = [n for n in spec.steps if (solver, grid, n) not in have]
+            if missing:
+                fresh = True
+                for row in quality_vs_steps(run, missing, solver, grid, spec.n_samples, 0, extractor):
+                    have[_row_id(row)] = row
+            rows += [have[(solver, grid, n)] for n in spec.steps]
+    if curv is None:
+        fresh, curv = True, curvature(run, spec.curvature_steps, spec.curvature_samples)
     steps, losses = loss_curve(run.dir)
-    result = {"key": key, "rows": rows, "curvature": curvature(run, spec.curvature_steps, spec.curvature_samples),
-              "loss_steps": steps, "losses": losses, "final_loss": losses[-1] if losses else math.nan,
+    result = {"key": key, "rows": list(have.values()), "curvature": curv, "loss_steps": steps, "losses": losses,
+              "final_loss": losses[-1] if losses else math.nan,
               "train_seconds": train_seconds(run.dir, run.config.train.batch_size)}
-    write_json(cache, result)
-    return result
+    if fresh:
+        write_json(cache, result)
+    return {**result, "rows": rows}
 
 
 def evaluate_teacher(run: Run, n: int, extractor: Any) -> tuple[dict[str, Any], Samples]:

@@ -62,21 +62,25 @@ class TeacherHandle:
 def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torch.device | str = "cpu"
                  ) -> TeacherHandle:
     """Load a teacher run's evaluation weights (frozen, eval mode) and the hash of the file they came from."""
-    from shared.run import evaluation_weights
-
     given, run_dir = str(run_dir), Path(run_dir)
     if not given or not config_path(run_dir).is_file():
         raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
                          f"(from `flowdistill train recipes/.../teacher.yaml`); "
                          + (f"{given!r} is not one" if given else "it is not set"))
-    run = load_run(run_dir, device=device)
+    return teacher_of_run(load_run(run_dir, device=device), run_dir)
+
+
+def teacher_of_run(run: Any, run_dir: str | Path) -> TeacherHandle:
+    """The teacher handle of a run already loaded from `run_dir` (its model frozen here)."""
+    from shared.run import evaluation_weights
+
     if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
-    path, _ = evaluation_weights(run_dir)
+    path, _ = evaluation_weights(Path(run_dir))
     run.model.requires_grad_(False)
     levels = run.dataset.levels if getattr(run.config.method, "dequantize", False) else None
-    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
+    return TeacherHandle(run.model, Path(run_dir), run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
 
 
 def pair_seed(seed: int, index: int, draw: int) -> int:

@@ -88,6 +88,30 @@ def test_rerun_reuses_trained_runs_and_cached_evaluations(comparison):
     assert fewer == [r for r in first if r["steps"] == 4] and fewer
 
 
+def test_an_added_solver_evaluates_only_the_cells_the_cache_lacks(comparison, monkeypatch):
+    import flowdistill.compare as compare
+
+    root, spec = comparison
+    calls, real = [], compare.quality_vs_steps
+
+    def spy(run, steps, solver, grid, *args, **kwargs):
+        calls.append((solver, grid, tuple(steps)))
+        return real(run, steps, solver, grid, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "quality_vs_steps", spy)
+    assert main(["compare", str(spec), "name=heun", "solvers=[euler,heun]"]) == 0
+    assert sorted(set(calls)) == [("heun", "linear", (1, 4)), ("heun", "quadratic", (1, 4))]
+    assert len(calls) == 2 * 2 * len(COUPLINGS)  # two grids, two seeds per coupling, nothing for Euler
+    first = json.loads((root / "out" / "cmp" / "results.json").read_text())["rows"]
+    both = json.loads((root / "out" / "heun" / "results.json").read_text())["rows"]
+    assert [r for r in both if r["solver"] == "euler"] == first
+    assert {r["solver"] for r in both} == {"euler", "heun"}
+    # the cache now holds both solvers: asking for either again computes nothing
+    calls.clear()
+    assert main(["compare", str(spec), "name=heun_only", "solvers=[heun]", "steps=[4]"]) == 0
+    assert calls == []
+
+
 def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
     def row(steps, value, seconds=1.0):
         return {"solver": "euler", "grid": "linear", "steps": steps, "nfe": steps, "metric": "w2", "value": value,
