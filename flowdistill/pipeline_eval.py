@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from flowdistill.api import load_run, resolve_device
-from flowdistill.compare import CompareConfig, aggregate, evaluate_student, evaluate_teacher, plot_quality
+from flowdistill.compare import CompareConfig, aggregate, evaluate_student, evaluate_teacher
+from flowdistill.compare_plots import plot_quality
 from shared.evaluate import generate, write_json
 from shared.metrics import feature_extractor
 
@@ -153,7 +154,7 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
                      "train_seconds": statistics.fmean(r["train_seconds"] for r in res)}
                     for c, res in per_coupling.items()]
     losses = {c: {"steps": res[0]["loss_steps"], "losses": res[0]["losses"]} for c, res in per_coupling.items()}
-    plot_quality(rows, [teacher_row], scoring, figures / "quality_vs_nfe.png")
+    plot_quality(rows, [teacher_row], scoring.solvers, scoring.grids, figures / "quality_vs_nfe.png")
     result = {
         "pipeline": spec.name, "key": pipeline.evaluation_key(), "figures": figures.name,
         "teacher": {**teacher_row, "run": str(pipeline.teacher.dir)},
