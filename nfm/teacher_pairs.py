@@ -74,13 +74,14 @@ def teacher_of_run(run: Any, run_dir: str | Path) -> TeacherHandle:
     """The teacher handle of a run already loaded from `run_dir` (its model frozen here)."""
     from shared.run import evaluation_weights
 
+    run_dir = Path(run_dir)
     if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
-    path, _ = evaluation_weights(Path(run_dir))
+    path, _ = evaluation_weights(run_dir)
     run.model.requires_grad_(False)
     levels = run.dataset.levels if getattr(run.config.method, "dequantize", False) else None
-    return TeacherHandle(run.model, Path(run_dir), run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
+    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
 
 
 def pair_seed(seed: int, index: int, draw: int) -> int:
