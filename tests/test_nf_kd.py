@@ -11,6 +11,7 @@ from flowdistill.cli import main
 from flowdistill.components import CATALOG
 from flowdistill.flow_scores import UNDISTILLED
 from nfm.glow import Glow, GlowConfig
+from nfm.logit_map import to_logit
 from nfm.nf_kd import NFKD, NFKDConfig, check_mapping, check_weights
 from nfm.tarflow import TarFlow, TarFlowConfig
 from nfm.teacher import TeacherConfig, TeacherNLL
@@ -129,3 +130,28 @@ def test_a_tarflow_student_shares_its_teachers_logit_map_and_can_keep_its_blocks
     torch.testing.assert_close(z, teacher_levels[1])
     assert resolve_config(student[0], [*student[1:], f"train.init_from={tmp_path / 'teacher'}",
                                        *UNDISTILLED]).train.init_from == ""
+
+
+def test_a_glow_student_that_keeps_the_teachers_first_steps_starts_as_the_cut_teacher(tmp_path):
+    digits = ROOT / "recipes" / "digits"
+    small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
+             "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16",
+             "model.hidden=8", "model.logit_alpha=0.001"]
+    assert main(["train", str(digits / "glow_teacher_bpd.yaml"), f"out_dir={tmp_path}", "name=teacher",
+                 "train.steps=2", "model.steps=3", *small]) == 0
+    kept = resolve_config(digits / "glow_student_kd_init.yaml",
+                          [f"out_dir={tmp_path}", "name=kept", "model.steps=2", f"method.teacher={tmp_path / 'teacher'}",
+                           f"train.init_from={tmp_path / 'teacher'}", *small])
+    teacher = load_run(tmp_path / "teacher")
+    student = build_model(kept, teacher.dataset, CATALOG)
+    assert init_from_run(student, kept.train.init_from) == []  # steps 0-1 of each level and the split prior
+    x = teacher.dataset.test[:8]
+    with torch.no_grad():
+        _, _, student_levels = student.encode_with_levels(x)
+        h = teacher.model._squeeze(to_logit(x, 0.001, "glow")[0])
+        for step in teacher.model.levels[0][:2]:  # the teacher's level 0 cut after its second step
+            h, _ = step(h)
+        torch.testing.assert_close(student_levels[0], h)
+        torch.testing.assert_close(student.priors[0].net[0].weight, teacher.model.priors[0].net[0].weight)
+    # the undistilled twin starts fresh
+    assert resolve_config(digits / "glow_student_kd_init.yaml", list(UNDISTILLED)).train.init_from == ""
