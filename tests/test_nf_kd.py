@@ -18,6 +18,8 @@ from nfm.teacher import TeacherConfig, TeacherNLL
 from shared.run import build_model, init_from_run
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
+            "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16"]  # 2-step digits runs
 
 
 def flows(seed: int = 0) -> tuple[Glow, Glow]:
@@ -102,8 +104,7 @@ def test_a_compact_glow_distils_from_a_glow_teacher_through_the_cli(tmp_path, ca
 
 def test_a_tarflow_student_shares_its_teachers_logit_map_and_can_keep_its_blocks(tmp_path, capsys):
     digits = ROOT / "recipes" / "digits"
-    small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
-             "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16"]
+    small = TINY_RUN
     assert main(["train", str(digits / "teacher_bpd_logit.yaml"), f"out_dir={tmp_path}", "name=teacher",
                  "train.steps=2", "model.blocks=4", "model.width=16", "model.head_dim=8", "model.logit_alpha=0.001",
                  *small]) == 0
@@ -134,9 +135,7 @@ def test_a_tarflow_student_shares_its_teachers_logit_map_and_can_keep_its_blocks
 
 def test_a_glow_student_that_keeps_the_teachers_first_steps_starts_as_the_cut_teacher(tmp_path):
     digits = ROOT / "recipes" / "digits"
-    small = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",
-             "train.ckpt_every=2", "train.eval_every=2", "eval.n_samples=16", "eval.nll_samples=16",
-             "model.hidden=8", "model.logit_alpha=0.001"]
+    small = [*TINY_RUN, "model.hidden=8", "model.logit_alpha=0.001"]
     assert main(["train", str(digits / "glow_teacher_bpd.yaml"), f"out_dir={tmp_path}", "name=teacher",
                  "train.steps=2", "model.steps=3", *small]) == 0
     kept = resolve_config(digits / "glow_student_kd_init.yaml",
