@@ -10,6 +10,7 @@ a typo never silently falls back to a default; a dataclass may list keys that mo
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so that `no`, `yes`, `on`
+    and `off` stay strings (`train.mixed_precision: no` is the string "no", not False)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: Any) -> Any:
+    """Parse YAML text or a file object with `RecipeLoader`."""
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 @dataclass
@@ -264,7 +282,7 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
         key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key part")
-        parsed.append((key.split("."), yaml.safe_load(raw) if raw != "" else ""))
+        parsed.append((key.split("."), load_yaml(raw) if raw != "" else ""))
     return parsed
 
 
@@ -292,7 +310,7 @@ def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, An
         raise ConfigError(f"{what} {str(path)!r} not found (expected a YAML file such as {example})")
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            data = load_yaml(fh) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -71,6 +71,19 @@ def test_unknown_model_and_method_names_list_choices():
         load_recipe(TOY, ["method.name=gan"])
 
 
+def test_no_is_a_string_in_recipes_and_overrides_and_only_true_false_are_booleans(tmp_path):
+    """`train.mixed_precision=no` (the spelling the divergence message suggests) is the string "no", from the
+    command line and from a recipe file; a boolean field still takes true/false and refuses yes/no."""
+    cfg = load_recipe(TOY, ["train.mixed_precision=no", "train.progress=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress is False
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TOY.read_text().replace("\ntrain:\n", "\ntrain:\n  mixed_precision: no\n", 1))
+    assert load_recipe(recipe).train.mixed_precision == "no"
+    assert build_run_config(config.load_yaml(dump_yaml(load_recipe(recipe)))).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="progress"):
+        load_recipe(TOY, ["train.progress=no"])
+
+
 @pytest.mark.parametrize("override", ["train.steps=abc", "train.progress=3", "eval.steps=[1,x]"])
 def test_wrong_types_are_rejected(override):
     with pytest.raises(ConfigError):
