@@ -230,17 +230,15 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     disk space for a checkpoint checked, before the run directory is created or replaced. A command that
     fails before the first checkpoint removes the folder it created (`--overwrite`: puts the old run back).
     """
-    from accelerate import Accelerator
-
-    from shared.trainer import Trainer
+    from shared.trainer import Trainer, make_accelerator
 
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
     check_writable(run_dir_of(cfg), f"out_dir={cfg.out_dir}")
     # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              log_with=list(cfg.train.trackers) or None,
-                              project_dir=str(tracking_dir(run_dir_of(cfg))))
+    accelerator = make_accelerator(cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                                   log_with=list(cfg.train.trackers) or None,
+                                   project_dir=str(tracking_dir(run_dir_of(cfg))))
     dataset = load_dataset(cfg.data, saved_standardization(run_dir_of(cfg), cfg) if resume else None)
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)

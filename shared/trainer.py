@@ -37,6 +37,20 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> Batch: ...
 
 
+def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Accelerator:
+    """An Accelerator with this run's precision ("no", "bf16" or "fp16"); `kwargs` go to `Accelerator`.
+
+    Accelerate keeps one process-wide state whose precision the first Accelerator fixes, and refuses a later
+    one that asks for another. One process may train several runs (the pipeline, a comparison, a notebook), so
+    the precision part of that state is cleared when it differs; the process group (`PartialState`) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or a parameter) became NaN/inf; the last good checkpoint is kept."""
 
@@ -112,7 +126,7 @@ class Trainer:
         if cfg.eval_every and val_data is None:
             raise ValueError("train.eval_every > 0 needs a validation split: set data.val_fraction > 0")
         self.run_dir = Path(run_dir)
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
         acc = self.accelerator
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         decay, no_decay = [], []

@@ -343,3 +343,18 @@ def test_tensorboard_tracker_receives_the_metrics(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [10, 20]
+
+
+def test_one_process_trains_runs_of_different_precision_one_after_another(tmp_path):
+    """The pipeline and comparisons train several runs in one process; Accelerate's process-wide state must not
+    refuse a bf16 run after an fp32 one (or the other way round)."""
+    from flowdistill.api import train
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "toy2d" / "fm_independent.yaml"
+    common = [f"out_dir={tmp_path}", "train.steps=2", "train.log_every=1", "train.progress=false",
+              "data.n_train=256", "train.batch_size=64"]
+    for name, precision in (("a", "no"), ("b", "bf16"), ("c", "no")):
+        train(recipe, [*common, f"name={name}", f"train.mixed_precision={precision}"])
+        saved = (tmp_path / name / "config.yaml").read_text()
+        assert f"mixed_precision: {precision}" in saved or f"mixed_precision: '{precision}'" in saved
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) >= 2
