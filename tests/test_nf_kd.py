@@ -104,12 +104,11 @@ def test_a_compact_glow_distils_from_a_glow_teacher_through_the_cli(tmp_path, ca
 
 def test_a_tarflow_student_shares_its_teachers_logit_map_and_can_keep_its_blocks(tmp_path, capsys):
     digits = ROOT / "recipes" / "digits"
-    small = TINY_RUN
     assert main(["train", str(digits / "teacher_bpd_logit.yaml"), f"out_dir={tmp_path}", "name=teacher",
                  "train.steps=2", "model.blocks=4", "model.width=16", "model.head_dim=8", "model.logit_alpha=0.001",
-                 *small]) == 0
+                 *TINY_RUN]) == 0
     student = [str(digits / "tarflow_student_kd.yaml"), f"out_dir={tmp_path}", "train.steps=2",
-               f"method.teacher={tmp_path / 'teacher'}", "model.width=16", "model.head_dim=8", *small]
+               f"method.teacher={tmp_path / 'teacher'}", "model.width=16", "model.head_dim=8", *TINY_RUN]
     capsys.readouterr()
     assert main(["train", *student, "name=plain"]) == 2
     assert "logit_alpha=0.001" in capsys.readouterr().err

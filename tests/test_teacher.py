@@ -33,6 +33,12 @@ def flow(shape=(1, 8, 8), **kw) -> TarFlow:
     return TarFlow(TarFlowConfig(**base), shape)
 
 
+def gaussian_2d(n: int = 512) -> torch.Tensor:
+    """A fixed anisotropic 2D Gaussian sample (n, 2) for short training runs."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 2, generator=g) * torch.tensor([0.3, 1.0]) + torch.tensor([1.0, -0.5])
+
+
 def image_dataset(levels: int = 17, n: int = 40, labels: bool = False) -> Dataset:
     g = torch.Generator().manual_seed(0)
     ints = torch.randint(0, levels, (2 * n, 1, 4, 4), generator=g)
@@ -128,8 +134,7 @@ def test_categorical_baseline():
 
 
 def test_teacher_trains_through_the_shared_trainer(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    data = torch.randn(512, 2, generator=g) * torch.tensor([0.3, 1.0]) + torch.tensor([1.0, -0.5])
+    data = gaussian_2d()
     model = flow((2,), token_dim=1, eta=0.0)
     cfg = TrainConfig(steps=60, batch_size=128, lr=5e-3, warmup_steps=5, log_every=10, ckpt_every=1000,
                       progress=False, ema_decay=0.9)
@@ -181,8 +186,7 @@ def test_bench_teacher_runs_and_cache_matches(tmp_path, monkeypatch):
 def test_bf16_autocast_training_keeps_the_flow_maps_and_weights_in_fp32(tmp_path):
     """train.mixed_precision=bf16 on a CPU: the transformers run in bf16, the affine maps, log-determinant and
     loss in fp32; the first loss agrees with the fp32 run to bf16 accuracy and training still learns."""
-    g = torch.Generator().manual_seed(0)
-    data = torch.randn(512, 2, generator=g) * torch.tensor([0.3, 1.0]) + torch.tensor([1.0, -0.5])
+    data = gaussian_2d()
     losses = {}
     for precision in ("no", "bf16"):
         model = flow((2,), token_dim=1, eta=0.0)
