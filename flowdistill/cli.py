@@ -153,15 +153,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ev = run.config.eval
     steps = args.steps or list(ev.steps)
     solver, grid = args.solver or ev.solver, args.grid or ev.grid
-    rows = quality_vs_steps(run, steps, solver, grid, args.n or ev.n_samples, args.seed)
+    rows = quality_vs_steps(run, steps, solver, grid, args.n or ev.n_samples, args.seed, split=args.split)
     print(format_table(rows, ["steps", "solver", "grid", "nfe", "metric", "value", "extractor", "seconds", "samples_per_s"]))
     out = Path(args.run)
     units = {"w2_units": run.dataset.units} if run.dataset.kind == "vector" else {}  # W2 in the data's units
-    write_json(out / "eval.json", {"run": run.config.name, "step": run.step, **units, "rows": rows})
+    stem = "eval" if args.split == "test" else f"eval-{args.split}"
+    write_json(out / f"{stem}.json", {"run": run.config.name, "step": run.step, "split": args.split, **units,
+                                       "rows": rows})
     label = f"{rows[0]['metric']} ({rows[0]['extractor'] or 'data'})"
-    save_curves({f"{solver}/{grid}": ([r["nfe"] for r in rows], [r["value"] for r in rows])}, out / "eval.png",
-                "NFE", label, run.config.name)
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    save_curves({f"{solver}/{grid}": ([r["nfe"] for r in rows], [r["value"] for r in rows])}, out / f"{stem}.png",
+                "NFE", label, f"{run.config.name} ({args.split} split)")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return 0
 
 
@@ -291,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
     p.add_argument("--grid", default="", help="linear, quadratic or geometric (default: the run's eval.grid)")
     p.add_argument("--n", type=count, default=0, help="samples per row (default: the run's eval.n_samples)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="split the samples are scored against: test (reporting, eval.json) or val (choosing "
+                        "settings, eval-val.json; needs data.val_fraction > 0)")
 
     p = command("couplings", cmd_couplings)
     add_recipe_args(p, "dotted key=value overrides, e.g. method.coupling.draws=8")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from shared.checkpoint import atomic_write_text
 from shared.data import bits_per_dim, dequantize
 from shared.likelihood import choose_divergence
-from shared.metrics import FeatureExtractor, feature_extractor, sample_quality
+from shared.metrics import FeatureExtractor, feature_extractor, reference_split, sample_quality
 from shared.run import Run
 from shared.tabular import read_table
 
@@ -61,14 +61,16 @@ def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0
 
 
 def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n: int, seed: int = 0,
-                     extractor: FeatureExtractor | None = None) -> list[dict[str, Any]]:
-    """One row per step count: metric (W2 or Fréchet distance), extractor, NFE, wall time, samples/s."""
+                     extractor: FeatureExtractor | None = None, split: str = "test") -> list[dict[str, Any]]:
+    """One row per step count: metric (W2 or Fréchet distance against `split`), extractor, NFE, wall time,
+    samples/s."""
+    reference_split(run.dataset, split)  # a missing split fails before any sampling
     if run.dataset.kind == "image" and extractor is None:
         extractor = feature_extractor(run.dataset, device=str(next(run.model.parameters()).device))
     rows = []
     for steps in tqdm(steps_list, desc="eval", leave=False, disable=None):
         s = generate(run, n, steps, solver, grid, seed)
-        q = sample_quality(s.x, run.dataset, extractor)
+        q = sample_quality(s.x, run.dataset, extractor, split=split)
         rows.append({"steps": steps, "solver": solver, "grid": grid, "nfe": s.nfe, **q,
                      "seconds": s.seconds, "samples_per_s": n / max(s.seconds, 1e-9), "n": n})
     return rows

@@ -247,11 +247,12 @@ def _features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256
     return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
-def _reference_split(dataset: Any, split: str) -> Tensor:
+def reference_split(dataset: Any, split: str) -> Tensor:
     """The split samples are scored against: `test` (reporting) or `val` (model selection)."""
     data = {"test": dataset.test, "val": dataset.val}.get(split)
     if data is None:
-        raise ValueError(f"cannot score against split {split!r}; choices: test, val (val needs data.val_fraction > 0)")
+        raise ValueError(f"cannot score against split {split!r} of data set {dataset.name!r}; choices: test, val "
+                         "(val needs data.val_fraction > 0 in the run's recipe)")
     return data
 
 
@@ -260,7 +261,7 @@ def _reference_features(extractor: FeatureExtractor, dataset: Any, split: str = 
     per_data = _REFERENCE_FEATURES.setdefault(extractor, {})
     key = (dataset.fingerprint, split)
     if key not in per_data:
-        per_data[key] = _features(extractor, torch.as_tensor(_reference_split(dataset, split), dtype=torch.float32))
+        per_data[key] = _features(extractor, torch.as_tensor(reference_split(dataset, split), dtype=torch.float32))
     return per_data[key]
 
 
@@ -275,7 +276,7 @@ def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | 
     if dataset.kind == "vector":
         if extractor is not None:
             raise ValueError("vector data is scored with wasserstein2; a feature extractor does not apply")
-        reference = _reference_split(dataset, split)
+        reference = reference_split(dataset, split)
         if len(reference) == 0:
             raise ValueError(f"the {split} split is empty: {dataset.meta.get('missing', 'no reference points')}")
         if getattr(dataset, "standardization", None) is not None:

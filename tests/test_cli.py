@@ -63,12 +63,19 @@ def test_nll_reports_finite_nats_and_writes_json(moons_run, capsys):
 
 
 def test_digits_student_end_to_end_with_classifier_features(tmp_path, capsys):
-    run = _train(tmp_path, DIGITS, "train.steps=30", "train.log_every=10", "train.batch_size=64")
+    run = _train(tmp_path, DIGITS, "train.steps=30", "train.log_every=10", "train.batch_size=64",
+                 "data.val_fraction=0.1")
     grid = run / "samples" / "steps32-euler-linear.png"
     assert grid.is_file()
     assert main(["eval", str(run), "--steps", "2", "--n", "200", "--device", "cpu"]) == 0
     row = json.loads((run / "eval.json").read_text())["rows"][0]
     assert row["metric"] == "fd" and row["extractor"] == "classifier-digits" and row["value"] > 0
+    # the same samples (same seed) scored against the validation split, written next to the test figures
+    assert main(["eval", str(run), "--steps", "2", "--n", "200", "--device", "cpu", "--split", "val"]) == 0
+    val = json.loads((run / "eval-val.json").read_text())
+    assert val["split"] == "val" and json.loads((run / "eval.json").read_text())["split"] == "test"
+    assert val["rows"][0]["value"] > 0 and val["rows"][0]["value"] != row["value"]
+    assert (run / "eval-val.png").is_file()
     assert main(["nll", str(run), "--n", "8", "--divergence", "hutchinson", "--device", "cpu"]) == 0
     res = json.loads((run / "nll-test.json").read_text())
     assert 0 < res["bits_per_dim"] < 20
