@@ -106,6 +106,17 @@ def test_teacher_cost_times_online_pairs_of_each_teacher_against_the_student_ste
     assert payload["rows"][0]["cost_vs_first"] == 1.0
 
 
+def test_pairing_fit_scores_each_teacher_on_the_students_images(tmp_path, monkeypatch, nf_teacher_run):
+    monkeypatch.syspath_prepend(str(ROOT))
+    out = tmp_path / "fit.json"
+    payload = importlib.import_module("bench.pairing_fit").main(
+        [str(nf_teacher_run), "--device", "cpu", "--draws", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    (row,) = payload["rows"]  # the tiny teacher has no validation split: one row
+    assert row["draws"] == 2 and row["images"] > 100 and row["part"].startswith("all non-test")
+    assert math.isfinite(row["nll_nats_per_dim"]) and row["gaussian_kl_per_dim"] >= 0 and row["z_rms"] > 0
+
+
 def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from bench import bench_streaming
