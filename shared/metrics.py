@@ -242,8 +242,9 @@ def feature_extractor(dataset: Any, kind: str = "auto", device: torch.device | s
 
 
 @torch.no_grad()
-def _features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Extractor features of many images, computed in batches and gathered on the CPU."""
+def image_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Extractor features (N, F) of images (N, C, H, W) in [-1, 1], computed in batches and gathered on the CPU."""
+    images = torch.as_tensor(images, dtype=torch.float32)
     return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
@@ -261,7 +262,7 @@ def _reference_features(extractor: FeatureExtractor, dataset: Any, split: str = 
     per_data = _REFERENCE_FEATURES.setdefault(extractor, {})
     key = (dataset.fingerprint, split)
     if key not in per_data:
-        per_data[key] = _features(extractor, torch.as_tensor(reference_split(dataset, split), dtype=torch.float32))
+        per_data[key] = image_features(extractor, reference_split(dataset, split))
     return per_data[key]
 
 
@@ -284,5 +285,5 @@ def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | 
         value = wasserstein2(samples, reference, max_points, torch.Generator().manual_seed(0))
         return {"metric": "w2", "value": value, "extractor": None}
     extractor = extractor if extractor is not None else feature_extractor(dataset)
-    value = frechet_distance(_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset, split))
+    value = frechet_distance(image_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset, split))
     return {"metric": "fd", "value": value, "extractor": extractor.name}

@@ -117,6 +117,23 @@ def test_pairing_fit_scores_each_teacher_on_the_students_images(tmp_path, monkey
     assert math.isfinite(row["nll_nats_per_dim"]) and row["gaussian_kl_per_dim"] >= 0 and row["z_rms"] > 0
 
 
+def test_reference_noise_pairs_runs_on_the_same_reference_subsets(tmp_path, monkeypatch):
+    digits = str(ROOT / "recipes" / "digits" / "fm_independent.yaml")
+    assert cli_main(["train", digits, f"out_dir={tmp_path}", "name=r", "train.steps=20", "data.val_fraction=0.1",
+                     "train.progress=false", "train.sample_grid=false", "train.batch_size=32"]) == 0
+    monkeypatch.syspath_prepend(str(ROOT))
+    out = tmp_path / "noise.json"
+    run = str(tmp_path / "r")
+    payload = importlib.import_module("bench.reference_noise").main(
+        [run, run, "--device", "cpu", "--steps", "2", "--n", "300", "--size", "144", "--subsets", "5", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    first, second = payload["rows"]
+    # the same run twice: the same samples on the same subsets, so every paired difference is zero
+    assert second["diff_mean"] == 0 and second["diff_std"] == 0 and second["diff_val"] == 0
+    assert first["fd_val"] is not None and len(first["per_subset"]) == 5
+    assert first["fd_subset_std"] > 0 and first["fd_subset_mean"] > first["fd_test"]  # small sets bias FD upward
+
+
 def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from bench import bench_streaming
