@@ -27,7 +27,7 @@ from shared.config import (ConfigError, RunConfig, build_run_config, dump_yaml, 
                            to_dict)
 from shared.data import Dataset, dequantize, load_dataset, random_shift
 from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
-                           config_path, read_metrics, standardization_path, tracking_dir, weights_file)
+                           config_path, read_metrics, run_lock, standardization_path, tracking_dir, weights_file)
 from shared.tabular import Standardization
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid",
@@ -229,8 +229,10 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     Data, model, loss and trainer are built (and so validated), and the folder's writability and free
     disk space for a checkpoint checked, before the run directory is created or replaced. A command that
     fails before the first checkpoint removes the folder it created (`--overwrite`: puts the old run back).
+    The main process holds the run's lock (`shared.rundir.run_lock`) throughout: a run being trained by
+    another process is refused before anything in it is touched.
     """
-    from shared.trainer import Trainer, make_accelerator
+    from shared.trainer import make_accelerator
 
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
@@ -239,6 +241,14 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     accelerator = make_accelerator(cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
                                    log_with=list(cfg.train.trackers) or None,
                                    project_dir=str(tracking_dir(run_dir_of(cfg))))
+    with run_lock(run_dir_of(cfg), accelerator.is_main_process):
+        return _train_locked(cfg, catalog, accelerator, resume, overwrite)
+
+
+def _train_locked(cfg: RunConfig, catalog: Catalog, accelerator: Any, resume: bool, overwrite: bool) -> Path:
+    """`train_run` once the run's lock is held: build and check everything, then write and train."""
+    from shared.trainer import Trainer
+
     dataset = load_dataset(cfg.data, saved_standardization(run_dir_of(cfg), cfg) if resume else None)
     levels = check_dequantize(cfg, dataset.levels)
     transform = data_noise(cfg.data.shift, levels, dataset.levels)

@@ -10,13 +10,21 @@
         tracking/            Accelerate tracker logs (TensorBoard) when train.trackers is set
         standardization.json tabular data: the column mean/std the model's units are defined by
         eval.json, nll-<split>.json/.csv/-calibration.png, nll-file-<stem>.json/.csv
+    <out_dir>/.<run>.lock    held while the run is trained (`run_lock`), removed afterwards
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -67,6 +75,57 @@ def tracking_dir(run_dir: str | Path) -> Path:
 def couplings_dir(run_dir: str | Path) -> Path:
     """Where coupling caches computed from this run (as a teacher) live."""
     return Path(run_dir) / COUPLINGS
+
+
+class RunInUseError(OSError):
+    """The run directory is being trained by another process."""
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """The lock file of a run, beside its folder so that `--overwrite` may replace the folder under the lock."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold a run's lock while it is trained, so that a second trainer of the same run (a second `--resume`, a
+    comparison reaching a run trained elsewhere) is refused instead of interleaving its checkpoints and metrics.
+
+    An exclusive, non-blocking `flock` on `lock_path`: the system drops it when its process dies, so a killed
+    run leaves no stale lock. The holder deletes the file on release; a process that locked a file deleted
+    meanwhile notices (another inode at the path) and locks the new one. `enabled=False` (the other processes
+    of a multi-process launch) and platforms without `fcntl` take no lock.
+    """
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = lock_path(run_dir)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # removed again if left empty
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(f"run {run_dir} is being trained by another process (it holds {path}); wait for it "
+                                "to finish or stop it, then continue with --resume") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        for folder in made:  # innermost first: the out_dir a run that failed early never used
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def weights_file(ckpt: Path, best: Path | None, choice: str) -> Path:

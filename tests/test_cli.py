@@ -196,3 +196,51 @@ def test_init_from_applies_when_a_resumed_run_has_no_checkpoint_yet(tmp_path):
     (child / "config.yaml").write_text(dump_yaml(resolve_config(TOY, common[3:])))  # killed before its first checkpoint
     assert main([*common, "--resume"]) == 0
     assert torch.allclose(load_run(source).model.out.weight, load_run(child).model.out.weight, atol=1e-8)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_being_trained_elsewhere_is_refused_and_left_untouched(tmp_path, capsys):
+    from shared.rundir import lock_path, run_lock
+
+    run = _train(tmp_path, TOY, "train.steps=4", "model.hidden=16", "train.sample_grid=false")
+    assert not lock_path(run).exists()  # released and removed after training
+    before = _snapshot(tmp_path)
+    with run_lock(run):  # another trainer of the same run holds it
+        assert main(["train", str(run), "--resume", "train.steps=8"]) == 2
+        assert "is being trained by another process" in capsys.readouterr().err
+        assert main(["train", TOY, f"out_dir={tmp_path}", "name=run", "--overwrite", "train.steps=4"]) == 2
+        assert "is being trained by another process" in capsys.readouterr().err
+        before[lock_path(run).name] = b""
+        assert _snapshot(tmp_path) == before  # neither the run nor its checkpoints touched
+    assert main(["train", str(run), "--resume", "train.steps=8"]) == 0  # free again once released
+
+
+def test_the_lock_of_a_killed_trainer_does_not_block_the_next(tmp_path):
+    from shared.rundir import lock_path, run_lock
+
+    run = tmp_path / "out" / "r"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from shared.rundir import run_lock\n"
+                               f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OSError, match="another process"):
+            with run_lock(run):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(run).exists()  # SIGKILL leaves the file, but not the lock
+    with run_lock(run):
+        pass
+    assert not lock_path(run).exists()
+
+
+def test_a_train_that_fails_before_writing_leaves_no_out_dir(tmp_path):
+    out = tmp_path / "new" / "runs"
+    assert main(["train", TOY, f"out_dir={out}", "name=r", "train.progress=false", "data.name=tabular",
+                 f"data.path={tmp_path / 'missing.npy'}"]) == 2  # refused inside the lock, by the data loader
+    assert not (tmp_path / "new").exists()
