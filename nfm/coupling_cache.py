@@ -40,7 +40,8 @@ def cache_dir_of(cfg: Any) -> Path:
     """Where a coupling section's teacher cache lives: `cache`, else inside the teacher run."""
     if cfg.cache:
         return Path(cfg.cache)
-    return couplings_dir(cfg.teacher) / f"nf_teacher-d{cfg.draws}-s{cfg.seed}"
+    weights = "" if cfg.weights == "auto" else f"-{cfg.weights}"
+    return couplings_dir(cfg.teacher) / f"nf_teacher-d{cfg.draws}-s{cfg.seed}{weights}"
 
 
 def cache_spec(teacher: TeacherHandle, dataset: Any, cfg: Any) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
                           f"({coupling.shard}) must be >= 1 for a precomputed cache")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     dataset = load_dataset(cfg.data)
-    teacher = load_teacher(coupling.teacher, load_run, acc.device)
+    teacher = load_teacher(coupling.teacher, load_run, acc.device, coupling.weights)
     require_same_data(coupling.teacher, teacher.data_fingerprint, dataset, "method.coupling.teacher")
     method = coupling
     spec, root = cache_spec(teacher, dataset, coupling), cache_dir_of(coupling)

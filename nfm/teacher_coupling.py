@@ -42,7 +42,8 @@ class NFTeacherConfig:
     dtype: str = "fp32"  # fp32 or bf16 teacher encodes
     batch: int = 256  # images per teacher encode
     shard: int = 1024  # images per cache shard file
-    cache: str = ""  # cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>)
+    cache: str = ""  # cache folder (default <teacher run>/couplings/nf_teacher-d<draws>-s<seed>[-<weights>])
+    weights: str = "auto"  # teacher weights: auto (best on validation, else EMA), best, ema (final EMA), model
 
     def data_noise(self) -> str:
         """The coupling draws its own data perturbation (the teacher's input: x + eta*eps', or cell noise)."""
@@ -78,7 +79,7 @@ class NFTeacherCoupling(Coupling):
     def from_config(cls, cfg: NFTeacherConfig, ctx: BuildContext | None = None) -> "NFTeacherCoupling":
         if ctx is None:
             raise ValueError(f"coupling {cfg.name} needs the training data set and a run loader")
-        teacher = load_teacher(cfg.teacher, ctx.load_run)
+        teacher = load_teacher(cfg.teacher, ctx.load_run, weights=cfg.weights)
         require_same_data(cfg.teacher, teacher.data_fingerprint, ctx.dataset, "method.coupling.teacher")
         return cls(teacher, ctx.dataset.train, cfg.mode, cfg.draws, cfg.seed, cfg.dtype, cfg.batch,
                    cache_dir_of(cfg), cache_spec(teacher, ctx.dataset, cfg))

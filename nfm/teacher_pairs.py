@@ -59,26 +59,27 @@ class TeacherHandle:
         return "uniform" if self.dequantize_levels is not None else "gaussian"
 
 
-def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torch.device | str = "cpu"
-                 ) -> TeacherHandle:
-    """Load a teacher run's evaluation weights (frozen, eval mode) and the hash of the file they came from."""
+def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torch.device | str = "cpu",
+                 weights: str = "auto") -> TeacherHandle:
+    """Load a teacher run's weights (frozen, eval mode) and the hash of the file they came from; `weights` as
+    in `shared.rundir.weights_file`: auto (best on validation, else EMA), best, ema (final EMA), model."""
     given, run_dir = str(run_dir), Path(run_dir)
     if not given or not config_path(run_dir).is_file():
         raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
                          f"(from `flowdistill train recipes/.../teacher.yaml`); "
                          + (f"{given!r} is not one" if given else "it is not set"))
-    return teacher_of_run(load_run(run_dir, device=device), run_dir)
+    return teacher_of_run(load_run(run_dir, weights=weights, device=device), run_dir, weights)
 
 
-def teacher_of_run(run: Any, run_dir: str | Path) -> TeacherHandle:
-    """The teacher handle of a run already loaded from `run_dir` (its model frozen here)."""
+def teacher_of_run(run: Any, run_dir: str | Path, weights: str = "auto") -> TeacherHandle:
+    """The teacher handle of a run already loaded from `run_dir` with `weights` (its model frozen here)."""
     from shared.run import evaluation_weights
 
     run_dir = Path(run_dir)
     if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
-    path, _ = evaluation_weights(run_dir)
+    path, _ = evaluation_weights(run_dir, weights)
     run.model.requires_grad_(False)
     levels = run.dataset.levels if getattr(run.config.method, "dequantize", False) else None
     return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint, levels)

@@ -247,3 +247,22 @@ def test_the_teacher_curve_scores_a_dequantized_teacher_in_bits_per_dim(bpd_teac
     reference = json.loads((bpd_teacher / "nll-test.json").read_text())["bits_per_dim"]
     assert scores["teacher_bpd"] == pytest.approx(reference, abs=0.02)
     assert scores["teacher_bpd"] == pytest.approx((scores["teacher_nll_per_dim"] + math.log(17 / 2)) / math.log(2))
+
+
+def test_the_coupling_pairs_with_the_teacher_weights_it_names(tmp_path, teacher_run):
+    from safetensors.torch import load_file
+
+    from shared.run import evaluation_weights
+
+    recipe = _student_recipe(tmp_path, teacher_run, cache="")
+    auto, raw = _coupling(recipe), _coupling(recipe, "method.coupling.weights=model")
+    path, _ = evaluation_weights(teacher_run, "model")
+    saved = load_file(str(path))
+    for name, tensor in raw.teacher.flow.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], atol=0, rtol=0)
+    assert raw.teacher.weights_sha256 != auto.teacher.weights_sha256  # the tiny teacher keeps EMA weights too
+    assert cache_dir_of(resolve_config(recipe, ["method.coupling.weights=model"]).method.coupling).name == \
+        "nf_teacher-d3-s0-model"
+    assert cache_dir_of(resolve_config(recipe).method.coupling).name == "nf_teacher-d3-s0"
+    with pytest.raises(ValueError, match="weights must be one of auto, best, ema, model"):
+        _coupling(recipe, "method.coupling.weights=final")
