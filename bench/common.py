@@ -150,6 +150,16 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def print_and_write(rows: list[dict[str, Any]], columns: dict[str, str], payload: dict[str, Any], out: str
+                    ) -> dict[str, Any]:
+    """Print `rows` as a Markdown table and, when `out` is set, write `payload` there as JSON; return it."""
+    print(markdown_table(rows, columns))
+    if out:
+        atomic_write_text(Path(out), json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {out}")
+    return payload
+
+
 def report(bench: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
            columns: dict[str, str], notes: list[str], tag: str = "") -> dict[str, Any]:
     """Print the machine, a Markdown table and notes; write everything as JSON to --out; return it."""

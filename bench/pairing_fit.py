@@ -6,43 +6,45 @@ the KL of the Gaussian fitted to its latents, and the latents' RMS. The images a
 the teacher's data set (what a student with `data.val_fraction: 0` trains on); a teacher that held out a
 validation split is also scored on that held-out part alone. Prints a table, writes JSON.
 
-    python -m bench.pairing_fit runs/digits-teacher_long runs/digits-teacher_fit --out docs/nfm/teachers/fit.json
+    python -m bench.pairing_fit runs/digits-teacher_long runs/digits-teacher_long@ema --out fit.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, markdown_table, setup
+from bench.common import machine, print_and_write, setup
 from flowdistill.api import load_run
 from nfm.pairing_fit import pairing_fit
 from nfm.teacher_pairs import teacher_of_run
-from shared.checkpoint import atomic_write_text
 
-COLUMNS = {"teacher": "teacher", "step": "step", "eta": "eta", "images": "images", "part": "images scored",
+COLUMNS = {"teacher": "teacher", "weights": "weights", "step": "step", "eta": "eta", "images": "images", "part": "images scored",
            "nll_nats_per_dim": "NLL (nats/dim)", "nll_standard_error": "± s.e.",
            "gaussian_kl_per_dim": "Gaussian-fit KL (nats/dim)", "z_rms": "z RMS"}
 
 
-def teacher_rows(run_dir: str, draws: int, seed: int, device: Any) -> list[dict[str, Any]]:
-    """Pairing fit of one teacher on all non-test images, and on its held-out validation images if any."""
-    run = load_run(run_dir, device=device)
-    teacher = teacher_of_run(run, run_dir)
+def teacher_rows(entry: str, draws: int, seed: int, device: Any) -> list[dict[str, Any]]:
+    """Pairing fit of one teacher (`RUN` or `RUN@WEIGHTS`, WEIGHTS one of auto, best, ema, model) on all
+    non-test images, and on its held-out validation images if any."""
+    run_dir, _, weights = entry.partition("@")
+    run = load_run(run_dir, weights=weights or "auto", device=device)
+    teacher = teacher_of_run(run, run_dir, weights or "auto")
     parts = {"all non-test (the student's)": run.dataset.fit_split()[0]}
     if run.dataset.val is not None:
         parts["validation (unseen by the teacher)"] = run.dataset.val
     rows = []
     for part, images in parts.items():
         fit = pairing_fit(teacher, images, draws=draws, seed=seed)
-        rows.append({"teacher": Path(run_dir).name, "step": run.step, "part": part, **fit})
+        rows.append({"teacher": Path(run_dir).name, "weights": weights or "auto", "step": run.step, "part": part,
+                     **fit})
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("teachers", nargs="+", help="trained flow teacher run directories")
+    parser.add_argument("teachers", nargs="+", help="trained flow teacher run directories, each optionally "
+                                                    "followed by @auto, @best, @ema or @model (default: auto)")
     parser.add_argument("--draws", type=int, default=4, help="perturbations per image (the coupling's draws)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations (the coupling's seed)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -51,12 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = setup(args)
     rows = [row for run_dir in args.teachers for row in teacher_rows(run_dir, args.draws, args.seed, device)]
-    print(markdown_table(rows, COLUMNS))
     payload = {"machine": machine(device), "draws": args.draws, "seed": args.seed, "rows": rows}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return payload
+    return print_and_write(rows, COLUMNS, payload, args.out)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ as the mean difference, a reference set of that size cannot rank the two runs. P
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import machine, markdown_table, setup
+from bench.common import machine, print_and_write, setup
 from flowdistill.api import load_run
-from shared.checkpoint import atomic_write_text
 from shared.evaluate import generate
 from shared.metrics import classifier_features, frechet_distance, image_features
 
@@ -68,13 +66,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row.update(diff_mean=statistics.fmean(diffs), diff_std=statistics.stdev(diffs),
                        diff_val=None if val is None else row["fd_val"] - first["fd_val"])
         rows.append(row)
-    print(markdown_table(rows, COLUMNS))
     payload = {"machine": machine(device), "settings": {k: v for k, v in vars(args).items() if k != "runs"},
                "runs": args.runs, "rows": rows}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return payload
+    return print_and_write(rows, COLUMNS, payload, args.out)
 
 
 if __name__ == "__main__":

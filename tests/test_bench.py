@@ -110,11 +110,14 @@ def test_pairing_fit_scores_each_teacher_on_the_students_images(tmp_path, monkey
     monkeypatch.syspath_prepend(str(ROOT))
     out = tmp_path / "fit.json"
     payload = importlib.import_module("bench.pairing_fit").main(
-        [str(nf_teacher_run), "--device", "cpu", "--draws", "2", "--out", str(out)])
+        [str(nf_teacher_run), f"{nf_teacher_run}@model", "--device", "cpu", "--draws", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
-    (row,) = payload["rows"]  # the tiny teacher has no validation split: one row
-    assert row["draws"] == 2 and row["images"] > 100 and row["part"].startswith("all non-test")
-    assert math.isfinite(row["nll_nats_per_dim"]) and row["gaussian_kl_per_dim"] >= 0 and row["z_rms"] > 0
+    auto, raw = payload["rows"]  # the tiny teacher has no validation split: one row per teacher entry
+    for row in (auto, raw):
+        assert row["draws"] == 2 and row["images"] > 100 and row["part"].startswith("all non-test")
+        assert math.isfinite(row["nll_nats_per_dim"]) and row["gaussian_kl_per_dim"] >= 0 and row["z_rms"] > 0
+    assert (auto["weights"], raw["weights"]) == ("auto", "model")
+    assert auto["nll_nats_per_dim"] != raw["nll_nats_per_dim"]  # EMA and raw weights are different teachers
 
 
 def test_reference_noise_pairs_runs_on_the_same_reference_subsets(tmp_path, monkeypatch):
