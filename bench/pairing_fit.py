@@ -19,8 +19,8 @@ from flowdistill.api import load_run
 from nfm.pairing_fit import pairing_fit
 from nfm.teacher_pairs import teacher_of_run
 
-COLUMNS = {"teacher": "teacher", "weights": "weights", "step": "step", "eta": "eta", "images": "images", "part": "images scored",
-           "nll_nats_per_dim": "NLL (nats/dim)", "nll_standard_error": "± s.e.",
+COLUMNS = {"teacher": "teacher", "weights": "weights", "step": "step", "eta": "eta", "images": "images",
+           "part": "images scored", "nll_nats_per_dim": "NLL (nats/dim)", "nll_standard_error": "± s.e.",
            "gaussian_kl_per_dim": "Gaussian-fit KL (nats/dim)", "z_rms": "z RMS"}
 
 

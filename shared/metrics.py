@@ -285,5 +285,6 @@ def sample_quality(samples: Tensor, dataset: Any, extractor: FeatureExtractor | 
         value = wasserstein2(samples, reference, max_points, torch.Generator().manual_seed(0))
         return {"metric": "w2", "value": value, "extractor": None}
     extractor = extractor if extractor is not None else feature_extractor(dataset)
-    value = frechet_distance(image_features(extractor, samples.clamp(-1, 1)), _reference_features(extractor, dataset, split))
+    value = frechet_distance(image_features(extractor, samples.clamp(-1, 1)),
+                             _reference_features(extractor, dataset, split))
     return {"metric": "fd", "value": value, "extractor": extractor.name}

@@ -32,7 +32,8 @@ from shared.tabular import Standardization
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid",
                      "data.storage", "data.workers"}  # every storage gives the same batches (shared.streaming)
-ADDED_KEYS = {"data.test_path": "", "method.coupling.weights": "auto"}  # keys newer than some saved configs: absent there means this value
+# keys newer than some saved configs: absent there means this value
+ADDED_KEYS = {"data.test_path": "", "method.coupling.weights": "auto"}
 
 
 @dataclass
