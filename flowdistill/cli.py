@@ -293,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="", help="euler or heun (default: the run's eval.solver)")
     p.add_argument("--grid", default="", help="linear, quadratic or geometric (default: the run's eval.grid)")
     p.add_argument("--n", type=count, default=0, help="samples per row (default: the run's eval.n_samples)")
-    p.add_argument("--split", default="test", choices=["test", "val"],
-                   help="split the samples are scored against: test (reporting, eval.json) or val (choosing "
-                        "settings, eval-val.json; needs data.val_fraction > 0)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="split the samples are scored against: test (reporting, eval.json), val (choosing "
+                        "settings, eval-val.json; needs data.val_fraction > 0) or train (closeness to the "
+                        "training images, eval-train.json)")
 
     p = command("couplings", cmd_couplings)
     add_recipe_args(p, "dotted key=value overrides, e.g. method.coupling.draws=8")

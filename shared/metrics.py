@@ -249,11 +249,12 @@ def image_features(extractor: FeatureExtractor, images: Tensor, batch_size: int 
 
 
 def reference_split(dataset: Any, split: str) -> Tensor:
-    """The split samples are scored against: `test` (reporting) or `val` (model selection)."""
-    data = {"test": dataset.test, "val": dataset.val}.get(split)
+    """The split samples are scored against: `test` (reporting), `val` (model selection) or `train` (how close
+    the samples come to the images the model was trained on)."""
+    data = {"test": dataset.test, "val": dataset.val, "train": dataset.train}.get(split)
     if data is None:
-        raise ValueError(f"cannot score against split {split!r} of data set {dataset.name!r}; choices: test, val "
-                         "(val needs data.val_fraction > 0 in the run's recipe)")
+        raise ValueError(f"cannot score against split {split!r} of data set {dataset.name!r}; choices: test, val, "
+                         "train (val needs data.val_fraction > 0 in the run's recipe)")
     return data
 
 

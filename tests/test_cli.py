@@ -76,6 +76,8 @@ def test_digits_student_end_to_end_with_classifier_features(tmp_path, capsys):
     assert val["split"] == "val" and json.loads((run / "eval.json").read_text())["split"] == "test"
     assert val["rows"][0]["value"] > 0 and val["rows"][0]["value"] != row["value"]
     assert (run / "eval-val.png").is_file()
+    assert main(["eval", str(run), "--steps", "2", "--n", "200", "--device", "cpu", "--split", "train"]) == 0
+    assert json.loads((run / "eval-train.json").read_text())["rows"][0]["value"] not in (row["value"], val["rows"][0]["value"])
     assert main(["nll", str(run), "--n", "8", "--divergence", "hutchinson", "--device", "cpu"]) == 0
     res = json.loads((run / "nll-test.json").read_text())
     assert 0 < res["bits_per_dim"] < 20

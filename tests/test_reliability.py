@@ -574,7 +574,7 @@ CASES = [
     C("eval-grid", "eval --grid cubic", "unknown time grid 'cubic'; choices: linear, quadratic, geometric",
       lambda e: ["eval", str(e.run()), "--grid", "cubic", "--device", "cpu"], keeps="the run untouched"),
     C("eval-no-val", "eval --split val of a run without a validation split",
-      "cannot score against split 'val' of data set '8gaussians'; choices: test, val (val needs data.val_fraction > 0 in the run's recipe)",
+      "cannot score against split 'val' of data set '8gaussians'; choices: test, val, train (val needs data.val_fraction > 0 in the run's recipe)",
       lambda e: ["eval", str(e.run()), "--split", "val", "--device", "cpu"], keeps="the run untouched"),
     C("nll-no-val", "nll --split val of a run without a validation split (was: TypeError traceback)",
       "no 'val' split in this run's data; choices: train, test (val needs data.val_fraction > 0)",
