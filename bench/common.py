@@ -61,6 +61,13 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--out", default="", help="JSON output (default: bench/results/<bench>-<device>.json)")
 
 
+def add_device_and_out_args(parser: argparse.ArgumentParser) -> None:
+    """Add --device, --threads and --out (JSON, default: print only) to an evaluation script's parser."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    parser.add_argument("--out", default="", help="JSON output (default: print only)")
+
+
 def pick_device(name: str) -> torch.device:
     """The device named by --device; `auto` prefers CUDA."""
     if name == "auto":

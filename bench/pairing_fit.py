@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, print_and_write, setup
+from bench.common import add_device_and_out_args, machine, print_and_write, setup
 from flowdistill.api import load_run
 from nfm.pairing_fit import pairing_fit
 from nfm.teacher_pairs import teacher_of_run
@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                     "followed by @auto, @best, @ema or @model (default: auto)")
     parser.add_argument("--draws", type=int, default=4, help="perturbations per image (the coupling's draws)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbations (the coupling's seed)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default="", help="JSON output (default: print only)")
+    add_device_and_out_args(parser)
     args = parser.parse_args(argv)
     device = setup(args)
     rows = [row for run_dir in args.teachers for row in teacher_rows(run_dir, args.draws, args.seed, device)]

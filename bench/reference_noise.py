@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine, print_and_write, setup
+from bench.common import add_device_and_out_args, machine, print_and_write, setup
 from flowdistill.api import load_run
 from shared.evaluate import generate
 from shared.metrics import classifier_features, frechet_distance, image_features
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=1000, help="samples per run")
     parser.add_argument("--size", type=int, default=144, help="images per reference subset")
     parser.add_argument("--subsets", type=int, default=40, help="random subsets of the test split")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default="", help="JSON output (default: print only)")
+    add_device_and_out_args(parser)
     args = parser.parse_args(argv)
     device = setup(args)
     runs = [load_run(path, device=device) for path in args.runs]
