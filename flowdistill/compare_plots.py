@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+TEACHER_STYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # one line style per teacher
+
 
 def plot_quality(rows: list[dict[str, Any]], teachers: list[dict[str, Any]], solvers: Sequence[str],
                  grids: Sequence[str], path: Path) -> None:
     """Quality vs NFE (aggregated rows: student, solver, grid, nfe, mean, std, metric), one panel per solver x
-    grid, error bars over seeds, teachers (name, nfe, value) as dashed lines."""
+    grid, error bars over seeds, teachers (name, nfe, value) as black horizontal lines named in the legend."""
     import matplotlib.pyplot as plt
 
     from shared.plots import save_figure
@@ -25,9 +27,8 @@ def plot_quality(rows: list[dict[str, Any]], teachers: list[dict[str, Any]], sol
                          key=lambda r: r["nfe"])
             ax.errorbar([r["nfe"] for r in sel], [r["mean"] for r in sel], yerr=[r["std"] for r in sel],
                         marker="o", ms=3, capsize=2, label=label)
-        for t in teachers:
-            ax.axhline(t["value"], ls="--", lw=1, color="k", alpha=0.6)
-            ax.annotate(f"{t['name']} ({t['nfe']} NFE)", (1, t["value"]), fontsize=7, va="bottom")
+        for t, style in zip(teachers, TEACHER_STYLES * len(teachers)):  # in the legend: close values stay legible
+            ax.axhline(t["value"], ls=style, lw=1, color="k", alpha=0.6, label=f"{t['name']} ({t['nfe']} NFE)")
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{solver}, {grid}")
         nfes = sorted({r["nfe"] for r in rows if r["solver"] == solver and r["grid"] == grid})
         ax.set_xticks(nfes, [str(n) for n in nfes])
