@@ -178,9 +178,16 @@ def cmd_couplings(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train the same student on each coupling (and the teachers), then compare quality vs NFE, straightness and speed."""
-    from flowdistill.compare import load_spec, run_comparison
+    from flowdistill.compare import comparison_plan, load_spec, run_comparison
+    from shared.evaluate import format_table
 
     spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        rows = comparison_plan(spec)
+        print(format_table(rows, ["role", "run", "steps", "state"]))
+        print(f"{sum(r['state'] != 'finished' for r in rows)} of {len(rows)} runs to train or resume; "
+              f"results would go to {spec.out_dir}/{spec.name}/")
+        return 0
     out = run_comparison(spec, " ".join(["flowdistill compare", args.spec, *args.overrides]))
     if (out / "comparison.md").is_file():
         print((out / "comparison.md").read_text())
@@ -305,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", cmd_compare)
     p.add_argument("spec", help="comparison spec (YAML), e.g. recipes/toy2d/compare.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0] n_samples=500")
+    p.add_argument("--dry-run", action="store_true", help="list the runs the comparison needs and which exist; "
+                                                          "train nothing")
 
     p = command("f2d2-eval", cmd_f2d2_eval)
     add_run_args(p)

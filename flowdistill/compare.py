@@ -260,20 +260,39 @@ def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dic
     return "\n".join(lines)
 
 
+def student_configs(spec: CompareConfig) -> dict[str, list[RunConfig]]:
+    """Per student entry (by its run name), the run config of every seed: `<name>-s<seed>`."""
+    configs: dict[str, list[RunConfig]] = {}
+    for entry in spec.students:
+        base = entry_config(entry, spec.common)
+        for seed in spec.seeds:
+            cfg = entry_config(entry, spec.common, [f"seed={seed}", f"name={base.name}-s{seed}"])
+            configs.setdefault(base.name, []).append(cfg)
+    if len({c.data.name for cfgs in configs.values() for c in cfgs}) != 1:
+        raise ConfigError("all students of a comparison must train on the same data set")
+    return configs
+
+
+def comparison_plan(spec: CompareConfig) -> list[dict[str, Any]]:
+    """Every run a comparison needs, teachers first: role, run folder, steps it needs, and its state
+    (`finished`, `resumes at step N` or `to train`); nothing is trained or written."""
+    cfgs = [("teacher", entry_config(e)) for e in spec.teachers]
+    cfgs += [("student", c) for group in student_configs(spec).values() for c in group]
+    rows = []
+    for role, cfg in cfgs:
+        done = finished_step(cfg)
+        state = "finished" if done >= cfg.train.steps else f"resumes at step {done}" if done else "to train"
+        rows.append({"role": role, "run": str(run_dir_of(cfg)), "steps": cfg.train.steps, "state": state})
+    return rows
+
+
 def run_comparison(spec: CompareConfig, command: str = "") -> Path:
     """Train what is missing, evaluate everything, write the report; returns the comparison folder."""
     from accelerate import PartialState
 
     for entry in tqdm(spec.teachers, desc="teachers", disable=None):
         ensure_trained(entry_config(entry))
-    student_cfgs: dict[str, list[RunConfig]] = {}
-    for entry in spec.students:
-        base = entry_config(entry, spec.common)
-        for seed in spec.seeds:
-            cfg = entry_config(entry, spec.common, [f"seed={seed}", f"name={base.name}-s{seed}"])
-            student_cfgs.setdefault(base.name, []).append(cfg)
-    if len({c.data.name for cfgs in student_cfgs.values() for c in cfgs}) != 1:
-        raise ConfigError("all students of a comparison must train on the same data set")
+    student_cfgs = student_configs(spec)
     for cfgs in tqdm(list(student_cfgs.values()), desc="students", disable=None):
         for cfg in cfgs:
             ensure_trained(cfg)

@@ -112,6 +112,21 @@ def test_an_added_solver_evaluates_only_the_cells_the_cache_lacks(comparison, mo
     assert calls == []
 
 
+def test_dry_run_lists_every_run_with_its_state_and_trains_nothing(tmp_path, comparison, capsys):
+    root, spec = comparison
+    capsys.readouterr()
+    assert main(["compare", str(spec), "--dry-run", "seeds=[0,1,2]"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| finished |") == 1 + 4 * 2  # the teacher and the two trained seeds of each coupling
+    assert out.count("| to train |") == 4  # seed 2 of each coupling
+    assert "4 of 13 runs to train or resume" in out
+    assert not (root / "runs" / "independent-s2").exists()
+    fresh = _spec(tmp_path)
+    assert main(["compare", str(fresh), "--dry-run"]) == 0
+    assert "9 of 9 runs to train or resume" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
 def test_aggregate_and_reach_table_pick_the_fewest_nfe_under_threshold():
     def row(steps, value, seconds=1.0):
         return {"solver": "euler", "grid": "linear", "steps": steps, "nfe": steps, "metric": "w2", "value": value,
