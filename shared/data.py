@@ -43,7 +43,7 @@ class Dataset:
     train_labels: Tensor | None  # int64 (N,) or None
     test_labels: Tensor | None
     levels: int | None  # quantisation levels of image data; None for continuous data
-    fingerprint: str  # first 16 hex chars of sha256 over name and train/test bytes
+    fingerprint: str  # first 16 hex chars of sha256 over name, split sizes and train/test bytes
     meta: dict = field(default_factory=dict)
     val: Tensor | None = None  # validation split carved from the training data (model selection only)
     val_labels: Tensor | None = None
@@ -144,7 +144,8 @@ def _make(name: str, train: Tensor, test: Tensor, train_labels: Tensor | None = 
           test_labels: Tensor | None = None, levels: int | None = None, meta: dict | None = None) -> Dataset:
     """Assemble a `Dataset` of contiguous float32 CPU tensors and fingerprint its contents."""
     train, test = train.float().contiguous(), test.float().contiguous()
-    digest = hashlib.sha256(name.encode())
+    # the split sizes too: splits of one permutation cut at another place concatenate to the same bytes
+    digest = hashlib.sha256(f"{name}/{len(train)}/{len(test)}".encode())
     digest.update(train.numpy().tobytes())
     digest.update(test.numpy().tobytes())
     return Dataset(name, train, test, train_labels, test_labels, levels, digest.hexdigest()[:16], meta or {})

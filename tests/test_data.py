@@ -122,6 +122,9 @@ def test_digits_split_and_range():
     assert torch.equal(again.test, ds.test) and again.fingerprint == ds.fingerprint
     other = load_dataset(DataConfig(name="digits", seed=1))
     assert not torch.equal(other.test, ds.test)
+    # the same permutation cut elsewhere: other splits, so another fingerprint (caches and teachers tell them apart)
+    wider = load_dataset(DataConfig(name="digits", test_fraction=0.3))
+    assert len(wider.test) == 540 and wider.fingerprint != ds.fingerprint
 
 
 def test_mnist_shapes_and_split():
