@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.runs[0]}: FD needs image data, {dataset.name!r} holds vectors")
     if not 1 < args.size <= len(dataset.test):
         raise SystemExit(f"--size must lie in [2, {len(dataset.test)}] (the test split's size), got {args.size}")
+    if args.subsets < 2:
+        raise SystemExit(f"--subsets must be >= 2 (a spread needs two), got {args.subsets}")
+    others = [path for path, run in zip(args.runs, runs) if run.dataset.base_fingerprint != dataset.base_fingerprint]
+    if others:
+        raise SystemExit(f"{', '.join(others)}: another data set or test split than {args.runs[0]}; FDs are paired on "
+                         "one test split")
     extractor = classifier_features(dataset, device)
     test = image_features(extractor, dataset.test)
     val = image_features(extractor, dataset.val) if dataset.val is not None and len(dataset.val) == args.size else None

@@ -135,6 +135,12 @@ def test_reference_noise_pairs_runs_on_the_same_reference_subsets(tmp_path, monk
     assert second["diff_mean"] == 0 and second["diff_std"] == 0 and second["diff_val"] == 0
     assert first["fd_val"] is not None and len(first["per_subset"]) == 5
     assert first["fd_subset_std"] > 0 and first["fd_subset_mean"] > first["fd_test"]  # small sets bias FD upward
+    assert cli_main(["train", digits, f"out_dir={tmp_path}", "name=other", "train.steps=2", "data.test_fraction=0.3",
+                     "train.progress=false", "train.sample_grid=false", "train.batch_size=32"]) == 0
+    with pytest.raises(SystemExit, match="another data set or test split"):
+        importlib.import_module("bench.reference_noise").main([run, str(tmp_path / "other"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--subsets must be >= 2"):
+        importlib.import_module("bench.reference_noise").main([run, "--device", "cpu", "--subsets", "1"])
 
 
 def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
