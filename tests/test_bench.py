@@ -224,3 +224,46 @@ def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_
     assert [r["role"] for r in result["rows"]] == ["teacher", "distilled", "undistilled", "distilled", "undistilled"]
     assert all(r["nll"] == r["nll"] and r["encode_per_s"] > 0 for r in result["rows"])  # finite, measured
     assert result["rows"][1]["params"] == result["rows"][2]["params"] < result["rows"][0]["params"]
+
+
+def _seed(values: dict[int, float]) -> dict:
+    return {"rows": [{"nfe": n, "solver": "euler", "grid": "linear", "value": v} for n, v in values.items()]}
+
+
+def test_pool_students_pools_every_student_and_the_members_means(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    pool_students = importlib.import_module("bench.pool_students")
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"per_seed": {"nfm": [_seed({4: 20.0}), _seed({4: 22.0})],
+                                              "ot": [_seed({4: 30.0}), _seed({4: 31.0})]}}))
+    second.write_text(json.dumps({"per_seed": {"nfm": [_seed({4: 26.0}), _seed({4: 28.0})]}}))
+    out = tmp_path / "pooled.json"
+    payload = pool_students.main([str(first), str(second), "--group", "NFM=nfm@1,nfm@2", "--group", "OT=ot",
+                                  "--nfe", "4", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    nfm, ot = payload["rows"]
+    assert nfm["students"] == 4 and nfm["pooled_mean"] == 24.0 and nfm["min"] == 20.0 and nfm["max"] == 28.0
+    assert math.isclose(nfm["pooled_std"], math.sqrt(40 / 3))  # deviations -4, -2, 2, 4 over n - 1 = 3
+    assert nfm["members_mean"] == 24.0 and math.isclose(nfm["members_std"], math.sqrt(18))  # means 21 and 27
+    assert ot["students"] == 2 and ot["pooled_mean"] == 30.5 and ot["members_std"] == 0.0
+    # a bare name takes the first file that holds it
+    bare = pool_students.main([str(second), str(first), "--group", "N=nfm", "--nfe", "4"])["rows"][0]
+    assert bare["pooled_mean"] == 27.0
+    for argv, message in [(["--group", "NFM=missing"], "student 'missing' is not in the results"),
+                          (["--group", "NFM=nfm", "--nfe", "8"], "no euler/linear value at NFE 8"),
+                          (["--group", "no members="], "expected LABEL=STUDENT")]:
+        with pytest.raises(SystemExit, match=message):
+            pool_students.main([str(first), *argv])
+
+
+def test_pool_students_agrees_with_the_comparison_it_reads(monkeypatch):
+    """A one-member group is the comparison's own per-student mean and standard deviation."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    results = ROOT / "docs" / "nfm" / "mnist_long_teacher_seeds" / "results.json"
+    rows = importlib.import_module("bench.pool_students").main(
+        [str(results), "--group", "SD-OT=mnist-semidiscrete_ot-logitnormal", "--nfe", "1,4"])["rows"]
+    reported = {r["nfe"]: r for r in json.loads(results.read_text())["rows"]
+                if r["student"] == "mnist-semidiscrete_ot-logitnormal" and r["solver"] == "euler"}
+    for row in rows:
+        assert math.isclose(row["pooled_mean"], reported[row["nfe"]]["mean"])
+        assert math.isclose(row["pooled_std"], reported[row["nfe"]]["std"])
