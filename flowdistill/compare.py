@@ -25,7 +25,7 @@ from flowdistill.api import load_run, resolve_config, resolve_device, train
 from flowdistill.compare_plots import plot_losses, plot_quality, plot_samples
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from shared.evaluate import Samples, format_table, generate, quality_vs_steps, score_split, write_json
-from shared.metrics import feature_extractor, sample_quality
+from shared.metrics import feature_extractor, feature_identity, sample_quality
 from shared.run import Run, finished_step, run_dir_of
 from shared.rundir import config_path, read_metrics
 from shared.sampling import sample
@@ -119,11 +119,13 @@ def _row_id(row: dict[str, Any]) -> tuple[str, str, int]:
 def saved_evaluation(saved: dict[str, Any], key: dict[str, Any]) -> tuple[dict[tuple[str, str, int], dict[str, Any]],
                                                                            float | None]:
     """What a saved evaluation can still serve: its quality rows by (solver, grid, steps) when it scored the same
-    weights with the same sample count, and its curvature when that was measured with the same settings."""
+    weights with the same sample count in the same feature space, and its curvature when that was measured with
+    the same settings."""
     have = saved.get("key")
-    if not isinstance(have, dict) or have.get("step") != key["step"] or have.get("n") != key["n"]:
+    if not isinstance(have, dict) or have.get("step") != key["step"]:
         return {}, None
-    rows = {_row_id(r): r for r in saved.get("rows", [])}
+    same_scoring = have.get("n") == key["n"] and have.get("features") == key["features"]
+    rows = {_row_id(r): r for r in saved.get("rows", [])} if same_scoring else {}
     return rows, saved.get("curvature") if have.get("curvature") == key["curvature"] else None
 
 
@@ -131,8 +133,10 @@ def evaluate_student(run: Run, spec: CompareConfig, extractor: Any) -> dict[str,
     """Quality rows for every solver x grid x step count, curvature and losses of one student.
 
     Cached in its run folder row by row: a later spec re-evaluates only the (solver, grid, steps) cells the
-    cache lacks, and the cache keeps the union of everything measured on these weights."""
-    key = {"step": run.step, "n": spec.n_samples, "curvature": [spec.curvature_steps, spec.curvature_samples]}
+    cache lacks, and the cache keeps the union of everything measured on these weights. A cache measured with
+    other features (a retrained classifier) is measured again, so one table never mixes two feature spaces."""
+    key = {"step": run.step, "n": spec.n_samples, "features": feature_identity(extractor),
+           "curvature": [spec.curvature_steps, spec.curvature_samples]}
     cache = run.dir / "compare-eval.json"
     have, curv = saved_evaluation(json.loads(cache.read_text()) if cache.is_file() else {}, key)
     rows, fresh = [], False

@@ -6,6 +6,7 @@ cached as safetensors) or `inception-clean-fid` (clean-fid's Inception-v3, from 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -239,6 +240,22 @@ def feature_extractor(dataset: Any, kind: str = "auto", device: torch.device | s
     if kind == "classifier":
         return classifier_features(dataset, device)
     raise ValueError(f"unknown feature extractor {kind!r}; choices: {', '.join(EXTRACTORS)}")
+
+
+def feature_identity(extractor: FeatureExtractor | None) -> str:
+    """What a stored score was measured with, for deciding whether it can be reused: `wasserstein2` for vectors
+    (no extractor), the name of Inception's fixed published weights, or a classifier's name with a digest of its
+    weights. A classifier retrained for the same data set (another thread count, another machine) is another
+    feature space, and FDs measured in two of them are not comparable."""
+    if extractor is None:
+        return "wasserstein2"
+    if not isinstance(extractor, nn.Module):
+        return extractor.name
+    digest = hashlib.sha256()
+    for key, tensor in sorted(extractor.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"{extractor.name}-{digest.hexdigest()[:12]}"
 
 
 @torch.no_grad()

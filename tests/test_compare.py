@@ -112,6 +112,34 @@ def test_an_added_solver_evaluates_only_the_cells_the_cache_lacks(comparison, mo
     assert calls == []
 
 
+def test_scores_of_another_feature_space_are_measured_again_and_curvature_is_kept(comparison, monkeypatch):
+    """A retrained FD classifier is another feature space: cached quality rows measured in the old one must not
+    sit in one table with rows of the new one. Curvature does not depend on the features and is kept."""
+    import flowdistill.compare as compare
+
+    root, spec = comparison
+    calls, curvatures = [], []
+    real_quality, real_curvature = compare.quality_vs_steps, compare.curvature
+    monkeypatch.setattr(compare, "quality_vs_steps",
+                        lambda run, steps, solver, grid, *a, **k: calls.append(grid) or real_quality(run, steps, solver,
+                                                                                                      grid, *a, **k))
+    monkeypatch.setattr(compare, "curvature", lambda *a, **k: curvatures.append(1) or real_curvature(*a, **k))
+    monkeypatch.setattr(compare, "feature_identity", lambda extractor: "retrained-classifier")
+    assert main(["compare", str(spec), "name=refeatured"]) == 0
+    assert len(calls) == 2 * 2 * len(COUPLINGS) and curvatures == []  # every quality cell again, no curvature
+    saved = json.loads((root / "runs" / "nfm-s0" / "compare-eval.json").read_text())
+    assert saved["key"]["features"] == "retrained-classifier"
+    first = json.loads((root / "out" / "cmp" / "results.json").read_text())["rows"]
+    again = json.loads((root / "out" / "refeatured" / "results.json").read_text())["rows"]
+    def values(rows):
+        return [(r["student"], r["grid"], r["steps"], r["mean"], r["std"]) for r in rows]
+
+    assert values(again) == values(first)  # the same samples in the same (monkeypatched) features: same values
+    monkeypatch.undo()  # the vector features again: measured once more, then served from the cache
+    assert main(["compare", str(spec), "name=restored"]) == 0
+    assert json.loads((root / "runs" / "nfm-s0" / "compare-eval.json").read_text())["key"]["features"] == "wasserstein2"
+
+
 def test_dry_run_lists_every_run_with_its_state_and_trains_nothing(tmp_path, comparison, capsys):
     root, spec = comparison
     capsys.readouterr()

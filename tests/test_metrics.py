@@ -244,3 +244,19 @@ def test_sample_quality_on_vectors_is_w2_and_falls_as_samples_approach_the_data(
     assert values[0] == pytest.approx(3.0 * math.sqrt(2), rel=0.1)
     with pytest.raises(ValueError, match="shape"):
         metrics.sample_quality(torch.zeros(10, 3), data)
+
+
+def test_feature_identity_tells_retrained_classifiers_apart():
+    from shared.metrics import ClassifierFeatures, feature_identity
+
+    torch.manual_seed(0)
+    first = ClassifierFeatures(1, 10, name="classifier-digits")
+    same = ClassifierFeatures(1, 10, name="classifier-digits")
+    same.load_state_dict(first.state_dict())
+    other = ClassifierFeatures(1, 10, name="classifier-digits")  # another draw: a retrained net
+    assert feature_identity(first) == feature_identity(same) and feature_identity(first).startswith("classifier-digits-")
+    assert feature_identity(first) != feature_identity(other)
+    with torch.no_grad():
+        same.head.bias.add_(1e-3)  # any weight counts, the head too
+    assert feature_identity(first) != feature_identity(same)
+    assert feature_identity(None) == "wasserstein2"
