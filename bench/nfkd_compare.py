@@ -21,7 +21,7 @@ from bench.common import machine
 from flowdistill.api import load_run, resolve_config, train
 from flowdistill.flow_scores import COLUMNS, UNDISTILLED, add_speedups, score_flow, summarize
 from shared.evaluate import format_table, write_json
-from shared.metrics import feature_extractor
+from shared.metrics import feature_extractor, feature_identity
 from shared.run import finished_step, run_dir_of
 from shared.rundir import config_path
 
@@ -38,7 +38,7 @@ def score(run_dir: Path, n_samples: int) -> dict:
     """`flowdistill.flow_scores.score_flow` of one run directory, named."""
     run = load_run(run_dir)
     extractor = feature_extractor(run.dataset) if run.dataset.kind == "image" else None
-    return {"run": run_dir.name, **score_flow(run, n_samples, extractor)}
+    return {"run": run_dir.name, "features": feature_identity(extractor), **score_flow(run, n_samples, extractor)}
 
 
 def main() -> None:

@@ -340,7 +340,8 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
     teacher_seconds = teachers[0]["seconds"] / teachers[0]["n"] if teachers else None
     reach = reach_table(rows, threshold, teacher_seconds)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"spec": to_dict(spec), "threshold": threshold, "teachers": teachers,
+    write_json(out / "results.json", {"spec": to_dict(spec), "features": feature_identity(extractor),
+                                      "threshold": threshold, "teachers": teachers,
                                       "likelihood_vs_exact": density,
                                       "rows": rows, "straightness": straight, "reach": reach,
                                       "per_seed": {k: [{x: r[x] for x in ("rows", "curvature", "final_loss")}

@@ -223,6 +223,7 @@ def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_
     result = json.loads((tmp_path / "kd.json").read_text())
     assert [r["role"] for r in result["rows"]] == ["teacher", "distilled", "undistilled", "distilled", "undistilled"]
     assert all(r["nll"] == r["nll"] and r["encode_per_s"] > 0 for r in result["rows"])  # finite, measured
+    assert all(r["features"] == "wasserstein2" for r in result["rows"])  # 2D points: scored without a feature net
     assert result["rows"][1]["params"] == result["rows"][2]["params"] < result["rows"][0]["params"]
 
 

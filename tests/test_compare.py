@@ -126,6 +126,7 @@ def test_scores_of_another_feature_space_are_measured_again_and_curvature_is_kep
     monkeypatch.setattr(compare, "curvature", lambda *a, **k: curvatures.append(1) or real_curvature(*a, **k))
     monkeypatch.setattr(compare, "feature_identity", lambda extractor: "retrained-classifier")
     assert main(["compare", str(spec), "name=refeatured"]) == 0
+    assert json.loads((root / "out" / "refeatured" / "results.json").read_text())["features"] == "retrained-classifier"
     assert len(calls) == 2 * 2 * len(COUPLINGS) and curvatures == []  # every quality cell again, no curvature
     saved = json.loads((root / "runs" / "nfm-s0" / "compare-eval.json").read_text())
     assert saved["key"]["features"] == "retrained-classifier"
