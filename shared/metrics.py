@@ -245,7 +245,7 @@ def feature_extractor(dataset: Any, kind: str = "auto", device: torch.device | s
 def feature_identity(extractor: FeatureExtractor | None) -> str:
     """What a stored score was measured with, for deciding whether it can be reused: `wasserstein2` for vectors
     (no extractor), the name of Inception's fixed published weights, or a classifier's name with a digest of its
-    weights. A classifier retrained for the same data set (another thread count, another machine) is another
+    weights. A classifier retrained for the same data set (another machine, another version of the code) is another
     feature space, and FDs measured in two of them are not comparable."""
     if extractor is None:
         return "wasserstein2"
