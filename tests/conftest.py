@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: an isolated feature cache and a CUDA skip marker."""
+"""Shared pytest fixtures: an isolated feature cache, a CUDA skip marker, tiny teachers and a fake CIFAR-10."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +58,31 @@ def train_tiny_teacher():
 def nf_teacher_run(tmp_path_factory, train_tiny_teacher):
     """One tiny trained TarFlow teacher run shared by the NFM coupling tests (never modified by them)."""
     return train_tiny_teacher(tmp_path_factory.mktemp("nf"), "teacher")
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch):
+    """`(root, batches)`: a CIFAR-10 folder in torchvision's layout with 10 random train and 3 test images.
+
+    The files cannot match the real archive's md5 sums, so torchvision's integrity check is reduced to
+    an existence check for the test's duration. `batches[name]` holds each file's `data` and `labels`.
+    """
+    import os
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+        batches[name] = batch
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, fh)
+    return folder.parent, batches

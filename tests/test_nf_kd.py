@@ -153,3 +153,32 @@ def test_a_glow_student_that_keeps_the_teachers_first_steps_starts_as_the_cut_te
         torch.testing.assert_close(student.priors[0].net[0].weight, teacher.model.priors[0].net[0].weight)
     # the undistilled twin starts fresh
     assert resolve_config(digits / "glow_student_kd_init.yaml", list(UNDISTILLED)).train.init_from == ""
+
+
+def test_the_cifar10_distillation_recipes_run_on_a_small_local_cifar10(tmp_path, fake_cifar10, capsys):
+    """The GPU recipes' data, shapes and level/block mappings, at toy width on 13 fake 3 x 32 x 32 images."""
+    root, _ = fake_cifar10
+    cifar = ROOT / "recipes" / "cifar10"
+    run = [f"out_dir={tmp_path}", f"data.path={root}", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+           "train.progress=false", "train.sample_grid=false", "train.log_every=1", "train.ckpt_every=2",
+           "eval.n_samples=4", "eval.nll_samples=3"]
+    # Glow: 3 levels, every level boundary matched (intermediate term on)
+    assert main(["train", str(cifar / "glow_teacher_bpd.yaml"), *run, "name=glow", "model.steps=2",
+                 "model.hidden=8", "data.val_fraction=0.2", "train.eval_every=2"]) == 0
+    assert main(["train", str(cifar / "glow_student_kd.yaml"), *run, "name=glow-kd", "model.steps=1",
+                 "model.hidden=4", f"method.teacher={tmp_path / 'glow'}", "data.val_fraction=0.2",
+                 "train.eval_every=2", "method.nll_weight=0.8", "method.latent_weight=0.1",
+                 "method.intermediate_weight=0.1"]) == 0
+    logged = (tmp_path / "glow-kd" / "metrics.jsonl").read_text()
+    assert '"latent_mse"' in logged and '"intermediate_mse"' in logged
+    # TarFlow: class-conditional, 6 teacher blocks, student block j standing for teacher blocks 2j and 2j+1
+    tiny = ["model.width=16", "model.head_dim=8", "model.layers=1"]
+    assert main(["train", str(cifar / "teacher.yaml"), *run, "name=tarflow", *tiny]) == 0
+    assert main(["train", str(cifar / "tarflow_student_kd.yaml"), *run, "name=tarflow-kd", *tiny,
+                 f"method.teacher={tmp_path / 'tarflow'}", "method.nll_weight=0.8", "method.latent_weight=0.1",
+                 "method.intermediate_weight=0.1"]) == 0
+    assert '"intermediate_mse"' in (tmp_path / "tarflow-kd" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    for name in ("glow-kd", "tarflow-kd"):
+        assert main(["nll", str(tmp_path / name), "--device", "cpu"]) == 0
+        assert "exact (flow)" in capsys.readouterr().out
