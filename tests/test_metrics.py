@@ -100,6 +100,30 @@ def test_fd_of_identical_features_is_zero():
     assert abs(metrics.frechet_distance(feats, feats)) <= 1e-6 * scale
 
 
+def test_small_fd_statistics_run_on_one_blas_thread_and_large_ones_keep_the_library_setting(monkeypatch):
+    """Idle OpenBLAS workers spin after a call and slow the torch sampling timed next; small statistics use none."""
+    from cleanfid import fid as cleanfid_fid
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    exact = cleanfid_fid.frechet_distance
+
+    def recording(*stats):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return exact(*stats)
+
+    monkeypatch.setattr(cleanfid_fid, "frechet_distance", recording)
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(100, 32, generator=gen)
+    large = torch.randn(100, metrics.THREADED_BLAS_FROM_DIM, generator=gen)
+    with threadpool_limits(2, user_api="blas"):
+        metrics.frechet_distance(small, small + 1)
+        metrics.frechet_distance(large, large + 1)
+        after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert seen[0] == {1}
+    assert seen[1] == {2} and after == {2}  # the library's setting inside the large call and restored after
+
+
 # --- classifier extractor -------------------------------------------------------------------------
 
 def test_classifier_learns_the_toy_task(trained):
