@@ -143,3 +143,29 @@ def test_extras_reach_the_model():
     result = sample(lambda x, t, scale: scale * x, torch.ones(2, 2), steps=4, scale=0.0)
     torch.testing.assert_close(result.samples, torch.ones(2, 2))
     assert result.trajectory is None
+
+
+def test_timed_sampling_leaves_out_the_warmup_and_keeps_the_seeded_samples(monkeypatch):
+    """The untimed warm-up sees the first noise rows; the clock counts only the n timed rows; samples are unchanged."""
+    from types import SimpleNamespace
+
+    from shared import evaluate
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+    run = SimpleNamespace(model=torch.nn.Linear(1, 1), dataset=SimpleNamespace(shape=(3,)), sampler=SimpleNamespace(
+        prior_sample=lambda n, shape, device, gen: torch.randn(n, *shape, generator=gen)))
+    calls = []
+
+    def sample_fn(noise):
+        calls.append(len(noise))
+        clock[0] += len(noise)  # one clock unit per sample
+        return SimpleNamespace(samples=2 * noise, nfe=1)
+
+    timed = evaluate.generate_with(run, 12, sample_fn, seed=5, batch_size=5, warmup=4)
+    plain = evaluate.generate_with(run, 12, sample_fn, seed=5, batch_size=5, warmup=0)
+    assert calls == [4, 5, 5, 2, 5, 5, 2]
+    assert timed.seconds == 12 and plain.seconds == 12
+    assert torch.equal(timed.x, plain.x)
+    gen = torch.Generator().manual_seed(5)
+    assert torch.equal(timed.x, 2 * torch.cat([torch.randn(k, 3, generator=gen) for k in (5, 5, 2)]))
