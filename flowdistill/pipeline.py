@@ -233,6 +233,12 @@ class Pipeline:
         done = sum(r.status() == "done" for r in runs)
         return f"{done}/{len(runs)} runs done"
 
+    def has_work(self, stage: str) -> bool:
+        """Whether running `stage` now would train, extract or score anything (a reused stage does not)."""
+        if stage in ("couplings", "evaluate"):
+            return self.stage_status(stage).startswith("to run")
+        return any(r.status() != "done" for r in self.runs_of(stage))
+
     def plan(self) -> str:
         """The stages, what is already done and what would run, one line per stage and per run."""
         lines = [f"pipeline {self.spec.name} -> {self.root}"]
@@ -258,7 +264,8 @@ def select_stages(only: list[str] | None = None, start: str | None = None, until
 
 
 def record_timing(pipeline: Pipeline, stage: str, seconds: float) -> None:
-    """Add a stage's wall seconds to `<pipeline>/timings.json` (the report's timing table)."""
+    """Add a stage's wall seconds to `<pipeline>/timings.json` (the report's timing table); only stages that did
+    work are recorded, so a rerun that reuses a stage keeps the time it took when it ran."""
     from shared.checkpoint import atomic_write_text
 
     path = pipeline.root / "timings.json"
@@ -282,7 +289,7 @@ def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], Non
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
     for i, stage in enumerate(stages, 1):
-        t0 = time.perf_counter()
+        t0, worked = time.perf_counter(), pipeline.has_work(stage)
         log = log if state.is_main_process else (lambda text: None)
         log(f"[stage {i}/{len(stages)}] {stage}: {pipeline.stage_status(stage)} "
             f"(elapsed {time.perf_counter() - t_all:.0f} s)")
@@ -305,6 +312,6 @@ def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], Non
                 if status != "done":
                     train(planned.config, resume=planned.dir.is_dir() and (planned.dir / "config.yaml").is_file())
         seconds[stage] = time.perf_counter() - t0
-        if state.is_main_process and stage != "report":
+        if state.is_main_process and worked:
             record_timing(pipeline, stage, seconds[stage])
     return seconds

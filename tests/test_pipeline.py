@@ -135,7 +135,12 @@ def test_pipeline_runs_reuses_and_reports(tmp_path, capsys):
     assert "3/7 students: 2/2 runs done" in plan and "4/7 f2d2: 0/2 runs done" in plan
     assert "5/7 compact: 0/3 runs done" in plan
     mtimes = {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students}
+    first_timings = json.loads((pipeline.root / "timings.json").read_text())
+    assert set(first_timings) == {"teacher", "couplings", "students"}
     assert main(["run", str(spec)]) == 0
+    timings = json.loads((pipeline.root / "timings.json").read_text())
+    assert {k: timings[k] for k in first_timings} == first_timings  # reused stages keep the time they took
+    assert set(timings) == {"teacher", "couplings", "students", "f2d2", "compact", "evaluate"}
     assert {r.dir: (r.dir / "checkpoints" / "latest").stat().st_mtime_ns for r in pipeline.students} == mtimes
     evaluation = json.loads(pipeline.evaluation_path().read_text())
     report = (pipeline.root / "report" / "report.md").read_text()
