@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import print_and_write
+from shared.evaluate import mean_and_std
 
 
 def parse_group(text: str) -> tuple[str, list[str]]:
@@ -51,19 +52,16 @@ def student_values(per_seed: dict[str, list[dict[str, Any]]], name: str, nfe: in
     return values
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def pool(per_seed: dict[str, list[dict[str, Any]]], members: list[str], nfe: int, solver: str, grid: str
          ) -> dict[str, Any]:
     """Pooled and per-member statistics of a group of students at one NFE (see the module docstring)."""
     by_member = {m: student_values(per_seed, m, nfe, solver, grid) for m in members}
     every = [v for values in by_member.values() for v in values]
-    means = [statistics.fmean(values) for values in by_member.values()]
-    return {"nfe": nfe, "students": len(every), "pooled_mean": statistics.fmean(every), "pooled_std": _std(every),
-            "members_mean": statistics.fmean(means), "members_std": _std(means), "min": min(every),
-            "max": max(every), "values": by_member}
+    pooled_mean, pooled_std = mean_and_std(every)
+    members_mean, members_std = mean_and_std([statistics.fmean(values) for values in by_member.values()])
+    return {"nfe": nfe, "students": len(every), "pooled_mean": pooled_mean, "pooled_std": pooled_std,
+            "members_mean": members_mean, "members_std": members_std, "min": min(every), "max": max(every),
+            "values": by_member}
 
 
 def merged_per_seed(paths: list[str]) -> dict[str, list[dict[str, Any]]]:

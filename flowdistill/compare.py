@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from flowdistill.api import load_run, resolve_config, resolve_device, train
 from flowdistill.compare_plots import plot_losses, plot_quality, plot_samples
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
-from shared.evaluate import Samples, format_table, generate, quality_vs_steps, score_split, write_json
+from shared.evaluate import (Samples, format_table, generate, mean_and_std, quality_vs_steps, score_split,
+                             write_json)
 from shared.metrics import feature_extractor, feature_identity, sample_quality
 from shared.run import Run, finished_step, run_dir_of
 from shared.rundir import config_path, read_metrics
@@ -184,10 +185,6 @@ def likelihood_vs_exact(runs: dict[str, Run], n: int, path: Path) -> list[dict[s
     return rows
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def aggregate(students: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (student, solver, grid, steps): quality mean/std over seeds, NFE, seconds per sample."""
     out = []
@@ -197,7 +194,7 @@ def aggregate(students: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
             for r in res["rows"]:
                 groups.setdefault((r["solver"], r["grid"], r["steps"]), []).append(r)
         for (solver, grid, steps), rows in groups.items():
-            mean, std = _mean_std([r["value"] for r in rows])
+            mean, std = mean_and_std([r["value"] for r in rows])
             out.append({"student": label, "solver": solver, "grid": grid, "steps": steps, "nfe": rows[0]["nfe"],
                         "metric": rows[0]["metric"], "mean": mean, "std": std, "seeds": len(rows),
                         "seconds_per_sample": statistics.fmean(r["seconds"] / r["n"] for r in rows)})
@@ -321,8 +318,8 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
             res = evaluate_student(run, spec, extractor)
             results[label].append(res)
             curves[label].append((res["loss_steps"], res["losses"]))
-        cur = _mean_std([r["curvature"] for r in results[label]])
-        loss = _mean_std([r["final_loss"] for r in results[label]])
+        cur = mean_and_std([r["curvature"] for r in results[label]])
+        loss = mean_and_std([r["final_loss"] for r in results[label]])
         straight.append({"student": label, "curvature": _fmt(*cur), "final_loss": _fmt(*loss),
                          "train_seconds": statistics.fmean(r["train_seconds"] for r in results[label])})
         run = load_run(run_dir_of(cfgs[0]), device=device)  # first seed's samples for the figure

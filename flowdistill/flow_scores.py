@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from shared.evaluate import generate_with, reference_nll
+from shared.evaluate import generate_with, mean_and_std, reference_nll
 from shared.metrics import FeatureExtractor, sample_quality
 from shared.run import Run
 
@@ -74,8 +74,7 @@ def summarize(rows: list[dict[str, Any]], group_key: str = "role") -> list[dict[
         for col in COLUMNS:
             values = [float(r[col]) for r in members if r.get(col) is not None]
             if values:
-                entry[col] = statistics.fmean(values)
-                entry[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                entry[col], entry[f"{col}_std"] = mean_and_std(values)
         out.append(entry)
     return out
 

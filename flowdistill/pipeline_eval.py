@@ -18,7 +18,7 @@ import torch
 from flowdistill.api import load_run, resolve_device
 from flowdistill.compare import CompareConfig, aggregate, evaluate_student, evaluate_teacher
 from flowdistill.compare_plots import plot_quality
-from shared.evaluate import generate, write_json
+from shared.evaluate import generate, mean_and_std, write_json
 from shared.metrics import feature_extractor
 
 Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline imports this module)
@@ -148,11 +148,12 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
         run = load_run(planned.dir, device=device)
         per_coupling.setdefault(planned.role["coupling"], []).append(evaluate_student(run, scoring, extractor))
     rows = aggregate(per_coupling)
-    straightness = [{"coupling": c, "curvature": statistics.fmean(r["curvature"] for r in res),
-                     "curvature_std": statistics.stdev([r["curvature"] for r in res]) if len(res) > 1 else 0.0,
-                     "final_loss": statistics.fmean(r["final_loss"] for r in res),
-                     "train_seconds": statistics.fmean(r["train_seconds"] for r in res)}
-                    for c, res in per_coupling.items()]
+    straightness = []
+    for c, res in per_coupling.items():
+        curvature, curvature_std = mean_and_std([r["curvature"] for r in res])
+        straightness.append({"coupling": c, "curvature": curvature, "curvature_std": curvature_std,
+                             "final_loss": statistics.fmean(r["final_loss"] for r in res),
+                             "train_seconds": statistics.fmean(r["train_seconds"] for r in res)})
     losses = {c: {"steps": res[0]["loss_steps"], "losses": res[0]["losses"]} for c, res in per_coupling.items()}
     plot_quality(rows, [teacher_row], scoring.solvers, scoring.grids, figures / "quality_vs_nfe.png")
     result = {

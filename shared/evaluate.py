@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,12 @@ def write_nll(folder: str | Path, stem: str, summary: dict[str, Any], columns: d
                                       columns["exact_logp_nats"], folder / f"{stem}-calibration.png",
                                       title or f"{stem}: mean gap {summary['gap_to_exact_nats']:+.4f} nats"))
     return paths
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of repeated measurements (seeds, runs); the spread of one value is 0."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def standard_error(values: Tensor) -> float:
