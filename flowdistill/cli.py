@@ -6,6 +6,7 @@
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
+    import     a model trained elsewhere (ml-tarflow checkpoint) as a run
 """
 from __future__ import annotations
 
@@ -233,6 +234,19 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Turn a model trained elsewhere into a run directory that every command accepts: `import ml-tarflow
+    CKPT.pth --img-size ... OUT data.name=...` writes an apple/ml-tarflow checkpoint as a TarFlow teacher run."""
+    from flowdistill.importers import import_ml_tarflow
+    from nfm.ml_tarflow import MLTarFlowShape
+
+    shape = MLTarFlowShape(args.channels_in, args.img_size, args.patch_size, args.channels, args.blocks,
+                           args.layers_per_block, args.num_classes)
+    run_dir = import_ml_tarflow(args.checkpoint, shape, args.noise_std, args.out, args.overrides, args.overwrite)
+    print(f"wrote teacher run {run_dir}")
+    return 0
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """The arguments every command that reads a finished run shares."""
     parser.add_argument("run", help="run directory written by `flowdistill train`")
@@ -330,6 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nf-teacher", default="", help="normalizing-flow run to compare with "
                                                      "(default: the run's method.nf_teacher)")
     p.add_argument("--batch-size", type=positive_int, default=500, help="batch of scoring and sampling")
+
+    p = command("import", cmd_import)
+    sources = p.add_subparsers(dest="source", required=True, metavar="FORMAT")
+    q = sources.add_parser("ml-tarflow", help="an apple/ml-tarflow checkpoint (.pth state_dict) as a TarFlow teacher run",
+                           description="Write an apple/ml-tarflow checkpoint as a TarFlow teacher run (model tarflow, "
+                                       "method nll). The sizes are the numbers in ml-tarflow's file names, e.g. "
+                                       "afhq_model_8_768_8_8_0.07.pth: --patch-size 8 --channels 768 --blocks 8 "
+                                       "--layers-per-block 8 --noise-std 0.07. The checkpoint is read with "
+                                       "torch.load(weights_only=True); one that does not fit the sizes is refused "
+                                       "with the keys and shapes that differ.")
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    q.add_argument("checkpoint", help="ml-tarflow .pth file (a state_dict saved by its train.py)")
+    q.add_argument("out", help="run directory to write (a new folder)")
+    q.add_argument("overrides", nargs="*", help="key=value settings of the run; data.name is required, e.g. "
+                                                "data.name=imagefolder data.path=afhq data.image_size=256")
+    q.add_argument("--img-size", type=positive_int, required=True, help="image side in pixels")
+    q.add_argument("--patch-size", type=positive_int, required=True, help="patch side p")
+    q.add_argument("--channels", type=positive_int, required=True, help="transformer width (a multiple of 64)")
+    q.add_argument("--blocks", type=positive_int, required=True, help="flow blocks")
+    q.add_argument("--layers-per-block", type=positive_int, required=True, help="transformer layers per block")
+    q.add_argument("--num-classes", type=count, default=0, help="class labels (0: unconditional)")
+    q.add_argument("--noise-std", type=float, required=True, help="std of the noise the model was trained with")
+    q.add_argument("--in-channels", dest="channels_in", type=positive_int, default=3,
+                   help="image channels (default 3)")
+    q.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
 
     p = command("prepare-data", cmd_prepare_data)
     p.add_argument("source", help="folder of images, or a downsampled-ImageNet .npz file or folder of them")

@@ -239,6 +239,10 @@ class Glow(nn.Module):
         """Same as `encode` (the training direction)."""
         return self.encode(x, y)
 
+    def scale_prior_noise(self, noise: Tensor) -> Tensor:
+        """Glow's prior is N(0, I): standard normal noise (B, *shape) is its prior noise unchanged."""
+        return noise
+
     @torch.no_grad()
     def decode(self, z: Tensor, y: Tensor | None = None, use_cache: bool = True, guidance: float = 0.0) -> Tensor:
         """x = f^{-1}(z) for z shaped like the data; `y`, `use_cache` and `guidance` do not apply to Glow."""

@@ -49,6 +49,8 @@ class TarFlowConfig:
     spline_bins: int = 8  # spline bins K (transform: spline)
     spline_bound: float = 4.0  # the spline acts on [-B, B] after the affine map, identity outside (transform: spline)
     logit_alpha: float = 0.0  # > 0: blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x itself
+    final_norm: bool = True  # a LayerNorm before each block's output projection (false: none, as in ml-tarflow)
+    prior_var: bool = False  # a (N, d) buffer `prior_var` of prior variances that sampling scales noise by (ml-tarflow's `var`)
 
 
 class KVCache:
@@ -134,7 +136,7 @@ class FlowBlock(nn.Module):
         self.pos = nn.Parameter(0.01 * torch.randn(n_tokens, cfg.width))
         self.label = nn.Embedding(cfg.num_classes + 1, cfg.width) if cfg.num_classes else None
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = nn.LayerNorm(cfg.width) if cfg.final_norm else nn.Identity()
         self.out = nn.Linear(cfg.width, self.n_params * token_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -228,6 +230,8 @@ class TarFlow(nn.Module):
             raise ValueError(f"tarflow takes images (C, H, W) or vectors (D,), got data shape {self.data_shape}")
         self.blocks = nn.ModuleList(
             FlowBlock(cfg, self.n_tokens, self.token_dim, flip=t % 2 == 1) for t in range(cfg.blocks))
+        if cfg.prior_var:
+            self.register_buffer("prior_var", torch.ones(self.n_tokens, self.token_dim))
 
     @property
     def decode_passes(self) -> int:
@@ -259,6 +263,13 @@ class TarFlow(nn.Module):
                 raise ValueError("classifier-free guidance needs class labels y")
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return y.to(device=device, dtype=torch.long)
+
+    def scale_prior_noise(self, noise: Tensor) -> Tensor:
+        """Standard normal noise (B, *shape) -> prior noise: times sqrt(prior_var) per token value with
+        `model.prior_var` (ml-tarflow samples from N(0, diag(var)) but scores z under N(0, I)), else unchanged."""
+        if not self.cfg.prior_var:
+            return noise
+        return self.from_tokens(self.to_tokens(noise) * self.prior_var.sqrt().to(noise.dtype))
 
     def to_logit(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Data x (B, *shape) -> v and log|det dv/dx| (B,) nats: `nfm.logit_map.to_logit` with `model.logit_alpha`."""

@@ -123,14 +123,16 @@ class TeacherSampler:
 
     def sample(self, model: nn.Module, noise: Tensor, steps: int = 8, solver: str = "euler",
                grid: str = "linear", labels: Tensor | None = None) -> SampleResult:
-        """Decode noise (B, *shape) with the KV cache, then denoise; `steps`, `solver`, `grid` do not apply.
+        """Decode prior noise (`scale_prior_noise` of `noise` (B, *shape), times the temperature) with the KV
+        cache, then denoise; `steps`, `solver`, `grid` do not apply.
 
         Conditional models sample `labels`, by default 0, 1, ..., C-1 repeated along the batch.
         """
         flow = unwrap(model)
         if flow.num_classes and labels is None:
             labels = torch.arange(noise.shape[0], device=noise.device) % flow.num_classes
-        x = flow.decode(noise * self.cfg.temperature, labels, use_cache=True, guidance=self.cfg.guidance)
+        x = flow.decode(flow.scale_prior_noise(noise) * self.cfg.temperature, labels, use_cache=True,
+                        guidance=self.cfg.guidance)
         nfe = flow.decode_passes
         if self.cfg.denoise and flow.eta > 0:
             x = tweedie_denoise(flow, x, flow.eta, labels)
