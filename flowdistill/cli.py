@@ -7,6 +7,7 @@
     f2d2-eval  few-step NLL and sampling of an F2D2 run
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
     import     a model trained elsewhere (ml-tarflow checkpoint) as a run
+    export     a run as a diffusers folder (UNet2DModel / DiTTransformer2DModel + scheduler) or safetensors
 """
 from __future__ import annotations
 
@@ -247,6 +248,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's evaluation weights as a folder other tools load, with a model card (README.md):
+    --format diffusers (unet and dit flow-matching students: UNet2DModel or DiTTransformer2DModel plus a
+    FlowMatchEulerDiscreteScheduler config) or --format safetensors (any run: weights, config, card)."""
+    from flowdistill.export import export_run
+
+    out = export_run(args.run, args.format, args.out, args.weights, args.overwrite)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """The arguments every command that reads a finished run shares."""
     parser.add_argument("run", help="run directory written by `flowdistill train`")
@@ -369,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--in-channels", dest="channels_in", type=positive_int, default=3,
                    help="image channels (default 3)")
     q.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
+
+    p = command("export", cmd_export)
+    p.add_argument("run", help="run directory written by `flowdistill train`")
+    p.add_argument("out", help="folder to write (a new folder)")
+    p.add_argument("--format", required=True, choices=["diffusers", "safetensors"],
+                   help="diffusers: unet/ or transformer/ + scheduler/ loadable by diffusers alone (flow-matching "
+                        "students); safetensors: model.safetensors + flowdistill_config.yaml (every run)")
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
+                   help="which weights to export: auto (best-on-validation, else EMA, else raw), best, ema, model")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
 
     p = command("prepare-data", cmd_prepare_data)
     p.add_argument("source", help="folder of images, or a downsampled-ImageNet .npz file or folder of them")

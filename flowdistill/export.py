@@ -1,0 +1,173 @@
+"""`flowdistill export`: a run's evaluation weights as a folder other tools load, with a model card.
+
+`--format diffusers` (flow-matching students on the `unet` or `dit` backbone) writes
+
+    OUT/unet/ or OUT/transformer/   UNet2DModel / DiTTransformer2DModel (config.json + safetensors)
+    OUT/scheduler/                  FlowMatchEulerDiscreteScheduler config (shift 1, 1000 train timesteps)
+    OUT/flowdistill_config.yaml     the run's config;  OUT/README.md  the model card (YAML front matter)
+
+Time convention, ours and diffusers' alike: sigma = t, t = 1 noise, t = 0 data, the model's output is the
+velocity v = noise - data, a step is x + (sigma_next - sigma) v, and the network sees timestep = 1000 t
+(our backbones scale t by 1000 inside). Our Euler sampler with K steps walks sigma = 1, 1 - 1/K, ..., 0:
+`scheduler.set_timesteps(sigmas=[1 - k/K for k < K])` reproduces it (the default `set_timesteps(K)`
+ends at sigma = 1/1000 instead). A DiT student shares one time embedding across blocks; diffusers gives
+each block its own, so each gets a copy, and its label embedding (DiT's, required by diffusers) is zero:
+call the transformer with `class_labels = zeros(B)`.
+
+`--format safetensors` (every run, and the only one for flows, flow maps and MLPs, which have no
+diffusers class) writes OUT/model.safetensors (the state dict `flowdistill` builds from
+flowdistill_config.yaml), the config and the card.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from flowdistill.api import Run, load_run
+from shared.checkpoint import atomic_write_text, check_writable, state_dict_for_saving
+from shared.config import dump_yaml
+from shared.run import evaluation_weights
+
+FORMATS = ("diffusers", "safetensors")
+CARD_NFE = (1, 2, 4, 8)  # the NFE whose sample quality the card quotes (from the run's eval.json)
+DIFFUSERS_MODELS = {"unet": ("unet", "UNet2DModel"), "dit": ("transformer", "DiTTransformer2DModel")}
+
+
+def check_diffusers_exportable(run: Run) -> str:
+    """The backbone name (`unet` or `dit`) of a run diffusers can load; ValueError naming why not otherwise."""
+    model, method = run.config.model.name, run.config.method.name
+    if method != "fm":
+        kind = {"f2d2": "a flow map (u, D)", "nll": "a normalizing flow", "nf_kd": "a normalizing flow"}
+        raise ValueError(f"{kind.get(method, f'a {method} run')} has no diffusers model class; "
+                         "export it with --format safetensors (weights, config and card)")
+    if model not in DIFFUSERS_MODELS:
+        raise ValueError(f"a {model} velocity field has no diffusers model class (diffusers loads unet and dit "
+                         "students); export it with --format safetensors")
+    return model
+
+
+def dit_for_diffusers(model: nn.Module) -> nn.Module:
+    """A plain DiTTransformer2DModel equal to our TimeDiT: every block's time embedder is a copy of the shared
+    one, and its label embedding (one class) is zero, so that block conditioning = MLP_t(emb(1000 t))."""
+    from diffusers import DiTTransformer2DModel
+
+    plain = DiTTransformer2DModel.from_config(model.dit.config)
+    state = dict(model.dit.state_dict())
+    for i, block in enumerate(plain.transformer_blocks):
+        prefix = f"transformer_blocks.{i}.norm1.emb."
+        for name, value in model.t_embed.state_dict().items():
+            state[prefix + "timestep_embedder." + name] = value
+        table = block.norm1.emb.class_embedder.embedding_table.weight
+        state[prefix + "class_embedder.embedding_table.weight"] = torch.zeros_like(table)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+def quality_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of the run's eval.json at CARD_NFE (metric, feature space, value), if it was evaluated."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("rows", [])
+    return [{"nfe": r["nfe"], "metric": r["metric"], "features": r.get("extractor") or "data", "value": r["value"]}
+            for r in rows if r.get("nfe") in CARD_NFE]
+
+
+def card_metadata(run: Run, weights_file: Path, fmt: str) -> dict[str, Any]:
+    """The model card's YAML front matter: what was distilled from what, on which data, and how good it is."""
+    cfg = run.config
+    coupling = getattr(cfg.method, "coupling", None)
+    teacher = getattr(coupling, "teacher", "") or getattr(cfg.method, "nf_teacher", "") or ""
+    meta: dict[str, Any] = {
+        "library_name": "diffusers" if fmt == "diffusers" else "flowdistill",
+        "tags": ["flowdistill", "flow-matching" if cfg.method.name == "fm" else cfg.method.name],
+        "recipe": {"model": cfg.model.name, "method": cfg.method.name,
+                   "coupling": getattr(coupling, "name", None), "teacher": teacher or None},
+        "run": {"name": cfg.name, "step": run.step, "weights": weights_file.name},
+        "data": {"name": run.dataset.name, "fingerprint": run.dataset.base_fingerprint,
+                 "shape": list(run.dataset.shape), "levels": run.dataset.levels},
+        "time_convention": "sigma = t; t=1 noise, t=0 data; output v = noise - data; timestep = 1000 t",
+    }
+    teacher_source = Path(teacher) / "imported.json" if teacher else None
+    if teacher_source is not None and teacher_source.is_file():
+        meta["recipe"]["teacher_source"] = json.loads(teacher_source.read_text())
+    rows = quality_rows(run.dir)
+    meta["quality"] = rows or "not measured: run `flowdistill eval RUN --steps 1,2,4,8` before exporting"
+    return meta
+
+
+def card_text(meta: dict[str, Any], fmt: str, folder: str | None, class_name: str | None, where: str) -> str:
+    """README.md: YAML front matter, then how to sample the exported model found at `where`."""
+    front = yaml.safe_dump(meta, sort_keys=False)
+    if fmt == "diffusers":
+        labels = ", class_labels=torch.zeros(len(x), dtype=torch.long)" if folder == "transformer" else ""
+        usage = f"""```python
+import torch
+from diffusers import {class_name}, FlowMatchEulerDiscreteScheduler
+
+model = {class_name}.from_pretrained("{where}", subfolder="{folder}").eval()
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{where}", subfolder="scheduler")
+K = 4  # steps; these sigmas are flowdistill's Euler grid 1, 1 - 1/K, ..., 0
+scheduler.set_timesteps(sigmas=[1 - k / K for k in range(K)])
+x = torch.randn(16, *{tuple(meta["data"]["shape"])})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        v = model(x, t.expand(len(x)){labels}).sample
+        x = scheduler.step(v, t, x).prev_sample
+```
+Samples are in the model's scale [-1, 1]."""
+    else:
+        usage = ("`model.safetensors` is the state dict of the model that `flowdistill_config.yaml` describes "
+                 "(no diffusers class exists for it); rebuild it with flowdistill.")
+    return f"---\n{front}---\n\n# {meta['run']['name']}\n\nExported by `flowdistill export`.\n\n{usage}\n"
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, weights: str = "auto", overwrite: bool = False) -> Path:
+    """Write a run's evaluation weights to `out` in `fmt` (see the module docstring); returns `out`.
+
+    Everything is checked (format, model kind, destination) before a file is written, and the folder is
+    written beside `out` and renamed into place.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choices: {', '.join(FORMATS)}")
+    out, run_dir = Path(out), Path(run_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    run = load_run(run_dir, weights=weights)
+    backbone = check_diffusers_exportable(run) if fmt == "diffusers" else None
+    check_writable(out.parent, f"export folder {out}")
+    weights_file, _ = evaluation_weights(run_dir, weights)
+    folder, class_name = DIFFUSERS_MODELS[backbone] if backbone else (None, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export."))
+    try:
+        if backbone == "unet":
+            run.model.unet.save_pretrained(tmp / folder, safe_serialization=True)
+        elif backbone == "dit":
+            dit_for_diffusers(run.model).save_pretrained(tmp / folder, safe_serialization=True)
+        else:
+            save_file(state_dict_for_saving(run.model), str(tmp / "model.safetensors"))
+        if backbone:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
+        atomic_write_text(tmp / "flowdistill_config.yaml", dump_yaml(run.config))
+        atomic_write_text(tmp / "README.md", card_text(card_metadata(run, weights_file, fmt), fmt, folder, class_name,
+                                                          str(out)))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
