@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from nfm.flow_interface import FlowTeacher
 from nfm.tarflow import encode_batched
 from shared.checkpoint import sha256_file
 from shared.rundir import config_path
@@ -34,7 +35,7 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class TeacherHandle:
     """A frozen flow teacher with what identifies it: run directory, step, weights hash and data."""
 
-    flow: nn.Module  # a normalizing flow with encode/decode and eta (TarFlow or Glow)
+    flow: nn.Module  # a normalizing flow implementing `nfm.flow_interface.FlowTeacher` (TarFlow, Glow)
     run_dir: Path
     step: int
     weights_sha256: str
@@ -76,7 +77,7 @@ def teacher_of_run(run: Any, run_dir: str | Path, weights: str = "auto") -> Teac
     from shared.run import evaluation_weights
 
     run_dir = Path(run_dir)
-    if not (hasattr(run.model, "encode") and hasattr(run.model, "decode") and hasattr(run.model, "eta")):
+    if not isinstance(run.model, FlowTeacher):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
     path, _ = evaluation_weights(run_dir, weights)
