@@ -6,7 +6,7 @@
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
-    import     a model trained elsewhere (ml-tarflow checkpoint) as a run
+    import     a model trained elsewhere (ml-tarflow checkpoint, diffusers UNet velocity field) as a run
     export     a run as a diffusers folder (UNet2DModel / DiTTransformer2DModel + scheduler) or safetensors
 """
 from __future__ import annotations
@@ -237,10 +237,17 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Turn a model trained elsewhere into a run directory that every command accepts: `import ml-tarflow
-    CKPT.pth --img-size ... OUT data.name=...` writes an apple/ml-tarflow checkpoint as a TarFlow teacher run."""
-    from flowdistill.importers import import_ml_tarflow
+    CKPT.pth --img-size ... OUT data.name=...` writes an apple/ml-tarflow checkpoint as a TarFlow teacher run;
+    `import diffusers-fm FOLDER --time ... OUT data.name=...` a diffusers UNet2DModel velocity field as a
+    flow-matching run."""
+    from flowdistill.importers import import_diffusers_fm, import_ml_tarflow
     from nfm.ml_tarflow import MLTarFlowShape
 
+    if args.source == "diffusers-fm":
+        run_dir = import_diffusers_fm(args.folder, args.time, args.timestep_scale, args.out, args.overrides,
+                                      args.overwrite)
+        print(f"wrote flow-matching run {run_dir}")
+        return 0
     shape = MLTarFlowShape(args.channels_in, args.img_size, args.patch_size, args.channels, args.blocks,
                            args.layers_per_block, args.num_classes)
     run_dir = import_ml_tarflow(args.checkpoint, shape, args.noise_std, args.out, args.overrides, args.overwrite)
@@ -380,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-std", type=float, required=True, help="std of the noise the model was trained with")
     q.add_argument("--in-channels", dest="channels_in", type=positive_int, default=3,
                    help="image channels (default 3)")
+    q.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
+    q = sources.add_parser("diffusers-fm", help="a diffusers UNet2DModel velocity field as a flow-matching run",
+                           description="Write a diffusers UNet2DModel trained with flow matching elsewhere as a "
+                                       "flow-matching run (model unet, method fm) that sample, nll and f2d2 (as its "
+                                       "teacher) use. --time and --timestep-scale say how the network reads time.")
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    q.add_argument("folder", help="folder written by save_pretrained (the UNet's, or a pipeline's with unet/)")
+    q.add_argument("out", help="run directory to write (a new folder)")
+    q.add_argument("overrides", nargs="*", help="key=value settings of the run; data.name is required")
+    q.add_argument("--time", required=True, choices=["noise-at-1", "noise-at-0"],
+                   help="noise-at-1: t = 1 is noise, output v = noise - data (flowdistill, diffusers' "
+                        "FlowMatchEuler); noise-at-0: t = 0 is noise, output data - noise (torchcfm)")
+    q.add_argument("--timestep-scale", type=float, required=True,
+                   help="the network was fed timestep = scale * t: 1000 (diffusers) or 1 (torchcfm)")
     q.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
 
     p = command("export", cmd_export)

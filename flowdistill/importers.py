@@ -2,7 +2,9 @@
 
 `import_ml_tarflow` turns an apple/ml-tarflow checkpoint into a teacher run (`model.name: tarflow`,
 `method.name: nll`): `config.yaml`, a verified safetensors checkpoint (`shared.checkpoint`) and
-`imported.json`, which records where the weights came from. The run directory is written in a hidden
+`imported.json`, which records where the weights came from. `import_diffusers_fm` turns a diffusers
+`UNet2DModel` velocity field trained elsewhere into a flow-matching run (`model.name: unet`, `method.name:
+fm`) whose time convention (`model.time_reversed`, `model.timestep_scale`) maps the network's to ours. The run directory is written in a hidden
 sibling folder and renamed into place, so a failed import leaves nothing behind; everything that can
 be refused (file, checkpoint shape, data) is checked before anything is written.
 """
@@ -103,3 +105,79 @@ def build_with_weights(cfg: RunConfig, dataset: Dataset, weights: dict[str, Tens
     model = CATALOG.models[cfg.model.name].build(cfg.model, dataset.shape)
     model.load_state_dict(weights, strict=True)
     return model
+
+
+TIME_CONVENTIONS = ("noise-at-1", "noise-at-0")  # ours and diffusers' FlowMatchEuler / torchcfm's
+UNET_FIXED = {"sample_size", "in_channels", "out_channels"}  # set from the data shape
+
+
+def read_unet(folder: str | Path) -> Any:
+    """The diffusers UNet2DModel in `folder` (or its `unet/` subfolder), in eval mode."""
+    from diffusers import UNet2DModel
+
+    folder = Path(folder)
+    root = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} holds no diffusers model (no config.json there or in unet/)")
+    name = json.loads((root / "config.json").read_text()).get("_class_name")
+    if name != "UNet2DModel":
+        raise ValueError(f"{str(root)!r} holds a {name}; diffusers-fm imports UNet2DModel velocity fields")
+    return UNet2DModel.from_pretrained(root).eval()
+
+
+def unet_config_of(net: Any, time: str, timestep_scale: float) -> Any:
+    """Our `UNetConfig` that builds `net`'s architecture; ValueError naming the diffusers settings it cannot."""
+    from shared.backbones import TimeUNet, UNetConfig
+
+    if time not in TIME_CONVENTIONS:
+        raise ValueError(f"--time must be one of {', '.join(TIME_CONVENTIONS)}, got {time!r}")
+    theirs = dict(net.config)
+    kinds = list(theirs["down_block_types"])
+    cfg = UNetConfig(channels=tuple(theirs["block_out_channels"]), layers_per_block=theirs["layers_per_block"],
+                     attention=tuple(k == "AttnDownBlock2D" for k in kinds),
+                     attention_head_dim=theirs["attention_head_dim"] or 8, norm_groups=theirs["norm_num_groups"],
+                     dropout=theirs.get("dropout", 0.0), time_reversed=time == "noise-at-0",
+                     timestep_scale=float(timestep_scale))
+    side = model_cfg_side(net)
+    ours = dict(TimeUNet(cfg, (theirs["in_channels"], side, side)).unet.config)
+    differ = [f"{k}={theirs.get(k)!r} (flowdistill builds {ours.get(k)!r})" for k in sorted(set(ours) | set(theirs))
+              if not k.startswith("_") and k not in UNET_FIXED and _plain(theirs.get(k)) != _plain(ours.get(k))]
+    if theirs["in_channels"] != theirs["out_channels"]:
+        differ.append(f"out_channels={theirs['out_channels']} (a velocity field needs in_channels)")
+    if differ:
+        raise ValueError("this UNet2DModel is not one flowdistill's unet model builds: " + "; ".join(differ))
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    """Config values compared as JSON would store them (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def import_diffusers_fm(folder: str | Path, time: str, timestep_scale: float, out: str | Path,
+                        overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
+    """Write a diffusers UNet2DModel velocity field as a flow-matching run at `out`; returns the run directory.
+
+    `time`: noise-at-1 (ours and diffusers' FlowMatchEuler: the network's v points from data to noise) or
+    noise-at-0 (torchcfm: time s = 1 - t, the network's u = -v). `timestep_scale`: the network was fed
+    timestep = scale * (its time), 1000 (diffusers) or 1 (torchcfm).
+    """
+    if timestep_scale <= 0:
+        raise ValueError(f"--timestep-scale must be > 0, got {timestep_scale}")
+    net = read_unet(folder)
+    model_cfg = unet_config_of(net, time, timestep_scale)
+    cfg = teacher_config(out, model_cfg, CATALOG.methods["fm"].config(), overrides)
+    dataset = load_dataset(cfg.data)
+    check_data(dataset, (net.config.in_channels, model_cfg_side(net), model_cfg_side(net)), 0,
+               f"UNet2DModel {str(folder)!r}")
+    weights = {f"unet.{k}": v for k, v in net.state_dict().items()}
+    model = build_with_weights(cfg, dataset, weights)
+    provenance = {"format": "diffusers-fm", "folder": str(Path(folder).resolve()), "time": time,
+                  "timestep_scale": timestep_scale}
+    return write_run(cfg, model, provenance, overwrite)
+
+
+def model_cfg_side(net: Any) -> int:
+    """The image side of a UNet2DModel's `sample_size` (an int or an (H, W) pair)."""
+    size = net.config.sample_size
+    return int(size if isinstance(size, int) else size[0])

@@ -100,6 +100,8 @@ class UNetConfig:
     norm_groups: int = 16  # GroupNorm groups; must divide every entry of `channels`
     dropout: float = 0.0  # dropout inside resnet blocks
     second_time: bool = False  # second time input s, embedded like t and added to its embedding
+    time_reversed: bool = False  # the network's own time has noise at 0 (torchcfm): v(x, t) = -net(x, 1 - t)
+    timestep_scale: float = 1000.0  # the network sees timestep = timestep_scale * t (1: t itself)
 
 
 def _check_unet(cfg: UNetConfig, data_shape: tuple[int, ...]) -> None:
@@ -174,7 +176,10 @@ class TimeUNet(nn.Module):
         labels = None if s is None else s * 1000.0
         self._capture = return_features
         try:
-            out = self.unet(x, t * 1000.0, class_labels=labels, return_dict=False)[0]
+            if self.cfg.time_reversed:  # a field written with t = 0 noise: ours is -net(x, 1 - t)
+                out = -self.unet(x, (1 - t) * self.cfg.timestep_scale, class_labels=labels, return_dict=False)[0]
+            else:
+                out = self.unet(x, t * self.cfg.timestep_scale, class_labels=labels, return_dict=False)[0]
             mid = self._mid
         finally:
             self._capture, self._mid = False, None

@@ -120,3 +120,59 @@ def test_runs_without_a_diffusers_class_are_refused_and_export_as_safetensors(tm
     assert all(torch.equal(state[k], v) for k, v in run.model.state_dict().items())
     assert main(["export", str(mlp), str(tmp_path / "out"), "--format", "safetensors"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_an_exported_student_imported_back_gives_the_same_velocities(tmp_path, students):
+    out, back = tmp_path / "export", tmp_path / "back"
+    assert main(["export", str(students["unet"]), str(out), "--format", "diffusers"]) == 0
+    assert main(["import", "diffusers-fm", str(out), str(back), "--time", "noise-at-1", "--timestep-scale", "1000",
+                 "data.name=digits"]) == 0
+    ours, imported = fd.load_run(students["unet"]), fd.load_run(back)
+    assert imported.config.method.name == "fm" and imported.config.model.name == "unet"
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(5, 1, 8, 8, generator=gen), torch.rand(5, generator=gen)
+    with torch.no_grad():
+        assert (ours.model(x, t) - imported.model(x, t)).abs().max() < 1e-6
+    assert json.loads((back / "imported.json").read_text())["time"] == "noise-at-1"
+
+
+def test_a_field_in_torchcfm_time_has_the_ode_likelihood_of_the_same_field_in_ours(tmp_path, students):
+    """torchcfm: s = 0 is noise, u(x, s) points from noise to data, the network sees s itself; in ours that field
+    is v(x, t) = -u(x, 1 - t). The imported run's ODE log-likelihood is that of v."""
+    from diffusers import UNet2DModel
+
+    from shared.likelihood import log_likelihood
+
+    out = tmp_path / "export"
+    assert main(["export", str(students["unet"]), str(out), "--format", "diffusers"]) == 0
+    for time in ("noise-at-0", "noise-at-1"):
+        assert main(["import", "diffusers-fm", str(out), str(tmp_path / time), "--time", time, "--timestep-scale", "1",
+                     "data.name=digits"]) == 0
+    net = UNet2DModel.from_pretrained(out, subfolder="unet").eval()
+
+    def in_ours(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -net(x, 1 - t).sample
+
+    x = fd.load_run(tmp_path / "noise-at-0").dataset.test[:2]
+    options = dict(divergence="exact", method="rk4", steps=3)
+    reference = log_likelihood(in_ours, x, **options).logp
+    imported = log_likelihood(fd.load_run(tmp_path / "noise-at-0").model, x, **options).logp
+    assert (imported - reference).abs().max() < 1e-3  # nats
+    misread = log_likelihood(fd.load_run(tmp_path / "noise-at-1").model, x, **options).logp
+    assert (misread - reference).abs().max() > 1.0  # reading the other convention is a different density
+
+
+def test_unets_flowdistill_cannot_build_and_foreign_folders_are_refused(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=8, time_embedding_type="fourier").save_pretrained(tmp_path / "fourier")
+    argv = ["import", "diffusers-fm", str(tmp_path / "fourier"), str(tmp_path / "run"), "--time", "noise-at-1",
+            "--timestep-scale", "1000", "data.name=digits"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "time_embedding_type='fourier' (flowdistill builds 'positional')" in err
+    argv[2] = str(tmp_path / "nothing")
+    assert main(argv) == 2 and "holds no diffusers model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
