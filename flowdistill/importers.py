@@ -4,9 +4,10 @@
 `method.name: nll`): `config.yaml`, a verified safetensors checkpoint (`shared.checkpoint`) and
 `imported.json`, which records where the weights came from. `import_diffusers_fm` turns a diffusers
 `UNet2DModel` velocity field trained elsewhere into a flow-matching run (`model.name: unet`, `method.name:
-fm`) whose time convention (`model.time_reversed`, `model.timestep_scale`) maps the network's to ours. The run directory is written in a hidden
-sibling folder and renamed into place, so a failed import leaves nothing behind; everything that can
-be refused (file, checkpoint shape, data) is checked before anything is written.
+fm`) whose time convention (`model.time_reversed`, `model.timestep_scale`) maps the network's to ours.
+The run directory is written in a hidden sibling folder and renamed into place, so a failed import
+leaves nothing behind; everything that can be refused (file, checkpoint shape, data) is checked before
+anything is written.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def import_ml_tarflow(checkpoint: str | Path, shape: MLTarFlowShape, noise_std: 
     if noise_std < 0:
         raise ValueError(f"--noise-std must be >= 0, got {noise_std}")
     state = read_checkpoint(checkpoint)
-    weights = convert_state_dict(state, shape, f"checkpoint {str(checkpoint)!r}")  # refuses a foreign or misshapen checkpoint, naming the keys
+    # refuses a foreign or misshapen checkpoint, naming the keys
+    weights = convert_state_dict(state, shape, f"checkpoint {str(checkpoint)!r}")
     cfg = teacher_config(out, tarflow_config(shape, noise_std), CATALOG.methods["nll"].config(), overrides)
     dataset = load_dataset(cfg.data)
     image = (shape.in_channels, shape.img_size, shape.img_size)

@@ -50,7 +50,7 @@ class TarFlowConfig:
     spline_bound: float = 4.0  # the spline acts on [-B, B] after the affine map, identity outside (transform: spline)
     logit_alpha: float = 0.0  # > 0: blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x itself
     final_norm: bool = True  # a LayerNorm before each block's output projection (false: none, as in ml-tarflow)
-    prior_var: bool = False  # a (N, d) buffer `prior_var` of prior variances that sampling scales noise by (ml-tarflow's `var`)
+    prior_var: bool = False  # a (N, d) buffer `prior_var`: sampling scales the noise by its sqrt (ml-tarflow's `var`)
 
 
 class KVCache:

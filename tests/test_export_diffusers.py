@@ -7,6 +7,7 @@ grid in the export would show far above the tolerance.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,6 @@ def test_diffusers_scheduler_reproduces_flowdistill_sampling(tmp_path, students,
 
 def test_the_card_quotes_the_evaluated_quality(tmp_path, students):
     run_dir = tmp_path / "evaluated"
-    import shutil
-
     shutil.copytree(students["unet"], run_dir)
     rows = [{"steps": k, "nfe": k, "metric": "fd", "extractor": "digits-cnn", "value": 10.0 / k} for k in (1, 2, 4, 8, 16)]
     (run_dir / "eval.json").write_text(json.dumps({"rows": rows}))
