@@ -5,6 +5,7 @@
     nll        likelihood of a split (exact for flows)       eval     sample quality vs number of steps
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
+    pretrained the teachers shipped with the package          recipes  the bundled recipes
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
 """
 from __future__ import annotations
@@ -199,7 +200,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: teacher -> NF couplings -> students with every coupling -> F2D2 -> evaluation -> report."""
     from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
 
-    pipeline = Pipeline(load_pipeline(args.pipeline, args.overrides))
+    from flowdistill.recipes import pipeline_spec
+
+    pipeline = Pipeline(load_pipeline(pipeline_spec(args.pipeline), args.overrides))
     stages = select_stages(args.only.split(",") if args.only else None, args.start, args.until)
     if args.plan:
         print(pipeline.plan())
@@ -207,6 +210,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = " ".join(["flowdistill run", args.pipeline, *args.overrides])
     seconds = run_pipeline(pipeline, stages, command=command)
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    """List the teachers shipped with the package (use one as `teacher: pretrained:<name>` in a pipeline, or
+    wherever a run directory is accepted) with the figures of their model cards; every file's hash is checked."""
+    from flowdistill.components import PRETRAINED
+    from flowdistill.packed import describe
+
+    for name, folder in PRETRAINED.items():
+        row = describe(name, folder)
+        figures = ", ".join(f"{k} {row[k]}" for k in ("test_bits_per_dim", "sample_fd", "parameters") if k in row)
+        print(f"{row['ref']:<32} {row['status']}: {row.get('summary', '')} ({figures})")
+        if args.verbose:
+            print(f"    folder {folder}\n    recipe {row.get('recipe', '?')}, reproduce: {row.get('command', '?')}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the recipes bundled with the package (every command that takes a recipe or a pipeline accepts
+    these paths from any folder; `flowdistill run <data>` runs `recipes/<data>/pipeline.yaml`)."""
+    from flowdistill.recipes import BUNDLED_ROOT, bundled_recipes
+
+    for path in bundled_recipes():
+        first = (BUNDLED_ROOT.parent / path).read_text().splitlines()[:1]
+        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        print(f"{str(path):<48} {summary[:90]}")
     return 0
 
 
@@ -264,13 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("run", cmd_run)
-    p.add_argument("pipeline", help="pipeline spec (YAML), e.g. recipes/digits/pipeline.yaml")
+    p.add_argument("pipeline", help="pipeline spec (YAML), e.g. recipes/digits/pipeline.yaml, or a bundled "
+                                    "pipeline's name: digits, mnist, toy2d")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0,1]")
     p.add_argument("--plan", action="store_true", help="print the stages, what is done and what would run; run nothing")
     p.add_argument("--only", default="", help="comma-separated stages to run (teacher, couplings, students, f2d2, "
-                                              "evaluate, report)")
+                                              "compact, evaluate, report)")
     p.add_argument("--from", dest="start", default=None, help="first stage to run")
     p.add_argument("--until", default=None, help="last stage to run")
+
+    p = command("pretrained", cmd_pretrained)
+    p.add_argument("--verbose", action="store_true", help="also print each folder, recipe and reproducing command")
+
+    command("recipes", cmd_recipes)
 
     p = command("train", cmd_train)
     add_recipe_args(p, "dotted key=value overrides, e.g. train.steps=2000 seed=1")
