@@ -50,6 +50,28 @@ positive_int = int_at_least(1, "a positive integer")
 count = int_at_least(0, "an integer >= 0 (0: the default)")  # 0 keeps the documented default
 
 
+THREADS_ENV = "FLOWDISTILL_THREADS"
+DEFAULT_THREADS = 1  # bench/bench_threads.py: one thread is faster on a 2-core machine, idle or loaded
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads: `--threads`, else $FLOWDISTILL_THREADS, else DEFAULT_THREADS; returns it."""
+    import os
+
+    if requested is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        try:
+            requested = int(text) if text else DEFAULT_THREADS
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer") from None
+        if requested < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer")
+    import torch
+
+    torch.set_num_threads(requested)
+    return requested
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -283,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_help = "show the traceback of an error instead of its one-line message"
+    threads_help = (f"torch intra-op threads per process (default: ${THREADS_ENV} if set, else "
+                    f"{DEFAULT_THREADS}, the faster setting measured by bench/bench_threads.py)")
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Any) -> argparse.ArgumentParser:
@@ -291,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=doc, description=doc)
         p.set_defaults(func=func)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, help=threads_help)
         return p
 
     p = command("run", cmd_run)
@@ -411,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with contextlib.nullcontext() if args.debug else one_line_warnings(args.command):
+            set_threads(args.threads)
             return args.func(args)
     except user_errors() as err:
         if args.debug:
