@@ -1,7 +1,7 @@
 """Packed runs: a trained run reduced to what loading it needs, with a model card, for shipping or export.
 
     <folder>/
-        config.yaml        the run's resolved config (name and out_dir cleared)
+        config.yaml        the run's resolved config (named after the folder; out_dir reset to its default)
         model.safetensors  its evaluation weights (best on validation, else EMA, else raw)
         README.md          model card: YAML front matter (Hugging Face convention) + a short text
         manifest.json      {"step", "files": {name: {"sha256", "bytes"}}}, written last, verified on load
@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from shared.checkpoint import MANIFEST, CheckpointError, fsync_dir, sha256_file, verify_checkpoint
-from shared.config import read_yaml_mapping
+from shared.config import RunConfig, read_yaml_mapping
 from shared.rundir import CONFIG, PACKED_WEIGHTS
 
 CARD = "README.md"
@@ -56,7 +56,7 @@ def pack_run(run_dir: str | Path, weights: str | Path, step: int, out: str | Pat
     absent or complete; an existing `out` is replaced only after the new folder is complete."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = read_yaml_mapping(run_dir / CONFIG, "run config", str(run_dir / CONFIG))
-    cfg["name"], cfg["out_dir"] = "", ""
+    cfg["name"], cfg["out_dir"] = out.name, RunConfig.out_dir  # no trace of where it was trained
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
