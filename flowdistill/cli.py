@@ -5,6 +5,7 @@
     nll        likelihood of a split (exact for flows)       eval     sample quality vs number of steps
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
+    pretrained the teachers shipped with the package          recipes  the bundled recipes
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
     import     a model trained elsewhere (ml-tarflow checkpoint, diffusers UNet velocity field) as a run
     export     a run as a diffusers folder (UNet2DModel / DiTTransformer2DModel + scheduler) or safetensors
@@ -49,6 +50,28 @@ def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
 
 positive_int = int_at_least(1, "a positive integer")
 count = int_at_least(0, "an integer >= 0 (0: the default)")  # 0 keeps the documented default
+
+
+THREADS_ENV = "FLOWDISTILL_THREADS"
+DEFAULT_THREADS = 1  # bench/bench_threads.py: one thread is faster on a 2-core machine, idle or loaded
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads: `--threads`, else $FLOWDISTILL_THREADS, else DEFAULT_THREADS; returns it."""
+    import os
+
+    if requested is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        try:
+            requested = int(text) if text else DEFAULT_THREADS
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer") from None
+        if requested < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer")
+    import torch
+
+    torch.set_num_threads(requested)
+    return requested
 
 
 # ---------------------------------------------------------------- commands
@@ -201,7 +224,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: teacher -> NF couplings -> students with every coupling -> F2D2 -> evaluation -> report."""
     from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
 
-    pipeline = Pipeline(load_pipeline(args.pipeline, args.overrides))
+    from flowdistill.recipes import pipeline_spec
+
+    pipeline = Pipeline(load_pipeline(pipeline_spec(args.pipeline), args.overrides))
     stages = select_stages(args.only.split(",") if args.only else None, args.start, args.until)
     if args.plan:
         print(pipeline.plan())
@@ -209,6 +234,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = " ".join(["flowdistill run", args.pipeline, *args.overrides])
     seconds = run_pipeline(pipeline, stages, command=command)
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    """List the teachers shipped with the package (use one as `teacher: pretrained:<name>` in a pipeline, or
+    wherever a run directory is accepted) with the figures of their model cards; every file's hash is checked."""
+    from flowdistill.components import PRETRAINED
+    from flowdistill.packed import describe
+
+    for name, folder in PRETRAINED.items():
+        row = describe(name, folder)
+        figures = ", ".join(f"{k} {row[k]}" for k in ("test_bits_per_dim", "sample_fd", "parameters") if k in row)
+        print(f"{row['ref']:<32} {row['status']}: {row.get('summary', '')} ({figures})")
+        if args.verbose:
+            print(f"    folder {folder}\n    recipe {row.get('recipe', '?')}, reproduce: {row.get('command', '?')}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the recipes bundled with the package (every command that takes a recipe or a pipeline accepts
+    these paths from any folder; `flowdistill run <data>` runs `recipes/<data>/pipeline.yaml`)."""
+    from flowdistill.recipes import BUNDLED_ROOT, bundled_recipes
+
+    for path in bundled_recipes():
+        first = (BUNDLED_ROOT.parent / path).read_text().splitlines()[:1]
+        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        print(f"{str(path):<48} {summary[:90]}")
     return 0
 
 
@@ -286,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_help = "show the traceback of an error instead of its one-line message"
+    threads_help = (f"torch intra-op threads per process (default: ${THREADS_ENV} if set, else "
+                    f"{DEFAULT_THREADS}, the faster setting measured by bench/bench_threads.py)")
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: Any) -> argparse.ArgumentParser:
@@ -294,16 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=doc, description=doc)
         p.set_defaults(func=func)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        p.add_argument("--threads", type=positive_int, default=argparse.SUPPRESS, help=threads_help)
         return p
 
     p = command("run", cmd_run)
-    p.add_argument("pipeline", help="pipeline spec (YAML), e.g. recipes/digits/pipeline.yaml")
+    p.add_argument("pipeline", help="pipeline spec (YAML), e.g. recipes/digits/pipeline.yaml, or a bundled "
+                                    "pipeline's name: digits, mnist, toy2d")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0,1]")
     p.add_argument("--plan", action="store_true", help="print the stages, what is done and what would run; run nothing")
     p.add_argument("--only", default="", help="comma-separated stages to run (teacher, couplings, students, f2d2, "
-                                              "evaluate, report)")
+                                              "compact, evaluate, report)")
     p.add_argument("--from", dest="start", default=None, help="first stage to run")
     p.add_argument("--until", default=None, help="last stage to run")
+
+    p = command("pretrained", cmd_pretrained)
+    p.add_argument("--verbose", action="store_true", help="also print each folder, recipe and reproducing command")
+
+    command("recipes", cmd_recipes)
 
     p = command("train", cmd_train)
     add_recipe_args(p, "dotted key=value overrides, e.g. train.steps=2000 seed=1")
@@ -457,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with contextlib.nullcontext() if args.debug else one_line_warnings(args.command):
+            set_threads(args.threads)
             return args.func(args)
     except user_errors() as err:
         if args.debug:

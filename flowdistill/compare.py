@@ -197,6 +197,7 @@ def aggregate(students: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
             mean, std = mean_and_std([r["value"] for r in rows])
             out.append({"student": label, "solver": solver, "grid": grid, "steps": steps, "nfe": rows[0]["nfe"],
                         "metric": rows[0]["metric"], "mean": mean, "std": std, "seeds": len(rows),
+                        "values": [r["value"] for r in rows],
                         "seconds_per_sample": statistics.fmean(r["seconds"] / r["n"] for r in rows)})
     return out
 

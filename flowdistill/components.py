@@ -5,6 +5,8 @@ registers itself on import; `CATALOG` is passed down to `shared.run` and `shared
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from f2d2.flowmap import FlowMapConfig, build_flowmap
 from f2d2.losses import F2D2Config, build_f2d2_loss, build_f2d2_sampler
 from nfm.couplings import (IndependentConfig, IndependentCoupling, MinibatchOTConfig, MinibatchOTCoupling,
@@ -49,4 +51,10 @@ BACKBONES: dict[str, Choice] = {  # the flow map's backbone section, model.backb
     "dit": MODELS["dit"],
 }
 
-CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES})
+PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED: dict[str, Path] = {  # packed runs shipped with the package (`pretrained:<name>`, flowdistill.packed)
+    "digits-tarflow": PRETRAINED_ROOT / "digits-tarflow",  # recipes/digits/teacher.yaml: the digits NFM teacher
+}
+
+CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES},
+                  named_runs=PRETRAINED)

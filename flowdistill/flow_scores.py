@@ -21,8 +21,9 @@ from shared.run import Run
 
 # The undistilled twin of an `nf_kd` student: same architecture and budget, plain maximum likelihood from a
 # fresh initialisation (a student started from the teacher's blocks, train.init_from, already uses the teacher).
-UNDISTILLED = ("method.nll_weight=1", "method.latent_weight=0", "method.intermediate_weight=0",
-               "method.synth_weight=0", "train.init_from=")
+LIKELIHOOD_ONLY = ("method.nll_weight=1", "method.latent_weight=0", "method.intermediate_weight=0",
+                   "method.synth_weight=0")  # the control of a teacher-initialised student: its start, no distillation
+UNDISTILLED = (*LIKELIHOOD_ONLY, "train.init_from=")
 TEMPERATURES = {"quality_t1": 1.0, "quality_t07": 0.7}
 COLUMNS = ["params", "val_nll", "val_bpd", "nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
 

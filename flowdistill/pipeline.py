@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from flowdistill.api import resolve_config
-from flowdistill.flow_scores import UNDISTILLED
+from flowdistill.flow_scores import LIKELIHOOD_ONLY, UNDISTILLED
+from flowdistill.recipes import resolve_recipe
+from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from_dict, read_yaml_mapping, to_dict
 from shared.run import finished_step, run_dir_of
 
@@ -45,7 +47,8 @@ class PipelineConfig:
 
     name: str = ""  # output folder `<out_dir>/<name>` (default: the file's parent folder + "-pipeline")
     out_dir: str = "runs"  # parent of the pipeline folder
-    teacher: str = ""  # "recipe [key=value ...]" of the normalizing-flow teacher
+    teacher: str = ""  # "pretrained:<name>" (a shipped teacher, `flowdistill pretrained`), or "recipe [key=value ...]"
+    #                    of the normalizing-flow teacher to train
     student: str = ""  # "recipe [key=value ...]" of the student trained with every coupling
     couplings: tuple[str, ...] = ("independent", "minibatch_ot", "semidiscrete_ot", "nf_teacher", "nf_teacher_ot")
     coupling_mode: str = "precomputed"  # NFM students read the couplings stage's cache, or encode online
@@ -57,6 +60,8 @@ class PipelineConfig:
     compact: str = ""  # "recipe [key=value ...]" of a compact flow (method nf_kd) distilled from the teacher,
     #                    trained once per seed next to its undistilled twin ("" skips the stage)
     compact_nfm: bool = False  # also train the student with NFM pairs from the distilled compact flow (online)
+    compact_init: bool = False  # start the distilled compact flow from the teacher's blocks (train.init_from) and add
+    #                             the control: the same start trained by maximum likelihood alone (no distillation)
     steps: tuple[int, ...] = (1, 2, 4, 8)  # NFE at which students and flow maps are scored
     solvers: tuple[str, ...] = ("euler",)  # fixed-step solvers of the students
     grids: tuple[str, ...] = ("linear",)  # time grids of the students
@@ -65,6 +70,7 @@ class PipelineConfig:
     curvature_samples: int = 200  # trajectories per curvature value
     nll_points: int = 200  # test points of the few-step likelihood table
     device: str = "auto"  # evaluation device
+    spec_dir: str = ""  # folder of the spec file, set when it is read: recipes it names resolve from there first
 
 
 @dataclass
@@ -89,11 +95,42 @@ class PlannedRun:
         return f"partial (step {step}/{self.config.train.steps})" if step else "to run"
 
 
+@dataclass
+class ShippedRun:
+    """A packed run shipped with the package (`pretrained:<name>`), used as the teacher instead of training one."""
+
+    ref: str  # pretrained:<name>
+    dir: Path  # its folder
+    key: str  # the sha256 of its manifest, first 10 hex chars: what the evaluation key covers
+    stage: str = "teacher"
+    label: str = "teacher"
+    role: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ref: str) -> "ShippedRun":
+        from flowdistill.components import CATALOG
+        from shared.checkpoint import MANIFEST, sha256_file
+
+        folder = CATALOG.resolve_run(ref)
+        if not (folder / MANIFEST).is_file():
+            raise ConfigError(f"pipeline teacher {ref!r}: the shipped folder {folder} has no {MANIFEST} (a damaged "
+                              "install?); reinstall flowdistill or name a teacher recipe instead")
+        return cls(ref, folder, sha256_file(folder / MANIFEST)[:10])
+
+    @property
+    def config(self) -> RunConfig:
+        return resolve_config(self.dir)
+
+    def status(self) -> str:
+        return f"shipped ({self.ref})"
+
+
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline spec and apply `key=value` overrides."""
     path = Path(path)
     data = read_yaml_mapping(path, "pipeline", "recipes/digits/pipeline.yaml")
     data.setdefault("name", f"{path.parent.name}-pipeline")
+    data["spec_dir"] = str(path.parent)
     spec = from_dict(PipelineConfig, apply_overrides(data, overrides or []))
     if not spec.teacher or not spec.student:
         raise ConfigError(f"pipeline {str(path)!r} needs a teacher and a student entry")
@@ -122,7 +159,9 @@ class Pipeline:
         self.spec = spec
         self.root = Path(spec.out_dir) / spec.name
         self.runs_dir = self.root / "runs"
-        self.teacher = self._plan("teacher", "teacher", spec.teacher, [])
+        shipped = spec.teacher.strip().startswith(NAMED_RUN_PREFIX)
+        self.teacher: PlannedRun | ShippedRun = (ShippedRun.of(spec.teacher.strip()) if shipped
+                                                 else self._plan("teacher", "teacher", spec.teacher, []))
         self.students = [self._plan("students", f"{c}-s{seed}", spec.student, self._coupling_overrides(c) +
                                     [f"seed={seed}"], {"coupling": c, "seed": str(seed)})
                          for c in spec.couplings for seed in spec.seeds]
@@ -153,27 +192,36 @@ class Pipeline:
     def _plan_compact(self, seed: int) -> list[PlannedRun]:
         """The distilled compact flow of one seed and its undistilled twin (same recipe, NLL weight 1)."""
         parts = shlex.split(self.spec.compact)
-        method = resolve_config(parts[0], parts[1:]).method.name
+        method = resolve_config(self._recipe(parts[0]), parts[1:]).method.name
         if method != "nf_kd":
             raise ConfigError(f"pipeline compact: {parts[0]!r} has method {method!r}; the compact stage needs "
                               "method nf_kd (e.g. recipes/digits/tarflow_student_kd.yaml)")
-        common = [f"method.teacher={self.teacher.dir}", f"seed={seed}"]
-        distilled = self._plan("compact", f"compact_distilled-s{seed}", self.spec.compact, common,
+        common = [f"method.teacher={self.teacher_ref}", f"seed={seed}"]
+        start = [f"train.init_from={self.teacher_ref}"] if self.spec.compact_init else []
+        distilled = self._plan("compact", f"compact_distilled-s{seed}", self.spec.compact, [*common, *start],
                                {"variant": "distilled", "seed": str(seed)})
         undistilled = self._plan("compact", f"compact_undistilled-s{seed}", self.spec.compact,
                                  [*common, *UNDISTILLED], {"variant": "undistilled", "seed": str(seed)})
+        controls = [self._plan("compact", f"compact_init_only-s{seed}", self.spec.compact,
+                               [*common, *start, *LIKELIHOOD_ONLY], {"variant": "init_only", "seed": str(seed)})
+                    ] if self.spec.compact_init else []
         if not self.spec.compact_nfm:
-            return [distilled, undistilled]
+            return [distilled, undistilled, *controls]
         pairs = ["method.coupling.name=nf_teacher", f"method.coupling.teacher={distilled.dir}",
                  "method.coupling.mode=online", *self._extra_overrides("nf_teacher"), f"seed={seed}"]
         nfm = self._plan("compact", f"{COMPACT_NFM}-s{seed}", self.spec.student, pairs,
                          {"coupling": COMPACT_NFM, "seed": str(seed)})
-        return [distilled, undistilled, nfm]
+        return [distilled, undistilled, *controls, nfm]
+
+    @property
+    def teacher_ref(self) -> str:
+        """How the teacher is named in its students' configs: `pretrained:<name>`, or the trained run's folder."""
+        return self.teacher.ref if isinstance(self.teacher, ShippedRun) else str(self.teacher.dir)
 
     def _coupling_overrides(self, coupling: str) -> list[str]:
         out = [f"method.coupling.name={coupling}"]
         if coupling in NF_COUPLINGS:
-            out += [f"method.coupling.teacher={self.teacher.dir}", f"method.coupling.mode={self.spec.coupling_mode}"]
+            out += [f"method.coupling.teacher={self.teacher_ref}", f"method.coupling.mode={self.spec.coupling_mode}"]
         return out + self._extra_overrides(coupling)
 
     def _extra_overrides(self, coupling: str) -> list[str]:
@@ -188,16 +236,21 @@ class Pipeline:
     def _plan(self, stage: str, label: str, entry: str, extra: list[str], role: dict[str, str] | None = None
               ) -> PlannedRun:
         parts = shlex.split(entry)
-        cfg = resolve_config(parts[0], [*parts[1:], *extra])
+        cfg = resolve_config(self._recipe(parts[0]), [*parts[1:], *extra])
         key = config_key(cfg)
         cfg.name, cfg.out_dir = f"{label}-{key}", str(self.runs_dir)
         return PlannedRun(stage, label, cfg, key, role or {})
+
+    def _recipe(self, reference: str) -> Path:
+        """A recipe named by the spec, resolved from the spec's folder first (`flowdistill.recipes`)."""
+        return resolve_recipe(reference, self.spec.spec_dir or None)
 
     # ------------------------------------------------------------------ plan and selection
 
     def runs_of(self, stage: str) -> list[PlannedRun]:
         """The training runs a stage consists of (none for couplings, evaluate, report)."""
-        return {"teacher": [self.teacher], "students": self.students, "f2d2": self.f2d2,
+        trained_teacher = [] if isinstance(self.teacher, ShippedRun) else [self.teacher]
+        return {"teacher": trained_teacher, "students": self.students, "f2d2": self.f2d2,
                 "compact": self.compact}.get(stage, [])
 
     def trained_runs(self) -> list[PlannedRun]:
@@ -207,7 +260,9 @@ class Pipeline:
     def evaluation_key(self) -> str:
         """Key of the evaluation: every run's key plus the scoring settings."""
         keys = [r.key for r in self.trained_runs()]
-        settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device")}
+        if isinstance(self.teacher, ShippedRun):  # not trained here: its weights' manifest stands for it
+            keys.insert(0, self.teacher.key)
+        settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device", "spec_dir")}
         return hashlib.sha256(json.dumps([keys, settings], sort_keys=True).encode()).hexdigest()[:10]
 
     def evaluation_path(self) -> Path:
@@ -228,6 +283,8 @@ class Pipeline:
         if stage == "report":
             return "done" if (self.root / "report" / "report.html").is_file() else "to run"
         runs = self.runs_of(stage)
+        if stage == "teacher" and isinstance(self.teacher, ShippedRun):
+            return self.teacher.status()
         if not runs:
             return "nothing to train"
         done = sum(r.status() == "done" for r in runs)

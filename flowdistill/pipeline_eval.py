@@ -49,7 +49,7 @@ def sample_panels(pipeline: Pipeline, device: torch.device, figures: Path) -> di
     chosen += [r for r in pipeline.f2d2 if r.role["part"] == "joint"]
     for planned in chosen:
         run = load_run(planned.dir, device=device)
-        n = 64 if run.dataset.kind == "image" else 1000
+        n = (36 if run.dataset.shape[-1] <= 16 else 64) if run.dataset.kind == "image" else 1000  # small images large
         reference = run.dataset.test if run.dataset.kind == "vector" else None
         for steps in spec.steps:
             s = generate(run, n, steps, spec.solvers[0], spec.grids[0], 0)
@@ -94,7 +94,7 @@ def f2d2_tables(pipeline: Pipeline, device: torch.device) -> list[dict[str, Any]
     for planned in (r for r in pipeline.f2d2 if r.role["part"] == "joint"):
         run = load_run(planned.dir, device=device)
         result, _ = f2d2_evaluate(run, list(pipeline.spec.steps), pipeline.spec.nll_points, pipeline.spec.n_samples,
-                               run.config.eval.divergence, nf_teacher=str(pipeline.teacher.dir))
+                               run.config.eval.divergence, nf_teacher=pipeline.teacher_ref)
         out.append({"label": planned.label, "on": planned.role["on"], "reference": result["reference"],
                     "n": result["n"], "rows": result["rows"]})
     return out
@@ -125,6 +125,35 @@ def compact_table(pipeline: Pipeline, teacher: Any, device: torch.device, extrac
     return {"rows": rows, "summary": summary}
 
 
+def teacher_card(pipeline: Pipeline) -> dict[str, Any]:
+    """The figures of a shipped teacher's model card (empty for a teacher trained by the pipeline)."""
+    from flowdistill.packed import CARD, read_card
+
+    folder = Path(pipeline.teacher.dir)
+    return read_card(folder) if (folder / CARD).is_file() and pipeline.teacher_ref.startswith("pretrained:") else {}
+
+
+def fit_warnings(pipeline: Pipeline) -> list[str]:
+    """One line per semidiscrete OT student whose saved potential fails the convergence check."""
+    from nfm.couplings import SDOT_FILE
+    from nfm.semidiscrete_ot import convergence_problem, load_potential
+    from shared.rundir import couplings_dir
+
+    out = []
+    for planned in pipeline.coupling_students():
+        coupling = planned.config.method.coupling
+        if getattr(coupling, "name", "") != "semidiscrete_ot":
+            continue
+        path = Path(coupling.potential) if coupling.potential else couplings_dir(planned.dir) / SDOT_FILE
+        if not path.is_file():
+            continue
+        problem = convergence_problem(load_potential(path).info, coupling.chi2_tol)
+        if problem:
+            out.append(f"{planned.label}: its semidiscrete OT fit did not converge ({problem}); raise "
+                       "method.coupling.iters in the pipeline's coupling_overrides")
+    return out
+
+
 def evaluate_pipeline(pipeline: Pipeline) -> Path:
     """Score every run of the pipeline and write `evaluation-<key>.json` and its figures; returns the JSON path."""
     spec = pipeline.spec
@@ -132,7 +161,7 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
     figures = pipeline.root / f"figures-{pipeline.evaluation_key()}"
     scoring = CompareConfig(steps=spec.steps, solvers=spec.solvers, grids=spec.grids, n_samples=spec.n_samples,
                             curvature_steps=spec.curvature_steps, curvature_samples=spec.curvature_samples)
-    teacher = load_run(pipeline.teacher.dir, device=device)
+    teacher = load_run(pipeline.teacher_ref, device=device)
     extractor = feature_extractor(teacher.dataset, device=str(device)) if teacher.dataset.kind == "image" else None
     teacher_row, teacher_samples = evaluate_teacher(teacher, spec.n_samples, extractor)
     from shared.plots import save_samples_figure
@@ -158,7 +187,8 @@ def evaluate_pipeline(pipeline: Pipeline) -> Path:
     plot_quality(rows, [teacher_row], scoring.solvers, scoring.grids, figures / "quality_vs_nfe.png")
     result = {
         "pipeline": spec.name, "key": pipeline.evaluation_key(), "figures": figures.name,
-        "teacher": {**teacher_row, "run": str(pipeline.teacher.dir)},
+        "teacher": {**teacher_row, "run": pipeline.teacher_ref, "card": teacher_card(pipeline)},
+        "dim": teacher.dataset.dim, "warnings": fit_warnings(pipeline),
         "students": rows, "straightness": straightness, "losses": losses,
         "f2d2": f2d2_tables(pipeline, device),
         "compact": compact_table(pipeline, teacher, device, extractor),

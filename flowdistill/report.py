@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flowdistill.findings import findings, warnings_of
+from flowdistill.verdict import ALPHA, Finding
 from shared.checkpoint import atomic_write_text
 
 Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline imports this module)
@@ -19,15 +21,34 @@ Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline impo
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:260px}figcaption{font-size:12px}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:340px}figcaption{font-size:12px}
+.warning{background:#fff4e5;border-left:4px solid #e8a33d;padding:4px 8px}
 code{background:#f5f5f5;padding:1px 4px}"""
 
 
+COLUMN_NAMES = {  # report headers for the evaluation JSON's keys
+    "name": "run", "params": "parameters", "eta": "noise level eta", "nfe": "NFE", "metric": "metric",
+    "value": "quality", "ms_per_sample": "ms per sample", "curvature": "curvature", "curvature_std": "curvature std",
+    "final_loss": "final loss", "train_seconds": "training seconds", "student": "coupling",
+    "setting": "solver / grid", "quality": "quality", "speedup_vs_teacher": "speed-up vs teacher",
+    "K": "jumps K", "nll": "NLL (nats)", "ref_nll": "ODE reference NLL (nats)", "nf_nll": "teacher exact NLL (nats)",
+    "mae": "mean abs. error (nats)", "mae_bpd": "mean abs. error (bits/dim)", "bpd": "bits/dim",
+    "ref_bpd": "ODE reference bits/dim", "naive_nll": "NLL without D (nats)", "seconds": "seconds",
+    "ref_seconds": "ODE reference seconds", "ref_nfe": "ODE reference NFE", "speedup": "speed-up vs ODE",
+    "quality_t1": "quality at T = 1", "quality_t07": "quality at T = 0.7", "sample_per_s": "samples per s",
+    "encode_per_s": "encodes per s", "depth": "flow layers",
+}
+
+
 def fmt(value: Any) -> str:
-    """Numbers to 4 significant digits, everything else as text."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+    """Numbers readably (4 significant digits, thousands separated, no exponents above 1,000), else text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(value, int) or (abs(value) >= 1000 and float(value).is_integer()):
+        return f"{int(value):,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 class Doc:
@@ -49,12 +70,23 @@ class Doc:
     def table(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
         if not rows:
             return
-        self.md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        names = [COLUMN_NAMES.get(c, c) for c in columns]
+        self.md += ["| " + " | ".join(names) + " |", "|" + "---|" * len(columns)]
         self.md += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows] + [""]
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in names)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
                        for r in rows)
         self.html.append(f"<table><tr>{head}</tr>{body}</table>")
+
+    def findings(self, items: list[Finding], warnings: list[str]) -> None:
+        """The Findings table (claim, the two sides with their spread, verdict, how it was decided) and warnings."""
+        rows = [{"claim": f.claim, "A": f"{f.a_label}: {f.a.text() if f.a else ''}",
+                 "B": f"{f.b_label}: {f.b.text() if f.b else ''}", "unit": f.unit, "verdict": f.verdict.upper(),
+                 "how": f.note} for f in items]
+        self.table(rows, ["claim", "A", "B", "unit", "verdict", "how"])
+        for line in warnings:
+            self.md += [f"**Warning:** {line}", ""]
+            self.html.append(f"<p class='warning'><b>Warning:</b> {html.escape(line)}</p>")
 
     def images(self, named: dict[str, str]) -> None:
         self.md += [f"![{title}](figures/{name})" for title, name in named.items()] + [""]
@@ -117,11 +149,18 @@ def build(result: dict[str, Any], timings: dict[str, float], figures: Path, comm
     doc = Doc(figures)
     teacher, metric = result["teacher"], result["teacher"]["metric"]
     doc.heading(f"flowdistill report: {result['pipeline']}", 1)
-    doc.text(f"Command: {command}. Quality is {metric} against the test split (lower is better); "
-             f"hardware: {result['hardware']['cpu']}, {result['hardware']['cores']} cores, "
-             f"device {result['hardware']['device']}, torch {result['hardware']['torch']}.")
+    doc.heading("Findings")
+    doc.text(f"Each claim compares A with B on this run. Verdict: HOLDS when A is better by the project's rule "
+             f"(a one-sided Welch t-test over seeds at {ALPHA:g}; one-sample against a single teacher), FAILS when B "
+             f"is better by the same rule, TIE otherwise; F2D2 holds when within its tolerance. Quality is "
+             f"{metric.upper()} against the test split (lower is better); values are mean ± std over seeds (n).")
+    doc.findings(findings(result), warnings_of(result))
+    doc.text(f"Command: {command}. Hardware: {result['hardware']['cpu']}, {result['hardware']['cores']} cores, "
+             f"{result['hardware'].get('threads', '?')} threads, device {result['hardware']['device']}, "
+             f"torch {result['hardware']['torch']}.")
     doc.heading("Teacher")
-    doc.table([teacher], ["name", "params", "eta", "nfe", "metric", "value", "seconds_per_sample"])
+    doc.table([{**teacher, "ms_per_sample": 1000 * teacher["seconds_per_sample"]}],
+              ["name", "params", "eta", "nfe", "metric", "value", "ms_per_sample"])
     doc.heading("Students: quality vs NFE")
     for solver in dict.fromkeys(r["solver"] for r in result["students"]):
         for grid in dict.fromkeys(r["grid"] for r in result["students"]):
@@ -154,7 +193,9 @@ def build(result: dict[str, Any], timings: dict[str, float], figures: Path, comm
     if result.get("compact"):
         doc.heading("Compact flow by NF distillation")
         doc.text(f"The teacher, a compact student distilled from it (method nf_kd) and the same student trained "
-                 f"by maximum likelihood alone (undistilled), scored on the test split: exact NLL (nats per sample; "
+                 f"by maximum likelihood alone from a fresh start (undistilled) and, where the compact flow starts "
+                 f"from the teacher's blocks, that start trained by maximum likelihood alone (init_only, the "
+                 f"control), scored on the test split: exact NLL (nats per sample; "
                  f"bits/dim for images), {metric} of samples at prior temperature 1.0 and 0.7, samples and "
                  f"encodes per second; depth counts flow layers, speed-ups are against the teacher.")
         doc.table(*compact_rows(result["compact"]["summary"]))

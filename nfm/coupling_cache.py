@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from nfm.teacher_pairs import TeacherHandle, estimate_sigma, load_teacher, perturbed, sigma_points, teacher_encode
 from shared.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, sha256_file
+from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig
+from shared.metrics import cache_dir
 from shared.run import require_same_data
 from shared.rundir import couplings_dir
 
@@ -37,11 +39,17 @@ INFO_KEYS = ("teacher_run",)  # recorded but not required to match (a teacher fo
 
 
 def cache_dir_of(cfg: Any) -> Path:
-    """Where a coupling section's teacher cache lives: `cache`, else inside the teacher run."""
+    """Where a coupling section's teacher cache lives: `cache`, else inside the teacher run (a shipped
+    teacher, `pretrained:<name>`, is read-only: its caches live under the user cache, `$FLOWDISTILL_CACHE`)."""
     if cfg.cache:
         return Path(cfg.cache)
     weights = "" if cfg.weights == "auto" else f"-{cfg.weights}"
-    return couplings_dir(cfg.teacher) / f"nf_teacher-d{cfg.draws}-s{cfg.seed}{weights}"
+    teacher = str(cfg.teacher)
+    if teacher.startswith(NAMED_RUN_PREFIX):
+        folder = cache_dir() / "couplings" / teacher[len(NAMED_RUN_PREFIX):]
+    else:
+        folder = couplings_dir(teacher)
+    return folder / f"nf_teacher-d{cfg.draws}-s{cfg.seed}{weights}"
 
 
 def cache_spec(teacher: TeacherHandle, dataset: Any, cfg: Any) -> dict[str, Any]:

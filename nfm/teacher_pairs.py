@@ -64,12 +64,13 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
                  weights: str = "auto") -> TeacherHandle:
     """Load a teacher run's weights (frozen, eval mode) and the hash of the file they came from; `weights` as
     in `shared.rundir.weights_file`: auto (best on validation, else EMA), best, ema (final EMA), model."""
-    given, run_dir = str(run_dir), Path(run_dir)
-    if not given or not config_path(run_dir).is_file():
+    given = str(run_dir)
+    if not given or (":" not in given and not config_path(given).is_file()):
         raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
-                         f"(from `flowdistill train recipes/.../teacher.yaml`); "
+                         f"(from `flowdistill train recipes/.../teacher.yaml`) or a shipped one (pretrained:<name>); "
                          + (f"{given!r} is not one" if given else "it is not set"))
-    return teacher_of_run(load_run(run_dir, weights=weights, device=device), run_dir, weights)
+    run = load_run(given, weights=weights, device=device)
+    return teacher_of_run(run, run.dir, weights)
 
 
 def teacher_of_run(run: Any, run_dir: str | Path, weights: str = "auto") -> TeacherHandle:

@@ -7,6 +7,7 @@ and passed down, so no module registers itself on import and `shared/` imports n
     methods       name -> MethodChoice(config, build(config, BuildContext) -> loss,
                                        sampler(config, run_config, dataset) -> sampler)
     nested        dotted section path -> {name -> Choice}, e.g. "method.coupling"
+    named_runs    name -> run folder shipped with the application, referred to as `pretrained:<name>`
 
 A method's sampler builder gets no run loader: sampling and scoring a run never load its teachers.
 """
@@ -15,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+
+NAMED_RUN_PREFIX = "pretrained:"  # `pretrained:<name>` refers to a run shipped with the application
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,19 @@ class Catalog:
     models: Mapping[str, Choice]
     methods: Mapping[str, MethodChoice]
     nested: Mapping[str, Mapping[str, Choice]] = field(default_factory=dict)
+    named_runs: Mapping[str, Path] = field(default_factory=dict)
+
+    def resolve_run(self, ref: str | Path) -> Path:
+        """The folder of a run reference: `pretrained:<name>` from `named_runs`, anything else as a path."""
+        text = str(ref)
+        if not text.startswith(NAMED_RUN_PREFIX):
+            return Path(ref)
+        name = text[len(NAMED_RUN_PREFIX):]
+        if name not in self.named_runs:
+            known = ", ".join(sorted(self.named_runs)) or "none"
+            raise ValueError(f"{text!r} names no shipped run; pretrained runs: {known} (`flowdistill pretrained` "
+                             "lists them)")
+        return Path(self.named_runs[name])
 
     def config_choices(self) -> dict[str, dict[str, type]]:
         """Dotted section path -> {name: config dataclass}, what `shared.config` validates recipes against."""

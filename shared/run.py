@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from shared.catalog import BuildContext, Catalog
-from shared.checkpoint import (LATEST, CheckpointError, atomic_write_text, check_writable, estimate_checkpoint_bytes,
+from shared.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_text, check_writable, estimate_checkpoint_bytes,
                                latest_checkpoint, load_weights, remove_temporaries, require_free_space,
                                verify_checkpoint)
 from shared.config import (ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, read_yaml_mapping,
                            to_dict)
 from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
+from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, PACKED_WEIGHTS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
                            config_path, read_metrics, run_lock, standardization_path, tracking_dir, weights_file)
 from shared.tabular import Standardization
 
@@ -75,6 +75,8 @@ def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
 def evaluation_weights(run_dir: str | Path, choice: str = "auto") -> tuple[Path, int]:
     """The verified weights file of a run's evaluation model and its step (see `shared.rundir.weights_file`)."""
     run_dir = Path(run_dir)
+    if (run_dir / MANIFEST).is_file():  # a packed run (shipped or exported): one verified weights file
+        return run_dir / PACKED_WEIGHTS, int(verify_checkpoint(run_dir)["step"])
     ckpt = latest_checkpoint(checkpoints_dir(run_dir))
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
@@ -261,7 +263,7 @@ def _train_locked(cfg: RunConfig, catalog: Catalog, accelerator: Any, resume: bo
     accelerator.wait_for_everyone()
     resuming = resume and latest_checkpoint(checkpoints_dir(run_dir_of(cfg))) is not None
     if cfg.train.init_from and not resuming:  # a resume without a checkpoint yet starts like a fresh run
-        fresh = init_from_run(model, cfg.train.init_from)
+        fresh = init_from_run(model, catalog.resolve_run(cfg.train.init_from))
         accelerator.print(f"initialised from {cfg.train.init_from}; newly initialised: {', '.join(fresh) or 'none'}")
     method = build_loss(cfg, dataset, catalog)
     run_dir = run_dir_of(cfg)
@@ -321,7 +323,7 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
 
     `weights`: `auto` (best-on-validation if the run validated, else EMA, else raw), `best`, `ema`, `model`.
     """
-    run_dir = Path(run_dir)
+    run_dir = catalog.resolve_run(run_dir)
     saved = config_path(run_dir)
     if not saved.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no {saved.name}); "

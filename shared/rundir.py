@@ -11,6 +11,9 @@
         standardization.json tabular data: the column mean/std the model's units are defined by
         eval.json, nll-<split>.json/.csv/-calibration.png, nll-file-<stem>.json/.csv
     <out_dir>/.<run>.lock    held while the run is trained (`run_lock`), removed afterwards
+
+A packed run (shipped pretrained, or exported) is a folder of config.yaml, model.safetensors (its
+evaluation weights), manifest.json (sha256 of every file, verified on load) and a README.md model card.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ SAMPLES = "samples"
 COUPLINGS = "couplings"
 TRACKING = "tracking"
 STANDARDIZATION = "standardization.json"
+PACKED_WEIGHTS = "model.safetensors"  # the one weights file of a packed run
 WEIGHT_CHOICES = ("auto", "best", "ema", "model")
 
 
