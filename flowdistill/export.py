@@ -15,8 +15,8 @@ each block its own, so each gets a copy, and its label embedding (DiT's, require
 call the transformer with `class_labels = zeros(B)`.
 
 `--format safetensors` (every run, and the only one for flows, flow maps and MLPs, which have no
-diffusers class) writes OUT/model.safetensors (the state dict `flowdistill` builds from
-flowdistill_config.yaml), the config and the card.
+diffusers class) writes a packed run (`flowdistill.packed`: config.yaml, model.safetensors, the card and a
+sha256 manifest), which every flowdistill command reads like the run it came from.
 """
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import save_file
 from torch import nn
 
 from flowdistill.api import Run, load_run
-from shared.checkpoint import atomic_write_text, check_writable, state_dict_for_saving
+from flowdistill.packed import CARD, card_text, pack_run
+from shared.checkpoint import atomic_write_text, check_writable
 from shared.config import dump_yaml
 from shared.run import evaluation_weights
 
@@ -110,9 +109,8 @@ def card_metadata(run: Run, weights_file: Path, fmt: str) -> dict[str, Any]:
     return meta
 
 
-def card_text(meta: dict[str, Any], fmt: str, folder: str | None, class_name: str | None, where: str) -> str:
-    """README.md: YAML front matter, then how to sample the exported model found at `where`."""
-    front = yaml.safe_dump(meta, sort_keys=False)
+def card_body(meta: dict[str, Any], fmt: str, folder: str | None, class_name: str | None, where: str) -> str:
+    """The model card's text under its front matter: how to sample the exported model found at `where`."""
     if fmt == "diffusers":
         labels = ", class_labels=torch.zeros(len(x), dtype=torch.long)" if folder == "transformer" else ""
         usage = f"""```python
@@ -131,9 +129,10 @@ with torch.no_grad():
 ```
 Samples are in the model's scale [-1, 1]."""
     else:
-        usage = ("`model.safetensors` is the state dict of the model that `flowdistill_config.yaml` describes "
-                 "(no diffusers class exists for it); rebuild it with flowdistill.")
-    return f"---\n{front}---\n\n# {meta['run']['name']}\n\nExported by `flowdistill export`.\n\n{usage}\n"
+        usage = (f"A packed flowdistill run (`config.yaml`, `model.safetensors`, `manifest.json` with the sha256 of "
+                 f"every file): every flowdistill command that reads a run reads this folder, e.g. "
+                 f"`flowdistill sample {where}` or `flowdistill nll {where}`.")
+    return f"# {meta['run']['name']}\n\nExported by `flowdistill export`.\n\n{usage}"
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, weights: str = "auto", overwrite: bool = False) -> Path:
@@ -152,22 +151,22 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, weights: str = "a
     check_writable(out.parent, f"export folder {out}")
     weights_file, _ = evaluation_weights(run_dir, weights)
     folder, class_name = DIFFUSERS_MODELS[backbone] if backbone else (None, None)
+    meta = card_metadata(run, weights_file, fmt)
+    body = card_body(meta, fmt, folder, class_name, str(out))
+    if backbone is None:
+        return pack_run(run.dir, weights_file, run.step, out, meta, body)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export."))
     try:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         if backbone == "unet":
             run.model.unet.save_pretrained(tmp / folder, safe_serialization=True)
-        elif backbone == "dit":
-            dit_for_diffusers(run.model).save_pretrained(tmp / folder, safe_serialization=True)
         else:
-            save_file(state_dict_for_saving(run.model), str(tmp / "model.safetensors"))
-        if backbone:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
+            dit_for_diffusers(run.model).save_pretrained(tmp / folder, safe_serialization=True)
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
         atomic_write_text(tmp / "flowdistill_config.yaml", dump_yaml(run.config))
-        atomic_write_text(tmp / "README.md", card_text(card_metadata(run, weights_file, fmt), fmt, folder, class_name,
-                                                          str(out)))
+        atomic_write_text(tmp / CARD, card_text(meta, body))
         os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out)

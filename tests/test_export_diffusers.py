@@ -117,6 +117,8 @@ def test_runs_without_a_diffusers_class_are_refused_and_export_as_safetensors(tm
     state = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert state.keys() == run.model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in run.model.state_dict().items())
+    packed = fd.load_run(tmp_path / "out")  # a packed run: every command reads it like the run itself
+    assert torch.equal(fd.sample(packed, 8, steps=2).x, fd.sample(run, 8, steps=2).x)
     assert main(["export", str(mlp), str(tmp_path / "out"), "--format", "safetensors"]) == 2
     assert "already exists" in capsys.readouterr().err
 
