@@ -155,7 +155,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
         new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
-                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
+                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity
+                         and not moved_with_run(k, saved, new))
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
@@ -170,6 +171,16 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_path, dump_yaml(cfg))
     return run_dir
+
+
+def moved_with_run(key: str, saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a path setting (a teacher run, a run to start from) differs on resume only because it moved together
+    with the run: it lies at the same place relative to the run's out_dir in the saved and the new config."""
+    old_value, new_value = saved.get(key), new.get(key)
+    if not all(isinstance(v, str) and "/" in v for v in (old_value, new_value)):
+        return False
+    return (os.path.relpath(old_value, saved.get("out_dir") or ".")
+            == os.path.relpath(new_value, new.get("out_dir") or "."))
 
 
 def replaced_dir(run_dir: Path) -> Path:
