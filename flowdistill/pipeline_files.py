@@ -54,6 +54,6 @@ def evaluation_outputs(figures: Path, command: str) -> Iterator[None]:
     """Around the evaluate stage: a figures folder left by an evaluation that did not finish is cleared first, and
     removed again when this one fails; a full disk is one error naming the file and to rerun `command`."""
     shutil.rmtree(figures, ignore_errors=True)
-    with removed_on_error(figures), explain_disk_full(f"the evaluation (figures in {figures})",
+    with removed_on_error(figures), explain_disk_full(f"the evaluation in {figures.parent}",
                                                       f"rerun `{command}` (finished runs are reused)"):
         yield

@@ -357,8 +357,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     problem = "which is incomplete or damaged" if exists else "which does not exist"
     fallback = next((p for p in sorted(root.glob("step_*"), reverse=True) if p != path and complete_checkpoint(p)), None)
     if fallback is not None:
-        warnings.warn(f"{pointer} names {name}, {problem}; using {fallback.name}, the newest complete checkpoint",
-                      stacklevel=2)
+        warnings.warn(f"{pointer} names {name}, {problem}; using {fallback.name}, the newest complete checkpoint")
         return fallback
     if exists:
         return path

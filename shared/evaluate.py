@@ -100,8 +100,15 @@ def sampling_estimate(run: Run, n: int, steps: int, solver: str, grid: str, pilo
     """One line for a large draw: its time, from a timed pilot of `pilot` samples, and its memory."""
     trial = generate(run, pilot, steps, solver, grid, seed=0)
     rate = pilot / max(trial.seconds, 1e-9)
-    return (f"drawing {n:,} samples: about {tqdm.format_interval(n / rate)} (h:m:s) at the {rate:,.0f} samples/s "
-            f"of a {pilot}-sample pilot, about {require_sample_memory(run, n) / 2**30:.2f} GiB of memory")
+    return (f"drawing {n:,} samples: about {duration(n / rate)} at the {rate:,.0f} samples/s of a {pilot}-sample "
+            f"pilot, about {require_sample_memory(run, n) / 2**30:.2f} GiB of memory")
+
+
+def duration(seconds: float) -> str:
+    """A rough duration in the unit a person would use: 40 s, 12 min, 17.3 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n: int, seed: int = 0,

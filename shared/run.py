@@ -123,8 +123,25 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
         raise ConfigError(f"{source} is a folder without {CONFIG}: pass a recipe file, or a run directory "
                           "written by `flowdistill train`")
     cfg = load_recipe(config_path(source), overrides, catalog.config_choices())
+    saved_out_dir = cfg.out_dir
     cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
+    follow_move(cfg, saved_out_dir)
     return cfg
+
+
+def follow_move(cfg: RunConfig, saved_out_dir: str) -> None:
+    """Point the path settings that moved together with the run (an input run next to it) at their new place:
+    those whose saved path is gone while the same place relative to the run's new out_dir exists."""
+    for key, value in flatten(to_dict(cfg)).items():
+        if key == "out_dir" or not isinstance(value, str) or "/" not in value or Path(value).exists():
+            continue
+        moved = Path(os.path.normpath(Path(cfg.out_dir) / os.path.relpath(value, saved_out_dir or ".")))
+        if moved.exists():
+            *sections, name = key.split(".")
+            section = cfg
+            for part in sections:
+                section = getattr(section, part)
+            setattr(section, name, str(moved))
 
 
 ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING, STANDARDIZATION}  # a run that never reached a checkpoint
