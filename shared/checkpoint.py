@@ -45,7 +45,7 @@ class CheckpointError(RuntimeError):
 
 FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's estimate (manifest, trainer.json, metadata)
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # `atomic_write_via`'s temporaries (tempfile.mkstemp)
-STALE_SECONDS = 10.0  # a temporary file untouched this long, and not locked, was left by a killed write
+STALE_SECONDS = 1.0  # a temporary file untouched this long, and not locked, was left by a killed write
 
 
 def nearest_existing(path: str | Path) -> Path:
