@@ -318,23 +318,29 @@ def remove_temporaries(ckpt_root: str | Path) -> list[str]:
     return removed
 
 
+def inside_folder(folder: Path, name: str) -> bool:
+    """Whether a file name a manifest lists stays inside `folder` (not absolute, no `..`, no symlink leading out)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return (folder / name).resolve().is_relative_to(folder.resolve())
+
+
 def contained_file(folder: Path, name: str, where: str, remedy: str) -> Path:
-    """`folder / name` for a file name a manifest lists; a name that leads outside `folder` (an absolute path,
-    `..`, a symlink pointing elsewhere) is a CheckpointError: `where` names the manifest, `remedy` what to do."""
-    path = folder / name
-    inside = bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
-    if not inside or not path.resolve().is_relative_to(folder.resolve()):
+    """`folder / name` for a file name a manifest lists; a name leading outside `folder` is a CheckpointError
+    (`where` names the manifest, `remedy` says what to do)."""
+    if not inside_folder(folder, name):
         raise CheckpointError(f"{where} names {name!r}, which is outside {folder}; refusing to read it: {remedy}")
-    return path
+    return folder / name
 
 
 def complete_checkpoint(path: Path) -> bool:
-    """Whether a checkpoint folder has a readable manifest and every file it lists at the listed size (the
-    cheap check; `verify_checkpoint` compares hashes)."""
+    """Whether a checkpoint folder has a readable manifest and every file it lists, inside it, at the listed size
+    (the cheap check; `verify_checkpoint` compares hashes)."""
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
-        return all(contained_file(path, name, "", "").stat().st_size == info["bytes"] for name, info in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
+        return all(inside_folder(path, name) and (path / name).stat().st_size == info["bytes"]
+                   for name, info in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 

@@ -132,6 +132,8 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
 def follow_move(cfg: RunConfig, saved_out_dir: str) -> None:
     """Point the path settings that moved together with the run (an input run next to it) at their new place:
     those whose saved path is gone while the same place relative to the run's new out_dir exists."""
+    if os.path.abspath(saved_out_dir or ".") == os.path.abspath(cfg.out_dir):
+        return
     for key, value in flatten(to_dict(cfg)).items():
         if key == "out_dir" or not isinstance(value, str) or "/" not in value or Path(value).exists():
             continue
