@@ -46,6 +46,7 @@ class CheckpointError(RuntimeError):
 FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's estimate (manifest, trainer.json, metadata)
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # `atomic_write_via`'s temporaries (tempfile.mkstemp)
 STALE_SECONDS = 1.0  # a temporary file untouched this long, and not locked, was left by a killed write
+SWEPT: set[Path] = set()  # folders this process has removed stale temporary files from (`atomic_write_via`)
 
 
 def nearest_existing(path: str | Path) -> Path:
@@ -126,12 +127,14 @@ def atomic_write_via(path: str | Path, write: Callable[[str], None]) -> None:
     """Let `write(tmp_path)` fill a temporary file next to `path`, fsync it, rename it into place, fsync the folder.
 
     A crash leaves either the old file or the new one, never a torn one; the temporary file is removed
-    on any error, and one that a kill left behind is removed by the next write into the same folder
-    (`remove_stale_temporaries`). The result gets the permissions a plain `open(path, "w")` would give.
+    on any error, and one that a kill left behind is removed by the next process that writes into the same
+    folder (`remove_stale_temporaries`, at its first write there). The result gets the permissions a plain `open(path, "w")` would give.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
+    if path.parent.absolute() not in SWEPT:  # once per folder and process: a cache folder takes thousands of writes
+        remove_stale_temporaries(path.parent)
+        SWEPT.add(path.parent.absolute())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if fcntl is not None:
