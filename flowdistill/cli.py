@@ -107,11 +107,15 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
 
     from flowdistill.api import load_run, sample
     from shared.checkpoint import atomic_write_bytes
+    from shared.evaluate import LARGE_SAMPLE, require_sample_memory, sampling_estimate
     from shared.plots import save_samples_figure
     from shared.rundir import samples_dir
 
     run = load_run(run_dir, weights=weights, device=device)
     n = n or (64 if run.dataset.kind == "image" else 2000)
+    require_sample_memory(run, n)
+    if n >= LARGE_SAMPLE:
+        print(sampling_estimate(run, n, steps, solver, grid))
     s = sample(run, n, steps, solver, grid, seed)
     out = Path(out) if out else samples_dir(run_dir) / f"steps{steps}-{solver}-{grid}.png"
     title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
@@ -127,9 +131,9 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
 def cmd_sample(args: argparse.Namespace) -> int:
     """Draw samples from a trained run; writes a PNG (grid or scatter) and an .npz next to it."""
     if args.out:
-        from shared.checkpoint import check_writable
+        from shared.checkpoint import check_output_file
 
-        check_writable(Path(args.out).parent, f"--out {args.out}")
+        check_output_file(Path(args.out), f"--out {args.out}")
     write_samples(Path(args.run), args.steps, args.solver, args.grid, args.n, args.seed, args.device,
                   Path(args.out) if args.out else None, args.weights)
     return 0
@@ -232,7 +236,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(pipeline.plan())
         return 0
     command = " ".join(["flowdistill run", args.pipeline, *args.overrides])
-    seconds = run_pipeline(pipeline, stages, command=command)
+    from shared.rundir import resumed_by
+
+    with resumed_by(f"rerun `{command}` (finished runs are reused)"):
+        seconds = run_pipeline(pipeline, stages, command=command)
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return 0
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 from flowdistill.api import resolve_config
 from flowdistill.flow_scores import LIKELIHOOD_ONLY, UNDISTILLED
+from flowdistill.pipeline_files import evaluation_outputs, json_damage, read_stage_json, root_relative
 from flowdistill.recipes import resolve_recipe
 from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from_dict, read_yaml_mapping, to_dict
@@ -144,9 +145,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     return spec
 
 
-def config_key(cfg: RunConfig) -> str:
-    """10 hex chars of sha256 over the resolved config without its name, folder and logging settings."""
-    flat = flatten(to_dict(cfg))
+def config_key(cfg: RunConfig, root: Path | None = None) -> str:
+    """10 hex chars of sha256 over the resolved config without its name, folder and logging settings; paths
+    inside the pipeline folder `root` count relative to it (a moved or copied pipeline keeps its keys)."""
+    flat = {k: v if root is None else root_relative(v, root) for k, v in flatten(to_dict(cfg)).items()}
     for k in UNKEYED:
         flat.pop(k, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -237,7 +239,7 @@ class Pipeline:
               ) -> PlannedRun:
         parts = shlex.split(entry)
         cfg = resolve_config(self._recipe(parts[0]), [*parts[1:], *extra])
-        key = config_key(cfg)
+        key = config_key(cfg, self.root)
         cfg.name, cfg.out_dir = f"{label}-{key}", str(self.runs_dir)
         return PlannedRun(stage, label, cfg, key, role or {})
 
@@ -279,8 +281,13 @@ class Pipeline:
             root = cache_dir_of(nf[0].config.method.coupling)
             return "done" if (root / MANIFEST).is_file() else f"to run ({root})"
         if stage == "evaluate":
+            damage = json_damage(self.evaluation_path())
+            if damage:
+                return f"to run ({self.evaluation_path()} is damaged: {damage}; it is recomputed)"
             return "done" if self.evaluation_path().is_file() else "to run"
         if stage == "report":
+            if self.stage_status("evaluate") != "done":
+                return "to run (after evaluate)"
             return "done" if (self.root / "report" / "report.html").is_file() else "to run"
         runs = self.runs_of(stage)
         if stage == "teacher" and isinstance(self.teacher, ShippedRun):
@@ -326,7 +333,7 @@ def record_timing(pipeline: Pipeline, stage: str, seconds: float) -> None:
     from shared.checkpoint import atomic_write_text
 
     path = pipeline.root / "timings.json"
-    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings = read_stage_json(path, "delete it to record the stage times afresh") if path.is_file() else {}
     timings[stage] = seconds
     atomic_write_text(path, json.dumps(timings, indent=1) + "\n")
 
@@ -355,8 +362,10 @@ def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], Non
             if nf and pipeline.spec.coupling_mode == "precomputed":
                 extract(nf[0].config, load_run)
         elif stage == "evaluate":
-            if state.is_main_process and not pipeline.evaluation_path().is_file():
-                evaluate_pipeline(pipeline)
+            if state.is_main_process and pipeline.stage_status(stage) != "done":
+                figures = pipeline.root / f"figures-{pipeline.evaluation_key()}"
+                with evaluation_outputs(figures, command or "flowdistill run"):
+                    evaluate_pipeline(pipeline)
             state.wait_for_everyone()
         elif stage == "report":
             if state.is_main_process:

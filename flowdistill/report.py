@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from flowdistill.findings import findings, warnings_of
+from flowdistill.pipeline_files import read_stage_json
 from flowdistill.verdict import ALPHA, Finding
 from shared.checkpoint import atomic_write_text
 
@@ -237,9 +237,10 @@ def screenshot(page: Path, png: Path, width: int = 1200, height: int = 2400, bro
 
 def write_report(pipeline: Pipeline, command: str = "") -> Path:
     """Write `<pipeline>/report/report.md`, its figures and `report.html`; returns the HTML path."""
-    result = json.loads(pipeline.evaluation_path().read_text())
+    rerun = f"rerun `{command or 'flowdistill run'}` with its evaluate stage to recompute it"
+    result = read_stage_json(pipeline.evaluation_path(), rerun)
     timings_path = pipeline.root / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = read_stage_json(timings_path, "delete it to record the stage times afresh") if timings_path.is_file() else {}
     source = pipeline.root / result["figures"]
     out = pipeline.root / "report"
     figures = out / "figures"

@@ -26,15 +26,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nfm.teacher_pairs import TeacherHandle, estimate_sigma, load_teacher, perturbed, sigma_points, teacher_encode
-from shared.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, sha256_file
 from shared.catalog import NAMED_RUN_PREFIX
+from shared.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_text, contained_file,
+                               explain_disk_full, sha256_file)
 from shared.config import ConfigError, RunConfig
 from shared.metrics import cache_dir
 from shared.run import require_same_data
-from shared.rundir import couplings_dir
+from shared.rundir import couplings_dir, folder_lock, lock_path
 
 SPEC = "spec.json"
 MANIFEST = "manifest.json"
+REEXTRACT = "re-extract with `flowdistill couplings <recipe> --overwrite`"
 INFO_KEYS = ("teacher_run",)  # recorded but not required to match (a teacher folder may move)
 
 
@@ -119,7 +121,7 @@ def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, f
                               f"re-extract with `flowdistill couplings <recipe> --overwrite`")
     parts = []
     for entry in manifest["shards"]:
-        path = root / entry["file"]
+        path = contained_file(root, entry["file"], f"coupling cache manifest {manifest_path}", REEXTRACT)
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"coupling cache shard {path} is missing or corrupt (sha256 mismatch); "
                                   f"re-extract with `flowdistill couplings <recipe> --overwrite`")
@@ -130,8 +132,10 @@ def load_cache(root: str | Path | None, spec: dict[str, Any]) -> tuple[Tensor, f
 def damaged_shards(root: Path) -> list[str]:
     """Names of the shards of a sealed cache that are missing or whose sha256 differs from the manifest."""
     manifest = read_json(root / MANIFEST, "coupling cache manifest")
+    paths = {e["file"]: contained_file(root, e["file"], f"coupling cache manifest {root / MANIFEST}", REEXTRACT)
+             for e in manifest["shards"]}
     return [e["file"] for e in manifest["shards"]
-            if not (root / e["file"]).is_file() or sha256_file(root / e["file"]) != e["sha256"]]
+            if not paths[e["file"]].is_file() or sha256_file(paths[e["file"]]) != e["sha256"]]
 
 
 def _prepare_root(root: Path, spec: dict[str, Any], overwrite: bool) -> None:
@@ -171,8 +175,30 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
     dataset = load_dataset(cfg.data)
     teacher = load_teacher(coupling.teacher, load_run, acc.device, coupling.weights)
     require_same_data(coupling.teacher, teacher.data_fingerprint, dataset, "method.coupling.teacher")
-    method = coupling
     spec, root = cache_spec(teacher, dataset, coupling), cache_dir_of(coupling)
+    busy = (f"coupling cache {root} is being extracted by another process (it holds {lock_path(root)}); wait for "
+            "it to finish or stop it, then run `flowdistill couplings <recipe>` again")
+    new = overwrite or not root.exists()
+    with folder_lock(root, busy, acc.is_main_process):
+        try:
+            with explain_disk_full(f"coupling cache {root}", "run `flowdistill couplings <recipe>` again (finished "
+                                                            "shards are kept)"):
+                return _fill_cache(acc, root, spec, teacher, dataset, coupling, overwrite)
+        except BaseException:
+            if acc.is_main_process and new:
+                _discard_if_unfinished(root)
+            raise
+
+
+def _discard_if_unfinished(root: Path) -> None:
+    """Remove a cache folder that a failed first extraction left without one finished shard."""
+    if root.is_dir() and not any(root.glob("shard_*.sha256")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fill_cache(acc: Any, root: Path, spec: dict[str, Any], teacher: TeacherHandle, dataset: Any, method: Any,
+                overwrite: bool) -> Path:
+    """Main part of `extract`, with the cache's lock held: compute the missing or damaged shards, then seal."""
     if acc.is_main_process:
         _prepare_root(root, spec, overwrite)
     acc.wait_for_everyone()

@@ -12,13 +12,23 @@ keeps the last good checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are judged by age alone
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError
@@ -34,6 +44,9 @@ class CheckpointError(RuntimeError):
 
 
 FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's estimate (manifest, trainer.json, metadata)
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # `atomic_write_via`'s temporaries (tempfile.mkstemp)
+STALE_SECONDS = 1.0  # a temporary file untouched this long, and not locked, was left by a killed write
+SWEPT: set[Path] = set()  # folders this process has removed stale temporary files from (`atomic_write_via`)
 
 
 def nearest_existing(path: str | Path) -> Path:
@@ -53,6 +66,13 @@ def check_writable(folder: str | Path, what: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"{what}: cannot write in {existing} (read-only or no permission); "
                               "choose a writable folder")
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse an output file path that is a folder, or whose folder cannot be created or written."""
+    if path.is_dir():
+        raise CheckpointError(f"{what}: {path} is a folder; pass a file path such as {path / 'samples.png'}")
+    check_writable(path.parent, what)
 
 
 def tensor_bytes(tensors: Any) -> int:
@@ -107,13 +127,18 @@ def atomic_write_via(path: str | Path, write: Callable[[str], None]) -> None:
     """Let `write(tmp_path)` fill a temporary file next to `path`, fsync it, rename it into place, fsync the folder.
 
     A crash leaves either the old file or the new one, never a torn one; the temporary file is removed
-    on any error. The result gets the permissions a plain `open(path, "w")` would give.
+    on any error, and one that a kill left behind is removed by the next process that writes into the same
+    folder (`remove_stale_temporaries`, at its first write there). The result gets the permissions a plain `open(path, "w")` would give.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.absolute() not in SWEPT:  # once per folder and process: a cache folder takes thousands of writes
+        remove_stale_temporaries(path.parent)
+        SWEPT.add(path.parent.absolute())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: the file is in use, not stale
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -122,6 +147,69 @@ def atomic_write_via(path: str | Path, write: Callable[[str], None]) -> None:
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = STALE_SECONDS) -> list[str]:
+    """Delete the temporary files of killed atomic writes in `folder` (`.<name>.<8 chars>.tmp`, unchanged for
+    `older_than` seconds and not locked by a write in progress); returns their names."""
+    import time
+
+    removed = []
+    for path in folder.glob(".*.tmp"):
+        if not TEMP_NAME.fullmatch(path.name):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and time.time() - path.stat().st_mtime > older_than \
+                    and not being_written(path):
+                path.unlink()
+                removed.append(path.name)
+    return sorted(removed)
+
+
+def being_written(path: Path) -> bool:
+    """Whether another open file holds the lock `atomic_write_via` takes on its temporary file."""
+    if fcntl is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an error is the file system reporting no space (or quota) left."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def explain_disk_full(what: str, remedy: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into one CheckpointError naming the file and `remedy`."""
+    try:
+        yield
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        raise CheckpointError(f"no space left on the disk while writing {what}{where}; free some space, then "
+                              f"{remedy}") from err
+
+
+@contextlib.contextmanager
+def removed_on_error(folder: Path) -> Iterator[None]:
+    """Remove `folder` when the block fails and the folder did not exist before it (no half-written outputs)."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
@@ -233,16 +321,57 @@ def remove_temporaries(ckpt_root: str | Path) -> list[str]:
     return removed
 
 
+def inside_folder(folder: Path, name: str) -> bool:
+    """Whether a file name a manifest lists stays inside `folder` (not absolute, no `..`, no symlink leading out)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    return (folder / name).resolve().is_relative_to(folder.resolve())
+
+
+def contained_file(folder: Path, name: str, where: str, remedy: str) -> Path:
+    """`folder / name` for a file name a manifest lists; a name leading outside `folder` is a CheckpointError
+    (`where` names the manifest, `remedy` says what to do)."""
+    if not inside_folder(folder, name):
+        raise CheckpointError(f"{where} names {name!r}, which is outside {folder}; refusing to read it: {remedy}")
+    return folder / name
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint folder has a readable manifest and every file it lists, inside it, at the listed size
+    (the cheap check; `verify_checkpoint` compares hashes)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        return all(inside_folder(path, name) and (path / name).stat().st_size == info["bytes"]
+                   for name, info in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The checkpoint folder named by `latest`, or None when the run has none yet."""
+    """The checkpoint folder named by `latest`, or None when the run has none yet.
+
+    When `latest` names a folder that is missing or incomplete, the newest complete `step_*` checkpoint is
+    used instead, with a warning; with none to fall back on, a missing one is a CheckpointError and an
+    incomplete one is returned (for `verify_checkpoint` to name what is wrong with it).
+    """
     root = Path(ckpt_root)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist: the run directory is incomplete")
-    return path
+    name = pointer.read_text().strip()
+    path = root / name
+    exists = bool(name) and Path(name).name == name and path.is_dir()
+    if exists and complete_checkpoint(path):
+        return path
+    problem = "which is incomplete or damaged" if exists else "which does not exist"
+    fallback = next((p for p in sorted(root.glob("step_*"), reverse=True) if p != path and complete_checkpoint(p)), None)
+    if fallback is not None:
+        warnings.warn(f"{pointer} names {name}, {problem}; using {fallback.name}, the newest complete checkpoint")
+        return fallback
+    if exists:
+        return path
+    raise CheckpointError(f"{pointer} names {name}, {problem}, and no other complete checkpoint is there: the run "
+                          "directory is incomplete; train it again with --overwrite")
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -257,7 +386,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err}); the checkpoint is corrupt") from None
     for name, info in files.items():
-        f = path / name
+        f = contained_file(path, name, f"checkpoint {path}: {MANIFEST}", "the checkpoint is corrupt or was edited")
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")
         size = f.stat().st_size

@@ -227,6 +227,8 @@ def build_run_config(data: dict[str, Any], choices: Choices) -> RunConfig:
 
 
 EVAL_SOLVERS = ("euler", "heun", "dopri5", "dopri8", "bosh3", "adaptive_heun")  # shared.sampling.SOLVERS
+INT64 = (-2**63, 2**63 - 1)  # what torch, numpy and the file formats hold: every integer setting must fit
+MAX_SAMPLES = 100_000_000  # data.n_train / data.n_test: points generated (toy sets) or rows kept (tabular)
 RANGES = (  # (key, test, what is expected)
     ("train.steps", lambda v: v >= 1, "an integer >= 1"),
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -242,6 +244,10 @@ RANGES = (  # (key, test, what is expected)
     ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: no validation)"),
     ("train.mixed_precision", lambda v: v in ("no", "bf16", "fp16"), "one of no, bf16, fp16"),
     ("train.trackers", lambda v: set(v) <= {"tensorboard"}, "a list of Accelerate trackers: tensorboard"),
+    ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("data.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("data.n_train", lambda v: v <= MAX_SAMPLES, f"an integer <= {MAX_SAMPLES} (points generated or rows kept)"),
+    ("data.n_test", lambda v: v <= MAX_SAMPLES, f"an integer <= {MAX_SAMPLES} (points generated or rows kept)"),
     ("data.test_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("data.shift", lambda v: v >= 0, "an integer >= 0"),
@@ -260,14 +266,25 @@ def check_ranges(cfg: RunConfig) -> None:
     if cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name={cfg.name!r} is not a run name: expected a folder name without '/' "
                           "(the run directory is <out_dir>/<name>)")
+    check_int64(cfg)
     for key, ok, expected in RANGES:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
     if cfg.train.eval_every and cfg.data.val_fraction == 0:
         raise ConfigError("train.eval_every > 0 needs a validation split: set data.val_fraction > 0 "
                           "(e.g. data.val_fraction=0.1)")
+
+
+def check_int64(cfg: Any) -> None:
+    """Refuse an integer setting (anywhere in the config, lists included) that does not fit in 64 bits."""
+    for key, value in flatten(to_dict(cfg)).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and not INT64[0] <= v <= INT64[1]:
+                raise ConfigError(f"{key}={value!r} is out of range: expected an integer that fits in 64 bits "
+                                  "(between -2^63 and 2^63 - 1)")
 
 
 # ---------------------------------------------------------------- recipes and overrides

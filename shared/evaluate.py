@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from shared.likelihood import choose_divergence
 from shared.metrics import FeatureExtractor, feature_extractor, reference_split, sample_quality
 from shared.run import Run
 from shared.tabular import read_table
+
+
+LARGE_SAMPLE = 100_000  # draws from this many samples on are estimated first and show a progress bar
+HELD_COPIES = 4  # copies of the samples held at once: batches, their concatenation, user units, the .npz bytes
 
 
 def sync(device: torch.device) -> None:
@@ -46,7 +51,9 @@ def generate_with(run: Run, n: int, sample_fn: Callable[[Tensor], Any], seed: in
     device = next(run.model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out, nfe, seconds = [], 0, 0.0
-    for start in range(0, n, batch_size):
+    batches = tqdm(range(0, n, batch_size), desc=f"sampling {n:,}", unit="batch", leave=False,
+                   disable=None if n >= LARGE_SAMPLE else True)
+    for start in batches:
         noise = run.sampler.prior_sample(min(batch_size, n - start), run.dataset.shape, device, gen)
         if start == 0 and warmup > 0:
             sample_fn(noise[:warmup])
@@ -65,6 +72,43 @@ def generate(run: Run, n: int, steps: int, solver: str, grid: str, seed: int = 0
     """Draw `n` samples from a run's model in batches; noise is seeded so every setting sees the same noise."""
     return generate_with(run, n, lambda noise: run.sampler.sample(run.model, noise, steps=steps, solver=solver,
                                                                  grid=grid), seed, batch_size)
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give a process (MemAvailable; free pages where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def require_sample_memory(run: Run, n: int) -> int:
+    """Refuse to draw `n` samples whose copies held while drawing and writing exceed the available memory;
+    returns the bytes needed."""
+    per_sample = math.prod(run.dataset.shape) * 8 * HELD_COPIES  # float64 in the user's units at worst
+    needed, free = n * per_sample, available_memory()
+    if needed > free:
+        raise ValueError(f"--n {n}: the samples need about {needed / 2**30:.1f} GiB of memory while they are drawn "
+                         f"and written, more than the {free / 2**30:.1f} GiB available; draw at most "
+                         f"--n {max(free // per_sample, 1)} at a time (several files with different --seed)")
+    return needed
+
+
+def sampling_estimate(run: Run, n: int, steps: int, solver: str, grid: str, pilot: int = 1000) -> str:
+    """One line for a large draw: its time, from a timed pilot of `pilot` samples, and its memory."""
+    trial = generate(run, pilot, steps, solver, grid, seed=0)
+    rate = pilot / max(trial.seconds, 1e-9)
+    return (f"drawing {n:,} samples: about {duration(n / rate)} at the {rate:,.0f} samples/s of a {pilot}-sample "
+            f"pilot, about {require_sample_memory(run, n) / 2**30:.2f} GiB of memory")
+
+
+def duration(seconds: float) -> str:
+    """A rough duration in the unit a person would use: 40 s, 12 min, 17.3 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def quality_vs_steps(run: Run, steps_list: list[int], solver: str, grid: str, n: int, seed: int = 0,

@@ -125,8 +125,27 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
         raise ConfigError(f"{source} is a folder without {CONFIG}: pass a recipe file, or a run directory "
                           "written by `flowdistill train`")
     cfg = load_recipe(config_path(source), overrides, catalog.config_choices())
+    saved_out_dir = cfg.out_dir
     cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
+    follow_move(cfg, saved_out_dir)
     return cfg
+
+
+def follow_move(cfg: RunConfig, saved_out_dir: str) -> None:
+    """Point the path settings that moved together with the run (an input run next to it) at their new place:
+    those whose saved path is gone while the same place relative to the run's new out_dir exists."""
+    if os.path.abspath(saved_out_dir or ".") == os.path.abspath(cfg.out_dir):
+        return
+    for key, value in flatten(to_dict(cfg)).items():
+        if key == "out_dir" or not isinstance(value, str) or "/" not in value or Path(value).exists():
+            continue
+        moved = Path(os.path.normpath(Path(cfg.out_dir) / os.path.relpath(value, saved_out_dir or ".")))
+        if moved.exists():
+            *sections, name = key.split(".")
+            section = cfg
+            for part in sections:
+                section = getattr(section, part)
+            setattr(section, name, str(moved))
 
 
 ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING, STANDARDIZATION}  # a run that never reached a checkpoint
@@ -157,7 +176,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
         new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
-                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity)
+                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity
+                         and not moved_with_run(k, saved, new))
         if changed:
             raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
                               f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
@@ -172,6 +192,16 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_path, dump_yaml(cfg))
     return run_dir
+
+
+def moved_with_run(key: str, saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a path setting (a teacher run, a run to start from) differs on resume only because it moved together
+    with the run: it lies at the same place relative to the run's out_dir in the saved and the new config."""
+    old_value, new_value = saved.get(key), new.get(key)
+    if not all(isinstance(v, str) and "/" in v for v in (old_value, new_value)):
+        return False
+    return (os.path.relpath(old_value, saved.get("out_dir") or ".")
+            == os.path.relpath(new_value, new.get("out_dir") or "."))
 
 
 def replaced_dir(run_dir: Path) -> Path:

@@ -18,6 +18,7 @@ evaluation weights), manifest.json (sha256 of every file, verified on load) and 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import warnings
@@ -82,29 +83,60 @@ def couplings_dir(run_dir: str | Path) -> Path:
 
 
 class RunInUseError(OSError):
-    """The run directory is being trained by another process."""
+    """The run directory (or another locked folder) is being written by another process."""
 
 
-def lock_path(run_dir: str | Path) -> Path:
-    """The lock file of a run, beside its folder so that `--overwrite` may replace the folder under the lock."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f".{run_dir.name}.lock"
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of a run (or a coupling cache), beside its folder so that `--overwrite` may replace the
+    folder under the lock."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+RESUME_REMEDY = contextvars.ContextVar("resume_remedy", default="continue with --resume")
+
+
+def resume_remedy() -> str:
+    """How the user continues an interrupted or refused run here: `continue with --resume`, or what a caller
+    that trains runs itself (a pipeline) set with `resumed_by`."""
+    return RESUME_REMEDY.get()
+
+
+@contextlib.contextmanager
+def resumed_by(remedy: str) -> Iterator[None]:
+    """Within the block, messages about continuing a run name `remedy` (e.g. "rerun `flowdistill run ...`")."""
+    token = RESUME_REMEDY.set(remedy)
+    try:
+        yield
+    finally:
+        RESUME_REMEDY.reset(token)
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     """Hold a run's lock while it is trained, so that a second trainer of the same run (a second `--resume`, a
-    comparison reaching a run trained elsewhere) is refused instead of interleaving its checkpoints and metrics.
+    comparison reaching a run trained elsewhere) is refused instead of interleaving its checkpoints and metrics
+    (see `folder_lock`)."""
+    busy = (f"run {run_dir} is being trained by another process (it holds {lock_path(run_dir)}); wait for it to "
+            f"finish or stop it, then {resume_remedy()}")
+    with folder_lock(run_dir, busy, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, busy: str, enabled: bool = True) -> Iterator[None]:
+    """Hold the lock of a folder (a run, a coupling cache) while one process writes it; `busy` is the message
+    of the RunInUseError a second process gets.
 
     An exclusive, non-blocking `flock` on `lock_path`: the system drops it when its process dies, so a killed
-    run leaves no stale lock. The holder deletes the file on release; a process that locked a file deleted
+    writer leaves no stale lock. The holder deletes the file on release; a process that locked a file deleted
     meanwhile notices (another inode at the path) and locks the new one. `enabled=False` (the other processes
     of a multi-process launch) and platforms without `fcntl` take no lock.
     """
     if not enabled or fcntl is None:
         yield
         return
-    path = lock_path(run_dir)
+    path = lock_path(folder)
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # removed again if left empty
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -113,8 +145,7 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunInUseError(f"run {run_dir} is being trained by another process (it holds {path}); wait for it "
-                                "to finish or stop it, then continue with --resume") from None
+            raise RunInUseError(busy) from None
         try:
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

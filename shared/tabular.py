@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,8 +44,21 @@ def _is_number(text: str) -> bool:
         return False
 
 
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse a data path that is not a regular file (a pipe or device would block or never end), without opening it."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+        raise TabularError(f"{str(path)!r} is {kind}, not a regular file; data must be a .npy, .npz or .csv file")
+
+
 def read_array(path: Path) -> np.ndarray:
-    """The numeric array stored in a .npy, .npz or .csv file (a CSV header row is skipped)."""
+    """The numeric array stored in a .npy, .npz or .csv file (a CSV header row is skipped; a UTF-8 byte-order
+    mark is not part of the first field)."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.load(path, allow_pickle=False)
@@ -54,15 +69,16 @@ def read_array(path: Path) -> np.ndarray:
                 raise TabularError(f"{str(path)!r} holds arrays {keys}; store the data under key 'x' or alone")
             return archive["x" if "x" in keys else keys[0]]
     if suffix == ".csv":
-        with open(path) as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             header = not all(_is_number(field) for field in fh.readline().split(","))
-        return np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
+        return np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64, encoding="utf-8-sig")
     raise TabularError(f"{str(path)!r}: unsupported file type; use one of {', '.join(TABULAR_SUFFIXES)}")
 
 
 def read_table(path: Path, min_rows: int = 2) -> Tensor:
     """The (N, D) float64 table of a .npy/.npz/.csv file, in the file's units; N >= min_rows, D >= 1, finite."""
     try:
+        require_regular_file(path)
         array = read_array(path)
     except TabularError:
         raise
@@ -167,7 +183,7 @@ def load_tables(cfg: DataConfig, path: Path | None, split: Callable[[int], tuple
     data = read_table(path)
     if cfg.test_path:
         test_file = Path(cfg.test_path).expanduser()
-        if not test_file.is_file():
+        if not test_file.exists():
             raise TabularError(f"data.test_path {cfg.test_path!r} does not exist; set it to a .npy, .npz or .csv "
                                "file with the columns of data.path")
         train, test = data, read_table(test_file, min_rows=1)

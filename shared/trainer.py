@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from shared.checkpoint import (atomic_write_text, latest_checkpoint, load_checkpoint, remove_temporaries,
                                save_checkpoint)
 from shared.config import TrainConfig
-from shared.rundir import best_dir, checkpoints_dir, metrics_path, read_metrics
+from shared.rundir import best_dir, checkpoints_dir, metrics_path, read_metrics, resume_remedy
 
 Batch = tuple[Tensor, ...]
 BatchTransform = Callable[[Batch, torch.Generator], Batch]
@@ -324,7 +324,7 @@ class Trainer:
                 if interrupted():
                     bar.close()
                     self.save()
-                    acc.print(f"interrupted at step {self.step}; checkpoint saved, continue with --resume")
+                    acc.print(f"interrupted at step {self.step}; checkpoint saved, {resume_remedy()}")
                     raise KeyboardInterrupt
                 if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save()

@@ -18,6 +18,7 @@ import yaml
 
 from flowdistill.cli import main
 from flowdistill.pipeline import Pipeline, config_key, load_pipeline, select_stages
+from shared.checkpoint import STALE_SECONDS
 from shared.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,9 @@ def test_keys_follow_the_config_and_the_inputs(tmp_path):
     assert by_coupling["nf_teacher"].key != old["nf_teacher"].key  # reads it: its config names the teacher dir
     assert all(a.key != b.key for a, b in zip(changed.f2d2, base.f2d2))  # downstream of the NFM student
     assert all(a.key != b.key for a, b in zip(changed.compact, base.compact))  # distilled from the teacher
+    moved = Pipeline(load_pipeline(tiny_spec(tmp_path / "elsewhere")))  # the same spec in another folder
+    assert [r.key for r in moved.trained_runs()] == [r.key for r in base.trained_runs()]
+    assert moved.evaluation_key() == base.evaluation_key()
     cfg = base.teacher.config
     cfg_logging = Pipeline(load_pipeline(tiny_spec(tmp_path))).teacher.config
     cfg_logging.train.log_every = 7  # logging settings do not change what is trained
@@ -195,6 +199,48 @@ def test_killed_pipeline_reruns_to_the_same_results(tmp_path):
     a = Pipeline(load_pipeline(straight))
     b = Pipeline(load_pipeline(killed))
     assert numbers(json.loads(a.evaluation_path().read_text())) == numbers(json.loads(b.evaluation_path().read_text()))
+
+
+KILL_IN_WRITE = """
+import os, re, signal, sys
+import shared.checkpoint as checkpoint
+target, nth = re.compile(sys.argv[1]), int(sys.argv[2])
+original, seen = checkpoint.atomic_write_via, []
+def killing(path, write):
+    if target.search(str(path)):
+        seen.append(path)
+        if len(seen) == nth:
+            def killed_inside(tmp):
+                write(tmp)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(path, killed_inside)
+    return original(path, write)
+checkpoint.atomic_write_via = killing
+from flowdistill.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_killed_inside_evaluation_and_report_writes_reruns_to_the_same_numbers(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    light = {"f2d2_u": "", "f2d2_joint": "", "compact": ""}  # kills here come after training: keep training short
+    straight = tiny_spec(tmp_path / "a", **light)
+    assert main(["run", str(straight)]) == 0
+    killed = tiny_spec(tmp_path / "b", **light)
+    kills = [(r"figures-\w+/", 2), (r"evaluation-\w+\.json$", 1), (r"report/report\.md$", 1),
+             (r"report/report\.html$", 1)]  # inside a figure, the evaluation JSON, the report's two files
+    for pattern, nth in kills:
+        proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, pattern, str(nth), "run", str(killed)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    time.sleep(STALE_SECONDS + 0.5)  # from then on, a temporary file nobody holds counts as left by a killed write
+    assert main(["run", str(killed)]) == 0
+    a, b = Pipeline(load_pipeline(straight)), Pipeline(load_pipeline(killed))
+    assert numbers(json.loads(a.evaluation_path().read_text())) == numbers(json.loads(b.evaluation_path().read_text()))
+    assert not list(b.root.rglob("*.tmp")), "temporary files of the killed writes left behind"
+    assert sorted(p.name for p in b.root.glob("figures-*")) == [f"figures-{b.evaluation_key()}"]
+    assert (b.root / "report" / "report.html").is_file() and "to run" not in b.plan()
 
 
 @pytest.mark.slow

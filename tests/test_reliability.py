@@ -6,7 +6,10 @@ under the case's folder may change (no run folder created, no file of an existin
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,7 +19,7 @@ import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -34,6 +37,12 @@ TINY = ["data.n_train=200", "data.n_test=100", "train.steps=2", "train.batch_siz
 TINY_TEACHER = ["data.n_train=200", "data.n_test=100", "train.steps=2", "train.batch_size=64", "model.width=32",
                 "model.head_dim=16", "model.blocks=2", "train.progress=false", "train.sample_grid=false"]
 PRECOMPUTED = ["method.coupling.mode=precomputed", "method.coupling.shard=64"]  # 4 shards of the 200 images
+PIPE_SMALL = "data.n_train=200 data.n_test=100 train.batch_size=64 train.progress=false"
+PIPE_SPEC = {  # a pipeline of three 2-step runs and one coupling cache, scored on few samples
+    "name": "p", "teacher": f"{TEACHER} train.steps=2 model.width=32 model.head_dim=16 model.blocks=2 {PIPE_SMALL}",
+    "student": f"{TOY} train.steps=2 model.hidden=16 {PIPE_SMALL}", "couplings": ["independent", "nf_teacher"],
+    "coupling_overrides": {"nf_teacher": ["method.coupling.draws=2", "method.coupling.shard=64"]},
+    "steps": [1], "n_samples": 100, "curvature_steps": 4, "curvature_samples": 20, "nll_points": 20}
 DIVERGES = ["train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0", "train.log_every=1", "train.steps=20"]
 TRACEBACK = -1  # the exit "code" of a row whose exception propagates (--debug)
 DiskUsage = namedtuple("DiskUsage", "total used free")
@@ -66,13 +75,28 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {"good": root / "good", "teacher": root / "teacher"}
 
 
+@pytest.fixture(scope="module")
+def built_pipeline(tmp_path_factory) -> Path:
+    """The folder of a finished tiny pipeline (`PIPE_SPEC`): runs, coupling cache, evaluation, report."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("pipeline")
+    spec = root / "p.yaml"
+    spec.write_text(yaml.safe_dump({**PIPE_SPEC, "out_dir": str(root)}))
+    assert cli(["run", str(spec)]) == 0
+    return root / "p"
+
+
 class Env:
     """One case's folder (`tmp`), its run folder parent (`out`), and helpers that build its inputs."""
 
-    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, built: dict[str, Path]):
-        self.tmp, self.mp, self.built = tmp, monkeypatch, built
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, built: dict[str, Path],
+                 request: pytest.FixtureRequest):
+        self.tmp, self.mp, self.built, self.request = tmp, monkeypatch, built, request
         self.out = tmp / "runs"
         self.out.mkdir()
+        self.held = contextlib.ExitStack()  # locks held by "another process" during the case
+        self.seen = ""  # what the command printed (stdout and stderr), for checks that read it
 
     def train(self, *overrides: str, recipe: str = TOY, name: str = "r") -> list[str]:
         """argv of a tiny `flowdistill train` into this case's folder."""
@@ -113,6 +137,24 @@ class Env:
     def ckpt(self, name: str = "r") -> Path:
         """The step-2 checkpoint of a copied run."""
         return self.out / name / "checkpoints" / "step_00000002"
+
+    def pipeline(self, *overrides: str) -> list[str]:
+        """argv of `flowdistill run` on this case's copy of the finished tiny pipeline (copied at first use)."""
+        import yaml
+
+        spec = self.tmp / "pipe" / "p.yaml"
+        if not spec.exists():
+            shutil.copytree(self.request.getfixturevalue("built_pipeline"), self.tmp / "pipe" / "p")
+            spec.write_text(yaml.safe_dump({**PIPE_SPEC, "out_dir": str(self.tmp / "pipe")}))
+        return ["run", str(spec), *overrides]
+
+    def pipe(self) -> Path:
+        """This case's pipeline folder."""
+        return self.tmp / "pipe" / "p"
+
+    def evaluation(self) -> Path:
+        """The pipeline copy's evaluation JSON."""
+        return next(self.pipe().glob("evaluation-*.json"))
 
 
 def damage(path: Path, keep: int | None = None) -> None:
@@ -198,6 +240,82 @@ def restore_mode(env: Env, before: dict[str, str]) -> None:
     """Nothing written into the read-only folder (its mode restored for clean-up)."""
     unchanged(env, before)
     os.chmod(env.tmp / "ro", 0o755)
+
+
+def added(*names: str) -> Callable[[Env, dict[str, str]], None]:
+    """Exactly the files `names` (relative to the case folder) were added; nothing else changed."""
+    def check(env: Env, before: dict[str, str]) -> None:
+        after = snapshot(env.tmp)
+        assert sorted(set(after) - set(before)) == sorted(names), sorted(set(after) ^ set(before))
+        assert {k: v for k, v in after.items() if k in before} == before
+    return check
+
+
+def nll_of_bom(env: Env, before: dict[str, str]) -> None:
+    """All 50 rows were scored; only the two result files were added to the run."""
+    added("runs/r/nll-file-bom.json", "runs/r/nll-file-bom.csv")(env, before)
+    assert json.loads((env.out / "r" / "nll-file-bom.json").read_text())["n"] == 50
+
+
+def samples_written(env: Env, before: dict[str, str]) -> None:
+    """The sample files were added; the checkpoint and everything else untouched."""
+    added("runs/r/samples", "runs/r/samples/steps8-euler-linear.png", "runs/r/samples/steps8-euler-linear.npz")(
+        env, before)
+
+
+def stale_temporary_removed(env: Env, before: dict[str, str]) -> None:
+    """The old temporary file is gone, the fresh one (a write in progress elsewhere) kept, the samples written."""
+    folder = env.out / "r" / "samples"
+    assert not (folder / ".steps8-euler-linear.npz.k3j4h5g6.tmp").exists()
+    assert (folder / ".other.npz.abcd1234.tmp").exists()
+    assert (folder / "steps8-euler-linear.npz").is_file() and (folder / "steps8-euler-linear.png").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == [".other.npz.abcd1234.tmp", "steps8-euler-linear.npz",
+                                                        "steps8-euler-linear.png"]
+
+
+def resumed_to_4(env: Env, before: dict[str, str]) -> None:
+    """The run went on from the checkpoint it fell back to and finished at step 4."""
+    from shared.checkpoint import latest_checkpoint, verify_checkpoint
+
+    assert verify_checkpoint(latest_checkpoint(env.out / "r" / "checkpoints"))["step"] == 4
+
+
+def moved_run_resumed(env: Env, before: dict[str, str]) -> None:
+    """The moved run finished where it is now, reading its input run from its new place."""
+    from shared.checkpoint import latest_checkpoint, verify_checkpoint
+
+    run = env.tmp / "moved" / "r"
+    assert verify_checkpoint(latest_checkpoint(run / "checkpoints"))["step"] == 4
+    assert f"init_from: {env.tmp / 'moved' / 'base'}" in (run / "config.yaml").read_text()
+    assert not (env.out / "r").exists()
+
+
+def released(env: Env, before: dict[str, str]) -> None:
+    """Nothing changed; once the other holder lets go, no lock file is left."""
+    unchanged(env, before)
+    env.held.close()
+    assert not list(env.tmp.rglob("*.lock"))
+
+
+def evaluation_recomputed(env: Env, before: dict[str, str]) -> None:
+    """The damaged evaluation JSON was recomputed to the numbers of the original, and the report rewritten."""
+    original = json.loads(next(env.request.getfixturevalue("built_pipeline").glob("evaluation-*.json")).read_text())
+    again = json.loads(env.evaluation().read_text())
+    assert again["students"] == original["students"] and again["teacher"]["value"] == original["teacher"]["value"]
+    assert (env.pipe() / "report" / "report.html").is_file()
+
+
+def plan_all_done(env: Env, before: dict[str, str]) -> None:
+    """The moved pipeline reuses every run, its cache, its evaluation and its report; nothing was written."""
+    unchanged(env, before)
+    assert "to run" not in env.seen and "partial" not in env.seen, env.seen
+
+
+def report_after_evaluate(env: Env, before: dict[str, str]) -> None:
+    """The plan names the damaged file and lists the report as to run after it; nothing was written."""
+    unchanged(env, before)
+    assert f"6/7 evaluate: to run ({env.evaluation()} is damaged: " in env.seen
+    assert "7/7 report: to run (after evaluate)" in env.seen
 
 
 # ---------------------------------------------------------------- setups needing more than argv
@@ -304,6 +422,173 @@ def two_arrays(env: Env) -> Path:
     path.parent.mkdir(exist_ok=True)
     np.savez(path, a=np.ones((10, 2)), b=np.ones((10, 2)))
     return path
+
+
+def bom_csv(env: Env) -> list[str]:
+    """nll --data on a 50-row CSV saved with a UTF-8 byte-order mark (as spreadsheet programs write it)."""
+    rows = "\n".join(f"{i / 10:.1f},{-i / 20:.2f}" for i in range(50))
+    return ["nll", str(env.run()), "--data", str(env.data("bom.csv", "\ufeff".encode() + rows.encode() + b"\n")),
+            "--device", "cpu"]
+
+
+def fifo(env: Env) -> list[str]:
+    """nll --data on a named pipe that nobody writes to (reading it would block for ever)."""
+    path = env.tmp / "data" / "pipe.csv"
+    path.parent.mkdir(exist_ok=True)
+    os.mkfifo(path)
+    return ["nll", str(env.run()), "--data", str(path), "--device", "cpu"]
+
+
+def little_memory(env: Env) -> list[str]:
+    """sample --n 200000000 of 2D points on a machine with 1 GiB of memory available."""
+    import shared.evaluate
+
+    env.mp.setattr(shared.evaluate, "available_memory", lambda: 1 << 30)
+    return ["sample", str(env.run()), "--n", "200000000", "--device", "cpu"]
+
+
+def manifest_names(env: Env, name: str) -> list[str]:
+    """The checkpoint's manifest lists `name` (with the right size and sha256 of what it points at)."""
+    from shared.checkpoint import sha256_file
+
+    secret = env.data("secret.txt", "not for reading\n")
+    ckpt = env.run() and env.ckpt()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": sha256_file(secret), "bytes": secret.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return ["sample", str(env.out / "r"), "--device", "cpu"]
+
+
+def symlinked_weights(env: Env) -> list[str]:
+    """model.safetensors replaced by a link to an identical file outside the checkpoint."""
+    ckpt = env.run() and env.ckpt()
+    outside = env.tmp / "data" / "weights.safetensors"
+    outside.parent.mkdir(exist_ok=True)
+    shutil.copy(ckpt / "model.safetensors", outside)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(outside)
+    return ["sample", str(env.out / "r"), "--device", "cpu"]
+
+
+def final_checkpoint_deleted(env: Env) -> list[str]:
+    """A run with checkpoints at steps 1 and 2 whose step-2 folder was deleted; then --resume to step 4."""
+    assert cli(env.train("train.ckpt_every=1")) == 0
+    shutil.rmtree(env.ckpt())
+    return ["train", str(env.out / "r"), "--resume", "train.steps=4"]
+
+
+def only_checkpoint_deleted(env: Env) -> list[str]:
+    """The run's only checkpoint folder was deleted; `latest` still names it."""
+    shutil.rmtree(env.run() and env.ckpt())
+    return ["sample", str(env.out / "r"), "--device", "cpu"]
+
+
+def moved_with_input(env: Env) -> list[str]:
+    """runs/r started from runs/base (train.init_from); the whole runs folder moved to moved/; --resume there."""
+    env.run("base")
+    assert cli(env.train(f"train.init_from={env.out / 'base'}")) == 0
+    env.out.rename(env.tmp / "moved")
+    return ["train", str(env.tmp / "moved" / "r"), "--resume", "train.steps=4"]
+
+
+def moved_pipeline(env: Env) -> list[str]:
+    """The finished pipeline folder copied to another place; its plan there."""
+    return env.pipeline("--plan")
+
+
+def torn_evaluation(env: Env, *options: str) -> list[str]:
+    """The pipeline's evaluation JSON cut short, as a kill during a non-atomic write or a bad copy leaves it."""
+    argv = env.pipeline(*options)
+    damage(env.evaluation(), keep=200)
+    return argv
+
+
+def disk_full_on(env: Env, module: Any, name: str, after: int = 0) -> None:
+    """`module.name` (a file writer taking the path first) raises ENOSPC from its call number `after` + 1 on."""
+    original, calls = getattr(module, name), []
+
+    def full(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, *args, **kwargs)
+
+    env.mp.setattr(module, name, full)
+
+
+def couplings_disk_full(env: Env) -> list[str]:
+    """couplings into a new cache folder on a disk that is full from the first shard on."""
+    import nfm.coupling_cache
+
+    disk_full_on(env, nfm.coupling_cache, "atomic_write_bytes")
+    return ["couplings", *env.student(f"method.coupling.cache={env.tmp / 'cache'}")[1:]]
+
+
+def evaluation_disk_full(env: Env) -> list[str]:
+    """The evaluation of the pipeline runs again (its JSON and figures deleted) and the disk fills after two figures."""
+    import shared.plots
+
+    argv = env.pipeline("--only", "evaluate")
+    env.evaluation().unlink()
+    for figures in env.pipe().glob("figures-*"):
+        shutil.rmtree(figures)
+    disk_full_on(env, shared.plots, "atomic_write_via", after=2)
+    return argv
+
+
+def stale_temporaries(env: Env) -> list[str]:
+    """A killed `sample` left `.steps8-euler-linear.npz.<rand>.tmp` an hour ago; another write is in progress."""
+    folder = env.run() / "samples"
+    folder.mkdir()
+    old = folder / ".steps8-euler-linear.npz.k3j4h5g6.tmp"
+    old.write_bytes(b"")
+    os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))
+    (folder / ".other.npz.abcd1234.tmp").write_bytes(b"partial")
+    return ["sample", str(env.out / "r"), "--device", "cpu"]
+
+
+def locked_student(env: Env) -> list[str]:
+    """Another process trains the pipeline's second-seed student while `flowdistill run` reaches it."""
+    from flowdistill.pipeline import Pipeline, load_pipeline
+    from shared.rundir import run_lock
+
+    argv = env.pipeline("seeds=[0,1]", "--only", "students")
+    pending = [r for r in Pipeline(load_pipeline(argv[1], ["seeds=[0,1]"])).students if r.status() != "done"]
+    env.held.enter_context(run_lock(pending[0].dir))
+    return argv
+
+
+def pipeline_ctrl_c(env: Env) -> list[str]:
+    """SIGINT arrives during step 1 of the student the pipeline trains (its second seed)."""
+    from shared.trainer import Trainer
+
+    step = Trainer._train_step
+
+    def interrupted(self: Trainer) -> None:
+        step(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    env.mp.setattr(Trainer, "_train_step", interrupted)
+    return env.pipeline("seeds=[0,1]", "--only", "students")
+
+
+def pipeline_rerun_finishes(env: Env, before: dict[str, str]) -> None:
+    """Rerunning the pipeline, as the message says, resumes the interrupted student and finishes every run."""
+    from flowdistill.pipeline import Pipeline, load_pipeline
+
+    env.mp.undo()
+    assert cli(env.pipeline("seeds=[0,1]", "--only", "students")) == 0
+    assert all(r.status() == "done" for r in Pipeline(load_pipeline(env.tmp / "pipe" / "p.yaml", ["seeds=[0,1]"])).students)
+
+
+def locked_cache(env: Env) -> list[str]:
+    """Another `flowdistill couplings` extracts into the same cache."""
+    from shared.rundir import folder_lock
+
+    argv = ["couplings", *env.student()[1:]]
+    env.held.enter_context(folder_lock(env.cache(), "held by the test"))
+    return argv
 
 
 def spec(env: Env, text: str) -> str:
@@ -556,9 +841,13 @@ CASES = [
     C("manifest-torn", "sample a checkpoint whose manifest.json is cut short",
       "manifest.json is unreadable (", lambda e: e.run() and damage(e.ckpt() / "manifest.json", keep=50)
       or ["sample", str(e.out / "r")], keeps="the run untouched"),
-    C("latest-dangling", "checkpoints/latest names a missing folder", "names step_00000099, which does not exist",
+    C("latest-dangling", "checkpoints/latest names a missing folder (was: refused, the run blocked)",
+      "names step_00000099, which does not exist; using step_00000002, the newest complete checkpoint",
       lambda e: edit(e.run() / "checkpoints" / "latest", "step_00000099\n") and ["sample", str(e.out / "r")],
-      keeps="the run untouched"),
+      code=0, keeps="the checkpoints untouched; samples written", check=samples_written),
+    C("latest-none-left", "the run's only checkpoint folder deleted", "names step_00000002, which does not exist, "
+      "and no other complete checkpoint is there: the run directory is incomplete; train it again with --overwrite",
+      only_checkpoint_deleted, keeps="the run untouched"),
     C("no-checkpoint", "sample a run that has no checkpoint", "has no checkpoint yet; train it first",
       lambda e: ["sample", str(killed_before_first_checkpoint(e))], keeps="the folder untouched"),
     C("optimizer-corrupt", "--resume with a damaged optimizer.pt", "optimizer.pt is truncated or corrupt (7 bytes",
@@ -636,15 +925,88 @@ CASES = [
       lambda e: ["run", PIPELINE, f"out_dir={e.out}", "f2d2_joint="]),
     C("run-bad-student", "a pipeline whose student recipe does not exist", "recipe 'recipes/none.yaml' not found",
       lambda e: ["run", PIPELINE, f"out_dir={e.out}", "student=recipes/none.yaml"], keeps="no pipeline folder"),
+    # ---- faults a wider probe found
+    C("csv-bom", "nll --data on a CSV with a UTF-8 byte-order mark (was: its first row silently dropped)",
+      "(50 points,", bom_csv, code=0, keeps="all 50 rows scored; only nll-file-bom.json/.csv added",
+      check=nll_of_bom),
+    C("data-fifo", "nll --data on a named pipe with no writer (was: hung for ever)",
+      "pipe.csv' is a named pipe (FIFO), not a regular file; data must be a .npy, .npz or .csv file", fifo,
+      keeps="the run untouched; the pipe never opened"),
+    C("sample-too-large", "sample --n 200000000 with 1 GiB of memory available (was: started, looked like a hang)",
+      "--n 200000000: the samples need about 11.9 GiB of memory while they are drawn and written, more than the "
+      "1.0 GiB available; draw at most --n 16777216 at a time", little_memory, keeps="the run untouched"),
+    C("sample-estimate", "sample --n 100000: a large draw is estimated first (with a progress bar while it runs)",
+      "drawing 100,000 samples: about", lambda e: ["sample", str(e.run()), "--n", "100000", "--device", "cpu"],
+      code=0, keeps="the checkpoints untouched; samples written", check=samples_written),
+    C("manifest-outside", "a checkpoint manifest lists ../../../../secret.txt with its right hash (was: read, accepted)",
+      "manifest.json names '../../../../data/secret.txt', which is outside", lambda e: manifest_names(
+          e, "../../../../data/secret.txt"), keeps="the run untouched; the file outside never read"),
+    C("manifest-absolute", "a checkpoint manifest lists an absolute path", "which is outside",
+      lambda e: manifest_names(e, str(e.tmp / "data" / "secret.txt")), keeps="the run untouched"),
+    C("weights-symlink-out", "model.safetensors is a link to a file outside the checkpoint",
+      "manifest.json names 'model.safetensors', which is outside", symlinked_weights, keeps="the run untouched"),
+    C("checkpoint-deleted", "--resume after the final checkpoint folder was deleted (was: refused, the run blocked)",
+      "names step_00000002, which does not exist; using step_00000001, the newest complete checkpoint",
+      final_checkpoint_deleted, code=0, keeps="resumed from step 1 to step 4", check=resumed_to_4),
+    C("resume-moved-with-input", "mv runs moved (a run and the run it started from), then --resume it there "
+      "(was: config differs in train.init_from)", "resumed at step 2", moved_with_input, code=0,
+      keeps="the run finishes in its new place, reading its input there", check=moved_run_resumed),
+    C("pipeline-moved", "the finished pipeline folder copied elsewhere, then run --plan there (was: 6 of 8 runs "
+      "to retrain)", "6/7 evaluate: done", moved_pipeline, code=0, keeps="every run, the cache and the evaluation "
+      "reused; nothing written", check=plan_all_done),
+    C("evaluation-torn-plan", "run --plan with a cut-short evaluation-<key>.json (was: \"evaluate: done\", then a "
+      "bare JSON error on every rerun)", "; it is recomputed)", lambda e: torn_evaluation(e, "--plan"), code=0,
+      keeps="nothing written; report listed as to run after evaluate", check=report_after_evaluate),
+    C("evaluation-torn-rerun", "run again with a cut-short evaluation-<key>.json", "; it is recomputed)",
+      lambda e: torn_evaluation(e, "--from", "evaluate"), code=0,
+      keeps="the evaluation recomputed to the same numbers; the report rewritten", check=evaluation_recomputed),
+    C("evaluation-torn-report", "run --only report with a cut-short evaluation-<key>.json",
+      "with its evaluate stage to recompute it", lambda e: torn_evaluation(e, "--only", "report"),
+      keeps="nothing written"),
+    C("couplings-disk-full", "couplings into a new cache on a full disk (was: a bare [Errno 28], an empty cache "
+      "folder left)", "no space left on the disk while writing coupling cache", couplings_disk_full,
+      keeps="no cache folder left"),
+    C("evaluation-disk-full", "the pipeline's evaluation on a disk that fills up (was: a bare [Errno 28], a partial "
+      "figures-<key>/ left)", "no space left on the disk while writing the evaluation in",
+      evaluation_disk_full, keeps="no figures folder left; the runs untouched"),
+    C("stale-temporary", "sample after a killed sample left .steps8-euler-linear.npz.<rand>.tmp (was: never cleaned)",
+      "wrote", stale_temporaries, code=0, keeps="the old temporary removed; a fresh one (a write in progress) kept",
+      check=stale_temporary_removed),
+    C("sample-out-folder", "sample --out <a folder> (was: [Errno 21] naming the temporary file)",
+      "data is a folder; pass a file path such as", lambda e: ["sample", str(e.run()), "--out",
+                                                               str(e.data("x", "x").parent)], keeps="the run untouched"),
+    C("seed-huge", "seed=2^70 (was: \"Overflow when unpacking long long\")",
+      "seed=1180591620717411303424 is out of range: expected an integer that fits in 64 bits",
+      lambda e: e.train(f"seed={2 ** 70}")),
+    C("seed-negative", "seed=-1", "seed=-1 is out of range: expected an integer >= 0", lambda e: e.train("seed=-1")),
+    C("n-train-huge", "data.n_train=10^12 (was: a traceback, cannot allocate 8 TB)",
+      "data.n_train=1000000000000 is out of range: expected an integer <= 100000000",
+      lambda e: e.train("data.n_train=1000000000000")),
+    C("pipeline-run-locked", "run reaches a student another process is training (was: \"continue with --resume\")",
+      "wait for it to finish or stop it, then rerun `flowdistill run", locked_student,
+      keeps="nothing written; no lock left once the other process ends", check=released),
+    C("pipeline-ctrl-c", "Ctrl-C while `flowdistill run` trains a student (was: \"continue with --resume\")",
+      "interrupted at step 1; checkpoint saved, rerun `flowdistill run", pipeline_ctrl_c, code=130,
+      keeps="a checkpoint at step 1; rerunning the pipeline finishes it", check=pipeline_rerun_finishes),
+    C("couplings-locked", "couplings while another couplings extracts into the same cache (was: both computed "
+      "every pair)", "is being extracted by another process (it holds", locked_cache,
+      keeps="the cache untouched; no lock left once the other process ends", check=released),
     C("command-unknown", "flowdistill trian", "invalid choice: 'trian'", lambda e: ["trian"]),
     C("option-unknown", "train --bogus", "unrecognized arguments: --bogus", lambda e: [*e.train(), "--bogus"]),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_case(case: Case, built, tmp_path, monkeypatch, capsys):
+def test_case(case: Case, built, tmp_path, monkeypatch, capsys, request):
     """The user sees the row's message in one line and gets its exit code; the row's check holds afterwards."""
-    env = Env(tmp_path, monkeypatch, built)
+    env = Env(tmp_path, monkeypatch, built, request)
+    with env.held:
+        run_case(case, env, capsys)
+
+
+def run_case(case: Case, env: Env, capsys: pytest.CaptureFixture) -> None:
+    """Run one case in `env`: its command, its message and exit code, then its check."""
+    tmp_path = env.tmp
     argv = case.argv(env)
     before = snapshot(tmp_path)
     capsys.readouterr()
@@ -663,6 +1025,7 @@ def test_case(case: Case, built, tmp_path, monkeypatch, capsys):
     assert case.message in seen, seen
     assert code == case.code, seen
     assert "Traceback" not in out + err
+    env.seen = out + err; print("\nSEEN[" + case.id + "]" + (out + err).replace(str(tmp_path) + "/", "") + "ENDSEEN")
     if case.code == 2:  # one line: ours, or argparse's after its usage text
         lines = err.strip().splitlines()
         assert case.message in lines[-1] and re.match(r"flowdistill( [a-z0-9-]+)?: error: ", lines[-1]), err
