@@ -79,6 +79,16 @@ def merged_per_seed(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
     return merged
 
 
+def feature_space(paths: list[str]) -> str | None:
+    """The FD feature space the comparisons were scored in (their `features`); refused when they differ,
+    since FDs of two feature spaces cannot be pooled. None when no file names one (older results)."""
+    spaces = {json.loads(Path(path).read_text()).get("features") for path in paths} - {None}
+    if len(spaces) > 1:
+        raise ValueError(f"the results were scored in different feature spaces ({', '.join(sorted(spaces))}); "
+                         "pool only results of one")
+    return spaces.pop() if spaces else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json of one or more `flowdistill compare` runs")
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups = [parse_group(g) for g in args.group]
         nfes = [int(n) for n in args.nfe.split(",") if n.strip()]
         per_seed = merged_per_seed(args.results)
+        features = feature_space(args.results)
         rows = [{"group": label, **pool(per_seed, members, nfe, args.solver, args.grid)}
                 for label, members in groups for nfe in nfes]
     except (ValueError, KeyError) as err:
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "range": f"{r['min']:.1f} - {r['max']:.1f}"} for r in rows]
     columns = {"group": "group", "nfe": "NFE", "students": "students", "pooled": "pooled (every student)",
                "members": "over members' means", "range": "best - worst"}
-    payload = {"results": args.results, "solver": args.solver, "grid": args.grid,
+    payload = {"results": args.results, "features": features, "solver": args.solver, "grid": args.grid,
                "groups": {label: members for label, members in groups}, "rows": rows}
     return print_and_write(table, columns, payload, args.out)
 

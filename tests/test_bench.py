@@ -257,6 +257,21 @@ def test_pool_students_pools_every_student_and_the_members_means(tmp_path, monke
             pool_students.main([str(first), *argv])
 
 
+def test_pool_students_names_the_feature_space_and_refuses_two(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    pool_students = importlib.import_module("bench.pool_students")
+    per_seed = {"nfm": [_seed({4: 20.0}), _seed({4: 22.0})]}
+    first, second, old = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "old.json"
+    first.write_text(json.dumps({"features": "classifier-mnist-aaa", "per_seed": per_seed}))
+    second.write_text(json.dumps({"features": "classifier-mnist-bbb", "per_seed": per_seed}))
+    old.write_text(json.dumps({"per_seed": per_seed}))  # results written before files named their space
+    argv = ["--group", "N=nfm", "--nfe", "4"]
+    assert pool_students.main([str(first), str(old), *argv])["features"] == "classifier-mnist-aaa"
+    assert pool_students.main([str(old), *argv])["features"] is None
+    with pytest.raises(SystemExit, match="different feature spaces"):
+        pool_students.main([str(first), str(second), *argv])
+
+
 def test_pool_students_agrees_with_the_comparison_it_reads(monkeypatch):
     """A one-member group is the comparison's own per-student mean and standard deviation."""
     monkeypatch.syspath_prepend(str(ROOT))
