@@ -147,7 +147,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
     import torch
 
     from flowdistill.api import load_run
-    from shared.evaluate import file_points, score_points, score_split, write_nll
+    from shared.evaluate import file_points, format_nfe, score_points, score_split, write_nll
 
     run = load_run(args.run, weights=args.weights, device=args.device)
     divergence = args.divergence or run.config.eval.divergence
@@ -166,7 +166,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if "exact_nll_nats" in res:
         line += (f"; exact NLL {res['exact_nll_nats']:.4f}, gap {res['gap_to_exact_nats']:+.4f} ± "
                  f"{res['gap_stderr']:.4f}, mean |error| {res['mean_abs_error_nats']:.4f} nats")
-    print(line + f" ({res['n']} points, {res['divergence']} divergence, {res['nfe_mean']:.0f} NFE, {res['seconds']:.1f} s)")
+    timing = "read from the reference cache" if res.get("cached") else f"{res['seconds']:.1f} s"
+    print(line + f" ({res['n']} points, {res['divergence']} divergence, {format_nfe(res)}, {timing})")
     paths = write_nll(Path(args.run), stem, res, columns, f"{run.config.name}: {res['split']}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -420,8 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("f2d2-eval", cmd_f2d2_eval)
     add_run_args(p)
     p.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
-    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (geometric, "
-                   "quadratic: shorter jumps near the data; Shortcut maps accept only grids of trained jumps)")
+    p.add_argument("--grid", default="", choices=GRIDS, help="time grid of the K jumps (geometric, quadratic: "
+                   "shorter jumps near the data; Shortcut maps accept only grids of trained jumps). Default: "
+                   "chosen on the validation split as the grid whose few-step log p agrees best with the ODE "
+                   "reference (mean |few-step - ODE|, no exact density needed); given, it is used as is and "
+                   "the report goes to f2d2-eval-GRID.json")
     p.add_argument("--split", default="test", choices=["test", "val"], help="points scored (val: choose settings "
                    "such as the grid there, then report on test)")
     p.add_argument("--n", type=count, default=0, help="points scored (default: the whole split)")
