@@ -233,8 +233,8 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
     """Likelihood of points x (N, *shape) in model units: a summary and per-sample columns (each (N,)).
 
     Columns: `index` (row of x), `logp_nats` (model log p, nats per sample, in the units the summary's
-    `units` names), `nfe` (model evaluations of each point), `bits_per_dim` for images, and
-    `exact_logp_nats` / `abs_error_nats` when the exact density is known. Tabular runs report log p in the
+    `units` names), `bits_per_dim` for images, `exact_logp_nats` / `abs_error_nats` when the exact
+    density is known, and last `nfe` (model evaluations of each point). Tabular runs report log p in the
     units of the user's file,
         log p_user(x) = log p_std(z) - sum_d log std_d,
     and keep the standardised value in `logp_standardised_nats`. The summary holds means, standard
@@ -248,7 +248,7 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
     div = choose_divergence(divergence, run.dataset.dim)
     scores = run_likelihood(run, x, generator, div, batch_size, label, cache)
     logp = scores.logp
-    columns: dict[str, Tensor] = {"index": torch.arange(len(logp)), "logp_nats": logp, "nfe": scores.nfe}
+    columns: dict[str, Tensor] = {"index": torch.arange(len(logp)), "logp_nats": logp}
     std = run.dataset.standardization
     if std is not None:
         columns["logp_standardised_nats"], logp = logp, std.logp_to_user(logp)
@@ -267,6 +267,7 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
         columns["exact_logp_nats"], columns["abs_error_nats"] = exact, (logp - exact).abs()
         out.update(exact_nll_nats=-exact.mean().item(), gap_to_exact_nats=(nll.mean() + exact.mean()).item(),
                    gap_stderr=standard_error(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
+    columns["nfe"] = scores.nfe  # last: the columns before it keep their places
     return out, columns
 
 
