@@ -99,10 +99,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_sampling(run: Any, steps: int, solver: str, grid: str) -> tuple[str, str]:
+    """(file stem, words) naming a draw by what produced it: the sampler's own `describe_sampling` (a flow's
+    decode, a flow map's jumps), else an ODE solve `steps<K>-<solver>-<grid>`."""
+    describe = getattr(run.sampler, "describe_sampling", None)
+    if describe is not None:
+        return describe(run.model, steps, solver, grid)
+    return f"steps{steps}-{solver}-{grid}", f"{solver}, {steps} steps, {grid} grid"
+
+
 def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int, device: str,
                   out: Path | None = None, weights: str = "auto") -> Path:
     """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds, units);
-    tabular runs write them in the units of the user's data file."""
+    tabular runs write them in the units of the user's data file. The default file name says what produced
+    the samples (`describe_sampling`): steps8-euler-linear, jumps4-geometric, decode."""
     import numpy as np
 
     from flowdistill.api import load_run, sample
@@ -117,8 +127,9 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
     if n >= LARGE_SAMPLE:
         print(sampling_estimate(run, n, steps, solver, grid))
     s = sample(run, n, steps, solver, grid, seed)
-    out = Path(out) if out else samples_dir(run_dir) / f"steps{steps}-{solver}-{grid}.png"
-    title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
+    stem, words = describe_sampling(run, steps, solver, grid)
+    out = Path(out) if out else samples_dir(run_dir) / f"{stem}.png"
+    title = f"{run.config.name}: {words} ({s.nfe} NFE)"
     x, data = run.dataset.to_user(s.x), run.dataset
     save_samples_figure(x, out, data.levels, data.to_user(data.test) if data.kind == "vector" else None, title)
     buf = io.BytesIO()

@@ -177,3 +177,13 @@ def test_grid_is_not_chosen_without_a_validation_split(runs, monkeypatch):
     assert only["grid"] == "geometric" and only["chosen_by"] == "only valid grid"
     with pytest.raises(ValueError, match="no time grid"):
         f2d2_eval.choose_grid(run, [9], 10, "exact")  # levels 7: the geometric grid reaches K = 8
+
+
+def test_flow_map_samples_are_named_by_their_jumps(runs):
+    _, f2d2 = runs
+    assert main(["sample", str(f2d2), "--n", "20", "--steps", "4", "--grid", "geometric"]) == 0
+    import numpy as np
+
+    with np.load(f2d2 / "samples" / "jumps4-geometric.npz") as saved:
+        assert int(saved["nfe"]) == 4 and saved["samples"].shape == (20, 2)
+    assert not list((f2d2 / "samples").glob("steps*"))
