@@ -83,7 +83,8 @@ def bench_runs(runs: list[str], device: torch.device, n: int, n_samples: int) ->
     rows = []
     for path in runs:
         run = load_run(path, device=device)
-        result, _ = evaluate(run, [1, 2, 4, 8], n, n_samples, run.config.eval.divergence)
+        # cache=False: the reference is timed here, not read back from an earlier (possibly other-device) run
+        result, _ = evaluate(run, [1, 2, 4, 8], n, n_samples, run.config.eval.divergence, cache=False)
         for r in result["rows"]:
             rows.append({"run": result["run"], "K": r["K"], "mae": r["mae"], "naive_mae": r["naive_mae"],
                          "gap": r["nll"] - r["ref_nll"], "bpd_gap": r["bpd"] - r["ref_bpd"] if "bpd" in r else "",

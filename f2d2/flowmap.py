@@ -260,6 +260,10 @@ class FlowMapSampler:
                 f"starting on multiples of their size. Use the linear grid with K a power of two up to "
                 f"{2 ** self.trained_levels}, or the geometric grid with K up to {self.trained_levels + 1}")
 
+    def describe_sampling(self, model: nn.Module, steps: int, solver: str, grid: str) -> tuple[str, str]:
+        """(file stem, words) of a draw: K jumps on a grid (no solver applies)."""
+        return f"jumps{steps}-{grid}", f"{steps} jumps, {grid} grid"
+
     def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
                      generator: torch.Generator | None = None) -> Tensor:
         """Standard normal noise (n, *shape) at t = 1."""

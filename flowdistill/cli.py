@@ -99,10 +99,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_sampling(run: Any, steps: int, solver: str, grid: str) -> tuple[str, str]:
+    """(file stem, words) naming a draw by what produced it: the sampler's own `describe_sampling` (a flow's
+    decode, a flow map's jumps), else an ODE solve `steps<K>-<solver>-<grid>`."""
+    describe = getattr(run.sampler, "describe_sampling", None)
+    if describe is not None:
+        return describe(run.model, steps, solver, grid)
+    return f"steps{steps}-{solver}-{grid}", f"{solver}, {steps} steps, {grid} grid"
+
+
 def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int, device: str,
                   out: Path | None = None, weights: str = "auto") -> Path:
     """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds, units);
-    tabular runs write them in the units of the user's data file."""
+    tabular runs write them in the units of the user's data file. The default file name says what produced
+    the samples (`describe_sampling`): steps8-euler-linear, jumps4-geometric, decode."""
     import numpy as np
 
     from flowdistill.api import load_run, sample
@@ -117,8 +127,9 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
     if n >= LARGE_SAMPLE:
         print(sampling_estimate(run, n, steps, solver, grid))
     s = sample(run, n, steps, solver, grid, seed)
-    out = Path(out) if out else samples_dir(run_dir) / f"steps{steps}-{solver}-{grid}.png"
-    title = f"{run.config.name}: {solver}, {steps} steps ({s.nfe} NFE), {grid} grid"
+    stem, words = describe_sampling(run, steps, solver, grid)
+    out = Path(out) if out else samples_dir(run_dir) / f"{stem}.png"
+    title = f"{run.config.name}: {words} ({s.nfe} NFE)"
     x, data = run.dataset.to_user(s.x), run.dataset
     save_samples_figure(x, out, data.levels, data.to_user(data.test) if data.kind == "vector" else None, title)
     buf = io.BytesIO()
@@ -147,7 +158,7 @@ def cmd_nll(args: argparse.Namespace) -> int:
     import torch
 
     from flowdistill.api import load_run
-    from shared.evaluate import file_points, score_points, score_split, write_nll
+    from shared.evaluate import file_points, format_nfe, score_points, score_split, write_nll
 
     run = load_run(args.run, weights=args.weights, device=args.device)
     divergence = args.divergence or run.config.eval.divergence
@@ -166,7 +177,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
     if "exact_nll_nats" in res:
         line += (f"; exact NLL {res['exact_nll_nats']:.4f}, gap {res['gap_to_exact_nats']:+.4f} ± "
                  f"{res['gap_stderr']:.4f}, mean |error| {res['mean_abs_error_nats']:.4f} nats")
-    print(line + f" ({res['n']} points, {res['divergence']} divergence, {res['nfe_mean']:.0f} NFE, {res['seconds']:.1f} s)")
+    timing = "read from the reference cache" if res.get("cached") else f"{res['seconds']:.1f} s"
+    print(line + f" ({res['n']} points, {res['divergence']} divergence, {format_nfe(res)}, {timing})")
     paths = write_nll(Path(args.run), stem, res, columns, f"{run.config.name}: {res['split']}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -420,8 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("f2d2-eval", cmd_f2d2_eval)
     add_run_args(p)
     p.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="comma-separated K (default 1,2,4,8)")
-    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of the K jumps (geometric, "
-                   "quadratic: shorter jumps near the data; Shortcut maps accept only grids of trained jumps)")
+    p.add_argument("--grid", default="", choices=GRIDS, help="time grid of the K jumps (geometric, quadratic: "
+                   "shorter jumps near the data; Shortcut maps accept only grids of trained jumps). Default: "
+                   "chosen on the validation split as the grid whose few-step log p agrees best with the ODE "
+                   "reference (mean |few-step - ODE|, no exact density needed); given, it is used as is and "
+                   "the report goes to f2d2-eval-GRID.json")
     p.add_argument("--split", default="test", choices=["test", "val"], help="points scored (val: choose settings "
                    "such as the grid there, then report on test)")
     p.add_argument("--n", type=count, default=0, help="points scored (default: the whole split)")

@@ -11,7 +11,6 @@ log p on the same points is reported next to the ODE-reference gap.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,9 +21,11 @@ from f2d2.flowmap import few_step_log_likelihood, naive_log_likelihood
 from f2d2.guidance import guided_sample
 from flowdistill.api import load_run
 from shared.data import bits_per_dim
-from shared.evaluate import (evaluation_points, format_table, generate, generate_with, standard_error, sync,
-                             write_columns, write_json)
-from shared.likelihood import LikelihoodResult, choose_divergence, log_likelihood
+from shared.evaluate import (cache_folder, evaluation_points, format_table, generate, generate_with, likelihood_key,
+                             nfe_summary, run_likelihood, score_batches, standard_error, write_columns, write_json)
+from shared.likelihood import LikelihoodResult, choose_divergence, default_solver_settings, log_likelihood
+from shared.reference_cache import ReferenceScores, cached_reference
+from shared.sampling import GRIDS
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import Run, require_same_data
 
@@ -32,18 +33,10 @@ LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
 
 
 def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[str, Any]:
-    """Per-sample log p (N,) float64 on the CPU, NFE (mean over batches, weighted by batch size) and wall
-    seconds of `fn` over x in batches."""
-    logps, nfe, seconds = [], 0.0, 0.0
-    for start in range(0, len(x), batch_size):
-        sync(x.device)
-        t0 = time.perf_counter()
-        res = fn(x[start:start + batch_size], gen)
-        sync(x.device)
-        seconds += time.perf_counter() - t0
-        logps.append(res.logp.detach().double().cpu())
-        nfe += res.nfe * len(logps[-1])
-    return {"logp": torch.cat(logps), "nfe": nfe / len(x), "seconds": seconds}
+    """Per-sample log p (N,) float64 on the CPU, NFE (mean per point; `nfe_per_point` (N,)) and wall seconds
+    of `fn` over x in batches."""
+    s = score_batches(fn, x, gen, batch_size, desc="score")
+    return {"logp": s.logp, "nfe": s.nfe.double().mean().item(), "nfe_per_point": s.nfe, "seconds": s.seconds}
 
 
 def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
@@ -56,6 +49,100 @@ def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
                                                             generator=g)
 
 
+def copy_generator(gen: torch.Generator) -> torch.Generator:
+    """A generator in the same state as `gen` (so that what draws after the reference does not depend on
+    whether the reference was computed or read from the cache)."""
+    out = torch.Generator(device=gen.device)
+    out.set_state(gen.get_state())
+    return out
+
+
+def reference_scores(run: Run, x: Tensor, gen: torch.Generator, divergence: str, batch_size: int, label: str,
+                     cache: bool = True) -> tuple[str, ReferenceScores]:
+    """The reference log p (model units) and NFE of each point, with the reference's name.
+
+    With a teacher: the teacher run's own likelihood, read from or written to the teacher's reference cache
+    (the one `flowdistill nll TEACHER` uses, keyed by the teacher's weights). Without: the ODE likelihood of
+    the map's tangent u(x, t, t), cached in this run's folder keyed by the map's weights. Probes are drawn
+    from a copy of `gen`, which is left as it was.
+    """
+    teacher = run.config.method.teacher
+    if teacher:
+        ref = load_run(teacher, device=x.device)
+        return f"teacher {ref.config.name}", run_likelihood(ref, x, copy_generator(gen), divergence, batch_size,
+                                                            label, cache)
+    name, fn = reference_fn(run, divergence)
+
+    def compute() -> ReferenceScores:
+        return score_batches(fn, x, copy_generator(gen), batch_size, desc="reference")
+
+    if not cache:
+        return name, compute()
+    key = likelihood_key(run.model, x, divergence, f"tangent ode likelihood, {default_solver_settings()}", gen,
+                         batch_size)
+    return name, cached_reference(cache_folder(run), key, compute, label)
+
+
+def valid_grids(run: Run, steps: list[int]) -> list[str]:
+    """The grids (of GRIDS, in that order) whose jumps the map was trained on for every K in `steps`."""
+    out = []
+    for grid in GRIDS:
+        try:
+            for k in steps:
+                run.sampler.check_grid(k, grid)
+        except ValueError:
+            continue
+        out.append(grid)
+    return out
+
+
+def grid_disagreement(run: Run, x: Tensor, ref_logp: Tensor, steps: list[int], grid: str, batch_size: int) -> float:
+    """Mean over K of the mean |few-step log p_K - reference log p| (nats per point) of points x on `grid`."""
+    gaps = []
+    for k in steps:
+        few = score(lambda y, g: few_step_log_likelihood(run.model, y, k, grid), x, torch.Generator(), batch_size)
+        gaps.append((few["logp"] - ref_logp).abs().mean().item())
+    return sum(gaps) / len(gaps)
+
+
+def choose_grid(run: Run, steps: list[int], n: int, divergence: str, seed: int = 0, batch_size: int = 500,
+                cache: bool = True) -> dict[str, Any]:
+    """Choose the time grid of the K jumps on the validation split, without an exact density.
+
+    Criterion: agreement with the reference the map distils. For each grid whose jumps the map was trained
+    on for every requested K (`valid_grids`; a Shortcut map accepts only dyadic jumps), the mean over K of
+    the mean per-point |few-step log p_K - ODE reference log p| on the first `n` validation points (all when
+    n = 0); the smallest wins, linear on a tie. The few-step estimate is a distillation of that reference, so
+    the grid on which it reproduces the reference best is the one its K jumps were learned best on; it needs
+    no exact density, and it does not reward a map for straying below the reference (validation NLL
+    would). The ODE reference comes from the reference cache. Returns {grid, chosen_by, criterion, split,
+    n, scores (grid -> nats), reason}; without a validation split (data.val_fraction = 0) or with one valid
+    grid, nothing is compared and `reason` says so.
+    """
+    candidates = valid_grids(run, steps)
+    base = {"chosen_by": "validation", "split": "val", "criterion": CRITERION, "scores": {}, "n": 0}
+    if not candidates:
+        raise ValueError(f"no time grid has only trained jumps for K = {', '.join(map(str, steps))}; "
+                         + ("use K a power of two" if run.sampler.trained_levels else "check --steps"))
+    if len(candidates) == 1:
+        return {**base, "grid": candidates[0], "chosen_by": "only valid grid",
+                "reason": f"the only grid whose jumps the map was trained on for K = {', '.join(map(str, steps))}"}
+    if run.dataset.val is None or not len(run.dataset.val):
+        grid = "linear" if "linear" in candidates else candidates[0]
+        return {**base, "grid": grid, "chosen_by": "default",
+                "reason": "not chosen: the run has no validation split (data.val_fraction = 0); pass --grid"}
+    x, gen = evaluation_points(run, "val", n or len(run.dataset.val), seed)
+    _, ref = reference_scores(run, x, gen, divergence, batch_size, "val", cache)
+    scores = {g: grid_disagreement(run, x, ref.logp, steps, g, batch_size) for g in candidates}
+    grid = min(candidates, key=lambda g: scores[g])
+    others = ", ".join(f"{g} {scores[g]:.3f}" for g in candidates if g != grid)
+    return {**base, "grid": grid, "scores": scores, "n": len(x),
+            "reason": f"chosen on val: mean |few-step - ODE| {scores[grid]:.3f} vs {others} nats"}
+
+
+CRITERION = "mean over K of mean |few-step log p - ODE reference log p| on the validation split (smallest wins)"
+
+
 def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iterations: int, extractor: Any,
                     batch_size: int, grid: str) -> tuple[float, int, float]:
     """Sample quality, NFE and seconds of self-guided sampling on the same seeded noise as `generate`."""
@@ -66,22 +153,29 @@ def _guided_quality(run: Run, steps: int, n: int, seed: int, lr: float, iteratio
 
 def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence: str, seed: int = 0,
              guidance_steps: int = 0, guidance_lr: float = 0.1, nf_teacher: str = "", batch_size: int = 500,
-             grid: str = "linear", split: str = "test") -> tuple[dict[str, Any], dict[str, Tensor]]:
+             grid: str = "linear", split: str = "test", cache: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Rows (one per K) of few-step vs reference likelihood and sample quality, plus the reference's own cost,
     and per-sample columns (N,): index, reference / NF / exact log p and few-step log p per K, in nats.
 
     n_nll = 0 scores the whole split. Tabular runs report every log p in the units of the user's file
-    (the standardisation's log-Jacobian added; differences between estimates do not change).
+    (the standardisation's log-Jacobian added; differences between estimates do not change). `grid` "auto"
+    chooses the grid on the validation split (`choose_grid`); the summary's `grid_choice` records how the
+    grid was set. The ODE reference comes from the reference cache unless `cache` is False.
     """
     data, model = run.dataset, run.model
+    div = choose_divergence(divergence, data.dim)
+    if grid == "auto":
+        choice = choose_grid(run, steps, n_nll, div, seed, batch_size, cache)
+        grid = choice["grid"]
+    else:
+        choice = {"grid": grid, "chosen_by": "given", "reason": "given (--grid), not chosen"}
     for k in steps:
         run.sampler.check_grid(k, grid)
-    div = choose_divergence(divergence, data.dim)
     points = getattr(data, split, None)
     x, gen = evaluation_points(run, split, n_nll or (0 if points is None else len(points)), seed)
     shift = 0.0 if data.standardization is None else data.standardization.log_jacobian
-    ref_name, ref_fn = reference_fn(run, div)
-    ref = score(ref_fn, x, gen, batch_size)
+    ref_name, ref_scores = reference_scores(run, x, gen, div, batch_size, split, cache)
+    ref = {"logp": ref_scores.logp, "nfe": ref_scores.nfe.double().mean().item(), "seconds": ref_scores.seconds}
     nf = None
     if nf_teacher:
         nf_run = load_run(nf_teacher, device=x.device)
@@ -139,7 +233,9 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
                 run, k, n_samples, seed, guidance_lr, guidance_steps, extractor, batch_size, grid)
         rows.append(row)
     summary = {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x),
-               "split": split, "grid": grid, "units": data.units, "nf_teacher": nf_teacher or None,
+               "split": split, "grid": grid, "grid_choice": choice, "units": data.units,
+               "reference_cached": ref_scores.cached, "reference_seconds": ref_scores.seconds,
+               **nfe_summary(ref_scores.nfe, "reference_nfe"), "nf_teacher": nf_teacher or None,
                "exact_density": data.log_density is not None, "guidance_lr": guidance_lr,
                "guidance_steps": guidance_steps, "rows": rows}
     return summary, columns
@@ -151,7 +247,9 @@ COLUMNS = ["K", "nfe", "nll", "ref_nll", "mae", "naive_nll", "naive_mae", "nf_nl
 
 
 def run_f2d2_eval(args: Any) -> int:
-    """Print the Markdown table; write f2d2-eval[-GRID].json and .png into the run directory."""
+    """Print the grid (and why), the Markdown table; write f2d2-eval.json/.csv/.png into the run directory, or
+    f2d2-eval-GRID.* when --grid set the grid (so an override never replaces the report on the chosen grid)."""
+    from shared.evaluate import format_nfe
     from shared.plots import save_curves
 
     run = load_run(args.run, weights=args.weights, device=args.device)
@@ -160,14 +258,17 @@ def run_f2d2_eval(args: Any) -> int:
     ev = run.config.eval
     result, columns = evaluate(run, args.steps, args.n, args.n_samples or ev.n_samples,
                                args.divergence or ev.divergence, args.seed, args.guidance_steps, args.guidance_lr,
-                               args.nf_teacher or run.config.method.nf_teacher, args.batch_size, args.grid, args.split)
-    rows = result["rows"]
+                               args.nf_teacher or run.config.method.nf_teacher, args.batch_size, args.grid or "auto",
+                               args.split)
+    rows, grid = result["rows"], result["grid"]
+    print(f"grid: {grid} ({result['grid_choice']['reason']})")
+    cached = " (read from the reference cache)" if result["reference_cached"] else ""
     print(f"{result['run']} (step {result['step']}): reference {result['reference']}, {result['divergence']} "
-          f"divergence, {result['n']} {args.split} points, {args.grid} grid; log p in nats per sample "
-          f"({result['units']}), NLL = -mean log p")
+          f"divergence, {format_nfe(result, 'reference_nfe')}{cached}, {result['n']} {args.split} points, "
+          f"{grid} grid; log p in nats per sample ({result['units']}), NLL = -mean log p")
     print(format_table(rows, [c for c in COLUMNS if c in rows[0]]))
     out = Path(args.run)
-    stem = "f2d2-eval" + ("" if args.grid == "linear" else f"-{args.grid}") + ("" if args.split == "test" else f"-{args.split}")
+    stem = "f2d2-eval" + (f"-{grid}" if args.grid else "") + ("" if args.split == "test" else f"-{args.split}")
     write_json(out / f"{stem}.json", result)
     write_columns(out / f"{stem}.csv", columns)
     if "exact_logp_nats" in columns:

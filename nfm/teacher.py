@@ -139,6 +139,12 @@ class TeacherSampler:
             nfe += 2
         return SampleResult(x, nfe)
 
+    def describe_sampling(self, model: nn.Module, steps: int, solver: str, grid: str) -> tuple[str, str]:
+        """(file stem, words) of a draw: one decode, plus the Tweedie step when it applies; steps, solver and
+        grid do not apply, so they are not in the name."""
+        denoised = self.cfg.denoise and unwrap(model).eta > 0
+        return ("decode-denoised", "decode + Tweedie denoising") if denoised else ("decode", "decode")
+
     @torch.no_grad()
     def log_likelihood(self, model: nn.Module, x: Tensor, divergence: str = "exact",
                        generator: torch.Generator | None = None, labels: Tensor | None = None) -> LikelihoodResult:

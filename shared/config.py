@@ -49,8 +49,10 @@ class DataConfig:
     path: str = ""  # file or folder for `cifar10` (root), `imagefolder`, `tabular`, `shards`, `imagenet_npz`
     test_path: str = ""  # tabular: a separate test file with the same columns (then all of `path` is training data)
     download: bool = False  # allow torchvision to download CIFAR-10 into `path`
-    n_train: int = 20000  # samples generated for toy sets; tabular: at most this many rows (the default: all)
-    n_test: int = 5000  # held-out samples generated for toy sets; tabular: at most this many test rows (default: all)
+    n_train: int = 20000  # samples generated for toy sets (tabular data ignores it: see max_train_rows)
+    n_test: int = 5000  # held-out samples generated for toy sets (tabular data ignores it: see max_test_rows)
+    max_train_rows: int = 0  # tabular: keep at most this many training rows (0: all); a cap that drops rows warns
+    max_test_rows: int = 0  # tabular: keep at most this many test rows (0: all); a cap that drops rows warns
     test_fraction: float = 0.2  # share of a finite data set kept as the test split
     val_fraction: float = 0.0  # share of the training split held out for validation (model selection, never test)
     image_size: int = 0  # resize ImageFolder images to this side (0: keep, all must agree)
@@ -228,7 +230,7 @@ def build_run_config(data: dict[str, Any], choices: Choices) -> RunConfig:
 
 EVAL_SOLVERS = ("euler", "heun", "dopri5", "dopri8", "bosh3", "adaptive_heun")  # shared.sampling.SOLVERS
 INT64 = (-2**63, 2**63 - 1)  # what torch, numpy and the file formats hold: every integer setting must fit
-MAX_SAMPLES = 100_000_000  # data.n_train / data.n_test: points generated (toy sets) or rows kept (tabular)
+MAX_SAMPLES = 100_000_000  # data.n_train / data.n_test: points generated (toy sets); data.max_*_rows: rows kept
 RANGES = (  # (key, test, what is expected)
     ("train.steps", lambda v: v >= 1, "an integer >= 1"),
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -248,6 +250,8 @@ RANGES = (  # (key, test, what is expected)
     ("data.seed", lambda v: v >= 0, "an integer >= 0"),
     ("data.n_train", lambda v: v <= MAX_SAMPLES, f"an integer <= {MAX_SAMPLES} (points generated or rows kept)"),
     ("data.n_test", lambda v: v <= MAX_SAMPLES, f"an integer <= {MAX_SAMPLES} (points generated or rows kept)"),
+    ("data.max_train_rows", lambda v: 0 <= v <= MAX_SAMPLES, f"an integer in [0, {MAX_SAMPLES}] (0: every row)"),
+    ("data.max_test_rows", lambda v: 0 <= v <= MAX_SAMPLES, f"an integer in [0, {MAX_SAMPLES}] (0: every row)"),
     ("data.test_fraction", lambda v: 0 < v < 1, "a number in (0, 1)"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("data.shift", lambda v: v >= 0, "an integer >= 0"),

@@ -69,8 +69,9 @@ class Dataset:
     @property
     def units(self) -> str:
         """What the values (and log p) this data set reports are measured in."""
-        if self.standardization is not None:
-            return f"units of the data file {self.meta.get('source', '')}".strip()
+        if self.standardization is not None:  # name the file the statistics came from, not the file scored
+            source = self.standardization.source or self.meta.get("source", "") or "the training file"
+            return f"units of the data files (standardisation fitted on {source})"
         return "model scale [-1, 1] (dequantized)" if self.levels is not None else "data units"
 
     @property

@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import atomic_write_text
 from shared.data import bits_per_dim, dequantize
-from shared.likelihood import choose_divergence
+from shared.likelihood import choose_divergence, default_solver_settings
 from shared.metrics import FeatureExtractor, feature_extractor, reference_split, sample_quality
+from shared.reference_cache import (ReferenceKey, ReferenceScores, cached_reference, generator_digest, points_digest,
+                                    weights_digest)
 from shared.run import Run
 from shared.tabular import read_table
 
@@ -163,29 +165,89 @@ def file_points(run: Run, path: str | Path) -> Tensor:
     return x.float().to(next(run.model.parameters()).device)
 
 
+def cache_folder(run: Run) -> Path | None:
+    """The folder whose cache/ holds a run's reference likelihoods: the run directory, or None (no caching) for
+    a packed run (shipped or exported: a verified artefact that is not written into)."""
+    from shared.rundir import PACKED_WEIGHTS
+
+    return None if (Path(run.dir) / PACKED_WEIGHTS).is_file() else Path(run.dir)
+
+
+def likelihood_key(model: torch.nn.Module, x: Tensor, divergence: str, estimate: str,
+                   generator: torch.Generator | None, batch_size: int) -> ReferenceKey:
+    """The cache key of a likelihood of points x under `model` (see shared.reference_cache): randomness
+    (the generator's state and the batch the probes are drawn per) counts only for a Hutchinson estimate."""
+    randomness = f"generator {generator_digest(generator)}, batch {batch_size}" if divergence == "hutchinson" else ""
+    return ReferenceKey(weights_digest(model), points_digest(x), len(x), estimate, divergence, randomness)
+
+
+def score_batches(fn: Callable[[Tensor, torch.Generator], Any], x: Tensor, generator: torch.Generator,
+                  batch_size: int, desc: str = "nll") -> ReferenceScores:
+    """Per-point log p (N,) float64 and NFE (N,) int64 on the CPU of `fn(batch, generator) -> LikelihoodResult`
+    over x in batches, and the wall seconds (CUDA work included)."""
+    logps, nfes, seconds = [], [], 0.0
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
+        sync(x.device)
+        t0 = time.perf_counter()
+        res = fn(x[start:start + batch_size], generator)
+        sync(x.device)
+        seconds += time.perf_counter() - t0
+        logps.append(res.logp.detach().double().cpu())
+        nfes.append(res.per_sample_nfe())
+    return ReferenceScores(torch.cat(logps), torch.cat(nfes), seconds)
+
+
+def nfe_summary(nfe: Tensor, prefix: str = "nfe") -> dict[str, float]:
+    """Mean, min and max NFE per point of a point set: {prefix}_mean, {prefix}_min, {prefix}_max."""
+    nfe = nfe.double()
+    return {f"{prefix}_mean": nfe.mean().item(), f"{prefix}_min": int(nfe.min().item()),
+            f"{prefix}_max": int(nfe.max().item())}
+
+
+def format_nfe(summary: dict[str, Any], prefix: str = "nfe") -> str:
+    """'879 NFE per point (mean; 610-1203)', or '1 NFE per point' when every point costs the same."""
+    low, high = summary[f"{prefix}_min"], summary[f"{prefix}_max"]
+    if low == high:
+        return f"{low} NFE per point"
+    return f"{summary[f'{prefix}_mean']:.0f} NFE per point (mean; {low}-{high})"
+
+
+def run_likelihood(run: Run, x: Tensor, generator: torch.Generator, divergence: str, batch_size: int = 250,
+                   label: str = "test", cache: bool = True) -> ReferenceScores:
+    """The run's own log p of points x (model units), per point with its NFE; an ODE likelihood is read from
+    (and written to) the run's reference cache unless `cache` is False. `divergence` is already resolved."""
+    def compute() -> ReferenceScores:
+        return score_batches(lambda y, g: run.sampler.log_likelihood(run.model, y, divergence=divergence,
+                                                                     generator=g), x, generator, batch_size)
+
+    if not (cache and getattr(run.sampler, "ode_likelihood", False)):
+        return compute()
+    key = likelihood_key(run.model, x, divergence, f"ode likelihood, {default_solver_settings()}", generator,
+                         batch_size)
+    return cached_reference(cache_folder(run), key, compute, label)
+
+
 @torch.no_grad()
 def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: str = "auto", batch_size: int = 250,
-                 label: str = "test") -> tuple[dict[str, Any], dict[str, Tensor]]:
+                 label: str = "test", cache: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Likelihood of points x (N, *shape) in model units: a summary and per-sample columns (each (N,)).
 
     Columns: `index` (row of x), `logp_nats` (model log p, nats per sample, in the units the summary's
-    `units` names), `bits_per_dim` for images, and `exact_logp_nats` / `abs_error_nats` when the exact
-    density is known. Tabular runs report log p in the units of the user's file,
+    `units` names), `bits_per_dim` for images, `exact_logp_nats` / `abs_error_nats` when the exact
+    density is known, and last `nfe` (model evaluations of each point). Tabular runs report log p in the
+    units of the user's file,
         log p_user(x) = log p_std(z) - sum_d log std_d,
     and keep the standardised value in `logp_standardised_nats`. The summary holds means, standard
-    errors, NFE and wall time; `gap_to_exact_nats` is mean model NLL minus mean exact NLL (negative: the
-    model claims more density than the truth).
+    errors, the NFE per point (mean, min, max) and wall time; `gap_to_exact_nats` is mean model NLL minus
+    mean exact NLL (negative: the model claims more density than the truth). An ODE likelihood comes from
+    the run's reference cache when these points were scored before (`cached`: true; `seconds` is then the
+    time the computation took).
     """
     if not len(x):
         raise ValueError(f"no points to score in {label}")
     div = choose_divergence(divergence, run.dataset.dim)
-    logps, nfe, t0 = [], [], time.perf_counter()
-    for start in tqdm(range(0, len(x), batch_size), desc="nll", leave=False, disable=None):
-        res = run.sampler.log_likelihood(run.model, x[start:start + batch_size], divergence=div, generator=generator)
-        logps.append(res.logp.double().cpu())
-        nfe.append(res.nfe)
-    sync(x.device)
-    logp = torch.cat(logps)
+    scores = run_likelihood(run, x, generator, div, batch_size, label, cache)
+    logp = scores.logp
     columns: dict[str, Tensor] = {"index": torch.arange(len(logp)), "logp_nats": logp}
     std = run.dataset.standardization
     if std is not None:
@@ -194,7 +256,7 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
     nll = -logp
     out = {"split": label, "n": len(nll), "divergence": "exact (flow)" if run.sampler.exact_likelihood else div,
            "units": run.dataset.units, "nll_nats": nll.mean().item(), "nll_nats_stderr": standard_error(nll),
-           "nfe_mean": sum(nfe) / len(nfe), "seconds": time.perf_counter() - t0}
+           **nfe_summary(scores.nfe), "seconds": scores.seconds, "cached": scores.cached}
     if std is not None:
         out["log_jacobian_nats"] = std.log_jacobian  # -sum(log std): added to every standardised log p
     if run.dataset.levels is not None:
@@ -205,15 +267,16 @@ def score_points(run: Run, x: Tensor, generator: torch.Generator, divergence: st
         columns["exact_logp_nats"], columns["abs_error_nats"] = exact, (logp - exact).abs()
         out.update(exact_nll_nats=-exact.mean().item(), gap_to_exact_nats=(nll.mean() + exact.mean()).item(),
                    gap_stderr=standard_error(-(logp - exact)), mean_abs_error_nats=columns["abs_error_nats"].mean().item())
+    columns["nfe"] = scores.nfe  # last: the columns before it keep their places
     return out, columns
 
 
 def score_split(run: Run, split: str = "test", n: int = 0, divergence: str = "auto", seed: int = 0,
-                batch_size: int = 250) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                batch_size: int = 250, cache: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Likelihood of the first `n` points of a split (all when n = 0): `score_points` on that split."""
     points = getattr(run.dataset, split, None)
     x, gen = evaluation_points(run, split, n or (0 if points is None else len(points)), seed)
-    return score_points(run, x, gen, divergence, batch_size, split)
+    return score_points(run, x, gen, divergence, batch_size, split, cache)
 
 
 def write_nll(folder: str | Path, stem: str, summary: dict[str, Any], columns: dict[str, Tensor],

@@ -32,6 +32,8 @@ LIKELIHOOD_FIXED_SOLVERS = ("euler", "midpoint", "rk4")
 LIKELIHOOD_SOLVERS = ADAPTIVE_SOLVERS + LIKELIHOOD_FIXED_SOLVERS
 AUTO_EXACT_MAX_DIM = 64
 CONVERGED_NATS = 0.005  # largest per-sample change of log p under refinement that counts as converged
+# The solver every sampler's ODE likelihood uses (the defaults of `log_likelihood`); part of a cached reference's key.
+DEFAULT_METHOD, DEFAULT_RTOL, DEFAULT_ATOL, DEFAULT_PROBE = "dopri5", 1e-5, 1e-5, "rademacher"
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -92,16 +94,28 @@ def choose_divergence(requested: str, dim: int) -> str:
 
 @dataclass
 class LikelihoodResult:
-    """log p(x) (B,) in nats per sample, the NFE spent (model forwards) and the noise endpoint z = x_1."""
+    """log p(x) (B,) in nats per sample, the NFE spent (batched model forwards) and the noise endpoint z = x_1.
+
+    `nfe_per_sample` (B,) int64: the forwards each sample took part in (an adaptive solve gives every sample
+    its own steps); None where every sample costs `nfe` (fixed grids, one-pass flows, few-step maps).
+    """
 
     logp: Tensor
     nfe: int
     z: Tensor
+    nfe_per_sample: Tensor | None = None
+
+    def per_sample_nfe(self) -> Tensor:
+        """NFE of each sample (B,) int64 on the CPU."""
+        if self.nfe_per_sample is not None:
+            return self.nfe_per_sample.detach().long().cpu()
+        return torch.full((len(self.logp),), int(self.nfe), dtype=torch.long)
 
 
 @torch.no_grad()
-def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "exact", probe: str = "rademacher",
-                   method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
+def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "exact", probe: str = DEFAULT_PROBE,
+                   method: str = DEFAULT_METHOD, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                   steps: int | None = None,
                    generator: torch.Generator | None = None, **extras: Any) -> LikelihoodResult:
     """Log density (nats per sample) of data x (B, *shape) under the flow of `model`, by solving t = 0 -> 1.
 
@@ -110,7 +124,8 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
     is drawn once from `generator` for the whole batch. Fixed-step methods (euler, midpoint, rk4) need
     `steps`; adaptive ones (dopri5, dopri8, bosh3, adaptive_heun) use rtol/atol per sample and ignore it.
     Tensor `extras` with the batch as first dimension are passed per sample; the model must treat
-    samples independently. `nfe` counts batched model calls (an adaptive call covers the samples still running).
+    samples independently. `nfe` counts batched model calls (an adaptive call covers the samples still running);
+    `nfe_per_sample` the calls each sample took part in.
     """
     divergence = choose_divergence(divergence, x[0].numel())
     if probe not in PROBES:
@@ -129,7 +144,10 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
                           for k, v in extras.items()}
         return counter, None if eps is None else eps[index]
 
+    calls = torch.zeros(len(x), dtype=torch.long, device=x.device)  # forwards each sample took part in
+
     def dynamics(t: Tensor, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        calls[index] += 1
         field, probe_rows = rows_of(index)
         if probe_rows is None:
             return divergence_exact(field, y, t)
@@ -148,7 +166,7 @@ def log_likelihood(model: Callable[..., Tensor], x: Tensor, divergence: str = "e
     else:
         z, delta = odeint_per_sample(lambda t, parts, index: dynamics(t, parts[0], index), (x, delta0),
                                      method=method, rtol=rtol, atol=atol)
-    return LikelihoodResult(standard_normal_logprob(z) + delta, counter.nfe, z)
+    return LikelihoodResult(standard_normal_logprob(z) + delta, counter.nfe, z, calls.cpu())
 
 
 def refinement_change(model: Callable[..., Tensor], x: Tensor, divergence: str = "exact", method: str = "dopri5",
@@ -168,3 +186,8 @@ def refinement_change(model: Callable[..., Tensor], x: Tensor, divergence: str =
     base = solve(1.0, 1)
     refined = solve(0.5, 1) if method not in LIKELIHOOD_FIXED_SOLVERS else solve(1.0, 2)
     return base, (refined.logp - base.logp).abs()
+
+
+def default_solver_settings() -> str:
+    """The ODE likelihood's solver settings as one line (what a cached reference was computed with)."""
+    return f"{DEFAULT_METHOD} rtol={DEFAULT_RTOL:g} atol={DEFAULT_ATOL:g} probe={DEFAULT_PROBE}"

@@ -45,6 +45,9 @@ class VelocityFieldSampler:
     """ODE sampling and ODE likelihood of a velocity field v(x, t) (t = 1 noise, t = 0 data)."""
 
     exact_likelihood = False
+    # log_likelihood integrates an ODE with shared.likelihood's default solver: costly, and fixed by the
+    # weights, points, divergence (and probes), so shared.evaluate caches it (shared.reference_cache)
+    ode_likelihood = True
 
     def prior_sample(self, n: int, shape: tuple[int, ...], device: torch.device | str,
                      generator: torch.Generator | None = None) -> Tensor:

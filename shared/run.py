@@ -23,8 +23,8 @@ from shared.catalog import BuildContext, Catalog
 from shared.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_text, check_writable, estimate_checkpoint_bytes,
                                latest_checkpoint, load_weights, remove_temporaries, require_free_space,
                                verify_checkpoint)
-from shared.config import (ConfigError, RunConfig, build_run_config, dump_yaml, flatten, load_recipe, read_yaml_mapping,
-                           to_dict)
+from shared.config import (ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, flatten, load_recipe,
+                           read_yaml_mapping, to_dict)
 from shared.data import Dataset, dequantize, load_dataset, random_shift
 from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, PACKED_WEIGHTS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
                            config_path, read_metrics, run_lock, standardization_path, tracking_dir, weights_file)
@@ -33,7 +33,26 @@ from shared.tabular import Standardization
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid",
                      "data.storage", "data.workers"}  # every storage gives the same batches (shared.streaming)
 # keys newer than some saved configs: absent there means this value
-ADDED_KEYS = {"data.test_path": "", "method.coupling.weights": "auto"}
+ADDED_KEYS = {"data.test_path": "", "method.coupling.weights": "auto", "data.max_train_rows": 0,
+              "data.max_test_rows": 0}
+OLD_ROW_CAPS = {"n_train": ("max_train_rows", 20000), "n_test": ("max_test_rows", 5000)}  # key: (new key, old default)
+
+
+def upgrade_saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config mapping in today's keys, so an older run loads the data it was trained on.
+
+    Before data.max_train_rows / data.max_test_rows, a tabular run capped its rows with data.n_train /
+    data.n_test set away from their defaults (20000, 5000); a saved tabular config without the new keys gets
+    them from those values. Anything else is returned unchanged.
+    """
+    section = data.get("data")
+    if not isinstance(section, dict) or section.get("name") != "tabular":
+        return data
+    section = dict(section)
+    for old, (new, default) in OLD_ROW_CAPS.items():
+        if new not in section and old in section and section[old] != default:
+            section[new] = section[old]
+    return {**data, "data": section}
 
 
 @dataclass
@@ -124,7 +143,8 @@ def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -
     if not config_path(source).is_file():
         raise ConfigError(f"{source} is a folder without {CONFIG}: pass a recipe file, or a run directory "
                           "written by `flowdistill train`")
-    cfg = load_recipe(config_path(source), overrides, catalog.config_choices())
+    saved = upgrade_saved_config(read_yaml_mapping(config_path(source), "run config", str(config_path(source))))
+    cfg = build_run_config(apply_overrides(saved, overrides), catalog.config_choices())
     saved_out_dir = cfg.out_dir
     cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
     follow_move(cfg, saved_out_dir)
@@ -172,7 +192,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Pa
         if not resume:
             raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                               f"--overwrite to start over, or name=<new name> for a new run")
-        saved = flatten(read_yaml_mapping(saved_path, "run config", str(saved_path)))
+        saved = flatten(upgrade_saved_config(read_yaml_mapping(saved_path, "run config", str(saved_path))))
         new = flatten(to_dict(cfg))
         identity = {"name", "out_dir"}  # where the run lives, not what it trains
         changed = sorted(k for k in set(saved) | set(new)
@@ -359,7 +379,8 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
         raise CheckpointError(f"{run_dir} is not a run directory (no {saved.name}); "
                               "pass the folder `flowdistill train` created")
     try:
-        cfg = build_run_config(read_yaml_mapping(saved, "run config", str(saved)), catalog.config_choices())
+        cfg = build_run_config(upgrade_saved_config(read_yaml_mapping(saved, "run config", str(saved))),
+                               catalog.config_choices())
     except ConfigError as err:  # name the file, once
         raise ConfigError(str(err) if str(saved) in str(err) else f"run config {str(saved)!r}: {err}") from None
     path, step = evaluation_weights(run_dir, weights)

@@ -7,6 +7,7 @@
         checkpoints/best/    the evaluation weights with the lowest validation loss (when validated)
         samples/             outputs of `flowdistill sample`
         couplings/           precomputed coupling caches keyed by their settings
+        cache/               reference likelihoods keyed by weights, points and solver (shared.reference_cache)
         tracking/            Accelerate tracker logs (TensorBoard) when train.trackers is set
         standardization.json tabular data: the column mean/std the model's units are defined by
         eval.json, nll-<split>.json/.csv/-calibration.png, nll-file-<stem>.json/.csv

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -157,6 +158,14 @@ class Standardization:
         return cls(mean, std, str(payload.get("source", "")))
 
 
+def warn_dropped_rows(rows: dict[str, int], caps: dict[str, int | None], sources: dict[str, str]) -> None:
+    """Warn for each split whose cap (data.max_<split>_rows) keeps fewer rows than the file holds."""
+    for split, cap in caps.items():
+        if cap is not None and cap < rows[split]:
+            warnings.warn(f"data.max_{split}_rows={cap} keeps {cap} of the {rows[split]} {split} rows of "
+                          f"{sources[split]}; set data.max_{split}_rows=0 to use them all", stacklevel=3)
+
+
 def load_tables(cfg: DataConfig, path: Path | None, split: Callable[[int], tuple[Tensor, Tensor]],
                 standardization: Standardization | None = None) -> tuple[Tensor, Tensor, Standardization, dict]:
     """Standardised train and test tables (N, D) float64 of a tabular config, their statistics and metadata.
@@ -168,11 +177,7 @@ def load_tables(cfg: DataConfig, path: Path | None, split: Callable[[int], tuple
     the seeded split; of a test file, its first rows). `path` None (a run whose file moved away) gives
     empty tables with the saved statistics.
     """
-    defaults = DataConfig()
-    caps = {"train": None if cfg.n_train == defaults.n_train else cfg.n_train,
-            "test": None if cfg.n_test == defaults.n_test else cfg.n_test}
-    if any(c is not None and c < 1 for c in caps.values()):
-        raise TabularError(f"data.n_train and data.n_test must be >= 1, got {cfg.n_train} and {cfg.n_test}")
+    caps = {"train": cfg.max_train_rows or None, "test": cfg.max_test_rows or None}
     if path is None:
         if standardization is None:
             raise TabularError("tabular data needs data.path")
@@ -194,6 +199,7 @@ def load_tables(cfg: DataConfig, path: Path | None, split: Callable[[int], tuple
         tr, te = split(len(data))
         train, test = data[tr], data[te]
     rows = {"train": len(train), "test": len(test)}
+    warn_dropped_rows(rows, caps, {"train": str(path), "test": cfg.test_path or f"{path} (test split)"})
     train, test = train[:caps["train"]], test[:caps["test"]]
     stats = standardization or Standardization.fit(train, str(path))
     if stats.dim != train.shape[1]:

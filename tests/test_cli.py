@@ -169,7 +169,7 @@ def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_pat
     assert "exact NLL" in capsys.readouterr().out
     summary = json.loads((run / "nll-test.json").read_text())
     lines = (run / "nll-test.csv").read_text().splitlines()
-    assert lines[0] == "index,logp_nats,exact_logp_nats,abs_error_nats" and len(lines) == 121  # the whole split
+    assert lines[0] == "index,logp_nats,exact_logp_nats,abs_error_nats,nfe" and len(lines) == 121  # the whole split
     rows = [list(map(float, ln.split(","))) for ln in lines[1:]]
     assert [int(r[0]) for r in rows] == list(range(120))
     assert all(abs(abs(r[1] - r[2]) - r[3]) < 1e-9 for r in rows)

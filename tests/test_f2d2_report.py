@@ -92,15 +92,15 @@ def test_f2d2_eval_on_digits_reports_bits_per_dim_like_the_reference_nll(tmp_pat
     assert main(["nll", str(teacher), "--n", "40", "--divergence", "exact", "--device", "cpu"]) == 0
     ref_bpd = json.loads((teacher / "nll-test.json").read_text())["bits_per_dim"]
     assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",
-                 "--device", "cpu"]) == 0
-    rows = json.loads((tmp_path / "f2d2" / "f2d2-eval.json").read_text())["rows"]
+                 "--grid", "linear", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "f2d2" / "f2d2-eval-linear.json").read_text())["rows"]
     per_dim = 64 * math.log(2)
     for r in rows:
         assert r["ref_bpd"] == pytest.approx(ref_bpd, abs=1e-6)
         assert r["bpd"] - r["ref_bpd"] == pytest.approx((r["nll"] - r["ref_nll"]) / per_dim, abs=1e-9)
         assert r["mae_bpd"] == pytest.approx(r["mae"] / per_dim) and r["mae_bpd"] >= abs(r["bpd"] - r["ref_bpd"]) - 1e-9
         assert r["metric"] != "w2" and math.isfinite(r["quality"])
-    per_sample = (tmp_path / "f2d2" / "f2d2-eval.csv").read_text().splitlines()
+    per_sample = (tmp_path / "f2d2" / "f2d2-eval-linear.csv").read_text().splitlines()
     assert len(per_sample) == 41 and per_sample[0].split(",")[:4] == ["index", "ref_logp_nats", "K1_logp_nats",
                                                                       "K4_logp_nats"]
     assert main(["f2d2-eval", str(tmp_path / "f2d2"), "--steps", "1,4", "--n", "40", "--n-samples", "100",

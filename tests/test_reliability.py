@@ -252,8 +252,12 @@ def added(*names: str) -> Callable[[Env, dict[str, str]], None]:
 
 
 def nll_of_bom(env: Env, before: dict[str, str]) -> None:
-    """All 50 rows were scored; only the two result files were added to the run."""
-    added("runs/r/nll-file-bom.json", "runs/r/nll-file-bom.csv")(env, before)
+    """All 50 rows were scored; only the two result files and the cached ODE reference were added to the run."""
+    after = snapshot(env.tmp)
+    new = sorted(set(after) - set(before))
+    cached = [k for k in new if re.fullmatch(r"runs/r/cache/reference-[0-9a-f]{16}\.safetensors", k)]
+    assert len(cached) == 1, new
+    added("runs/r/nll-file-bom.json", "runs/r/nll-file-bom.csv", "runs/r/cache", *cached)(env, before)
     assert json.loads((env.out / "r" / "nll-file-bom.json").read_text())["n"] == 50
 
 
@@ -927,7 +931,7 @@ CASES = [
       lambda e: ["run", PIPELINE, f"out_dir={e.out}", "student=recipes/none.yaml"], keeps="no pipeline folder"),
     # ---- faults a wider probe found
     C("csv-bom", "nll --data on a CSV with a UTF-8 byte-order mark (was: its first row silently dropped)",
-      "(50 points,", bom_csv, code=0, keeps="all 50 rows scored; only nll-file-bom.json/.csv added",
+      "(50 points,", bom_csv, code=0, keeps="all 50 rows scored; only nll-file-bom.json/.csv and the cached reference added",
       check=nll_of_bom),
     C("data-fifo", "nll --data on a named pipe with no writer (was: hung for ever)",
       "pipe.csv' is a named pipe (FIFO), not a regular file; data must be a .npy, .npz or .csv file", fifo,

@@ -71,13 +71,47 @@ def test_log_p_in_file_units_equals_the_known_gaussian_density(tmp_path):
     assert "units of the data file" in summary["units"]
 
 
+def test_a_test_file_is_used_whole_whatever_the_toy_sample_counts_say(tmp_path):
+    """The density recipes set data.n_test (points generated for toy sets); a user's test file keeps every row."""
+    train, test = _file(tmp_path / "train.npy", 300, 0), _file(tmp_path / "test.npy", 70, 1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped, so nothing is said
+        ds = load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(test), n_train=120, n_test=9))
+        loose = load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(test), max_test_rows=500))
+    assert (len(ds.train), len(ds.test)) == (300, 70) and len(loose.test) == 70
+    assert "standardisation fitted on" in ds.units and "train.npy" in ds.units
+
+
+def test_a_run_saved_before_the_row_caps_keeps_its_rows(tmp_path):
+    """An older tabular run capped rows with data.n_train / data.n_test: loading it keeps those caps."""
+    from shared.run import upgrade_saved_config
+
+    old = {"name": "r", "data": {"name": "tabular", "n_train": 120, "n_test": 5000}}
+    new = upgrade_saved_config(old)
+    assert new["data"]["max_train_rows"] == 120 and "max_test_rows" not in new["data"]  # 5000 was the default
+    assert "max_train_rows" not in old["data"]  # the input is not changed
+    today = {"name": "r", "data": {"name": "tabular", "n_train": 120, "max_train_rows": 0}}
+    assert upgrade_saved_config(today) == today
+    toy = {"name": "r", "data": {"name": "gmm2", "n_train": 120}}
+    assert upgrade_saved_config(toy) == toy
+
+
 def test_test_path_and_row_caps_are_honoured(tmp_path):
     train, test = _file(tmp_path / "train.npy", 300, 0), _file(tmp_path / "test.npy", 70, 1)
     ds = load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(test)))
     assert (len(ds.train), len(ds.test)) == (300, 70)
     torch.testing.assert_close(ds.to_user(ds.test), torch.from_numpy(np.load(test)))
-    capped = load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(test), n_train=120, n_test=9))
+    with pytest.warns(UserWarning) as caught:
+        capped = load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(test), max_train_rows=120,
+                                         max_test_rows=9))
     assert (len(capped.train), len(capped.test)) == (120, 9)
+    said = [str(w.message) for w in caught]
+    assert any("data.max_test_rows=9 keeps 9 of the 70 test rows of" in m and "test.npy" in m for m in said)
+    assert any("data.max_train_rows=120 keeps 120 of the 300 train rows" in m for m in said)
+    assert capped.meta["rows_used"] == {"train": 120, "test": 9}
+    assert capped.meta["rows_available"] == {"train": 300, "test": 70}
     np.save(tmp_path / "three.npy", np.zeros((5, 3)))
     with pytest.raises(DataError, match="has 3 columns but data.path"):
         load_dataset(DataConfig(name="tabular", path=str(train), test_path=str(tmp_path / "three.npy")))

@@ -150,6 +150,9 @@ def test_cli_train_nll_sample_eval_on_a_tiny_teacher(tmp_path):
     run_dir = tmp_path / "t"
     run = load_run(run_dir)
     assert isinstance(run.model, TarFlow) and isinstance(run.sampler, TeacherSampler) and run.step == 20
+    # the post-training samples are named by what drew them (a decode), not by solver steps that do not apply
+    drawn = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert drawn and all(name.startswith("decode") for name in drawn), drawn
     assert main(["nll", str(run_dir), "--n", "100", "--device", "cpu"]) == 0
     res = json.loads((run_dir / "nll-test.json").read_text())
     assert res["n"] == 100 and res["nfe_mean"] == 1 and 0 < res["bits_per_dim"] < 8
