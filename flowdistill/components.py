@@ -58,3 +58,10 @@ PRETRAINED: dict[str, Path] = {  # packed runs shipped with the package (`pretra
 
 CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES},
                   named_runs=PRETRAINED)
+
+
+def needs_teacher(coupling: str) -> bool:
+    """Whether a coupling's pairs come from a teacher run, read from its config's `run_dependencies()` (the one
+    place that answers it; no list of names)."""
+    config = COUPLINGS[coupling].config()
+    return "teacher" in (config.run_dependencies() if hasattr(config, "run_dependencies") else {})

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from flowdistill.api import resolve_config
+from flowdistill.components import CATALOG, needs_teacher
 from flowdistill.flow_scores import LIKELIHOOD_ONLY, UNDISTILLED
 from flowdistill.pipeline_files import evaluation_outputs, json_damage, read_stage_json, root_relative
 from flowdistill.recipes import resolve_recipe
@@ -36,7 +37,6 @@ from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from
 from shared.run import finished_step, run_dir_of
 
 STAGES = ("teacher", "couplings", "students", "f2d2", "compact", "evaluate", "report")
-NF_COUPLINGS = ("nf_teacher", "nf_teacher_ot")
 COMPACT_NFM = "nf_teacher_compact"  # the student label of NFM pairs from the distilled compact flow
 TRAINED = ("teacher", "students", "f2d2", "compact")  # the stages that train runs
 UNKEYED = ("name", "out_dir", "train.progress", "train.sample_grid", "train.log_every", "train.ckpt_every")
@@ -109,7 +109,6 @@ class ShippedRun:
 
     @classmethod
     def of(cls, ref: str) -> "ShippedRun":
-        from flowdistill.components import CATALOG
         from shared.checkpoint import MANIFEST, sha256_file
 
         folder = CATALOG.resolve_run(ref)
@@ -222,7 +221,7 @@ class Pipeline:
 
     def _coupling_overrides(self, coupling: str) -> list[str]:
         out = [f"method.coupling.name={coupling}"]
-        if coupling in NF_COUPLINGS:
+        if needs_teacher(coupling):
             out += [f"method.coupling.teacher={self.teacher_ref}", f"method.coupling.mode={self.spec.coupling_mode}"]
         return out + self._extra_overrides(coupling)
 
@@ -273,7 +272,7 @@ class Pipeline:
     def stage_status(self, stage: str) -> str:
         """One line: what is done and what would run."""
         if stage == "couplings":
-            nf = [r for r in self.students if r.role["coupling"] in NF_COUPLINGS]
+            nf = [r for r in self.students if needs_teacher(r.role["coupling"])]
             if not nf or self.spec.coupling_mode != "precomputed":
                 return "nothing to precompute"
             from nfm.coupling_cache import MANIFEST, cache_dir_of
@@ -358,7 +357,7 @@ def run_pipeline(pipeline: Pipeline, stages: list[str], log: Callable[[str], Non
         log(f"[stage {i}/{len(stages)}] {stage}: {pipeline.stage_status(stage)} "
             f"(elapsed {time.perf_counter() - t_all:.0f} s)")
         if stage == "couplings":
-            nf = [r for r in pipeline.students if r.role["coupling"] in NF_COUPLINGS]
+            nf = [r for r in pipeline.students if needs_teacher(r.role["coupling"])]
             if nf and pipeline.spec.coupling_mode == "precomputed":
                 extract(nf[0].config, load_run)
         elif stage == "evaluate":

@@ -272,3 +272,13 @@ def test_every_pipeline_recipe_plans(spec):
     plan = pipeline.plan()
     assert plan.startswith(f"pipeline {pipeline.spec.name}") and "1/7 teacher" in plan
     assert {r.role["coupling"] for r in pipeline.students} == set(pipeline.spec.couplings)
+
+
+def test_the_teacher_question_is_answered_by_the_dependency_interface():
+    """Which couplings need a teacher comes from their configs' run_dependencies(), not from a list of names."""
+    import flowdistill.pipeline as pipeline_module
+    from flowdistill.components import COUPLINGS, needs_teacher
+
+    assert {c for c in COUPLINGS if needs_teacher(c)} == {"nf_teacher", "nf_teacher_ot"}
+    source = Path(pipeline_module.__file__).read_text()
+    assert "NF_COUPLINGS" not in source and 'in ("nf_teacher"' not in source
