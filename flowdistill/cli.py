@@ -6,6 +6,7 @@
     couplings  precompute NFM teacher pairs for a recipe     compare  students per coupling, side by side
     f2d2-eval  few-step NLL and sampling of an F2D2 run
     pretrained the teachers shipped with the package          recipes  the bundled recipes
+    findings   the verdicts of a pipeline's evaluation
     prepare-data  convert a folder of images or ImageNet .npz files once into uint8 shards
     import     a model trained elsewhere (ml-tarflow checkpoint, diffusers UNet velocity field) as a run
     export     a run as a diffusers folder (UNet2DModel / DiTTransformer2DModel + scheduler) or safetensors
@@ -271,6 +272,23 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    """Print the Findings of a pipeline's evaluation JSON (`<pipeline>/evaluation-<key>.json`): one line per claim
+    with its two sides, their spread over seeds and the verdict by the project's rule (holds, tie, fails)."""
+    import json
+
+    from flowdistill.report import findings_markdown
+
+    path = Path(args.evaluation)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the evaluation {path}: {err}; pass the evaluation-<key>.json a "
+                         "`flowdistill run` wrote") from None
+    print(findings_markdown(result), end="")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     """List the recipes bundled with the package (every command that takes a recipe or a pipeline accepts
     these paths from any folder; `flowdistill run <data>` runs `recipes/<data>/pipeline.yaml`)."""
@@ -385,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also print each folder, recipe and reproducing command")
 
     command("recipes", cmd_recipes)
+
+    p = command("findings", cmd_findings)
+    p.add_argument("evaluation", help="evaluation-<key>.json of a pipeline (or docs/pipeline_digits/evaluation.json)")
 
     p = command("train", cmd_train)
     add_recipe_args(p, "dotted key=value overrides, e.g. train.steps=2000 seed=1")

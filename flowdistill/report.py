@@ -215,6 +215,13 @@ def build(result: dict[str, Any], timings: dict[str, float], figures: Path, comm
     return doc
 
 
+def findings_markdown(result: dict[str, Any]) -> str:
+    """The Findings table and its warnings as Markdown, exactly as the report shows them (the README quotes it)."""
+    doc = Doc(Path("."))
+    doc.findings(findings(result), warnings_of(result))
+    return "\n".join(doc.md).strip() + "\n"
+
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 

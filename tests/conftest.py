@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
 
 TOY_TEACHER = "recipes/toy2d/teacher.yaml"
 SMALL_TEACHER = ["model.width=32", "model.head_dim=16", "model.blocks=4", "data.n_train=1000", "data.n_test=200",
-                 "train.batch_size=128", "train.progress=false", "train.sample_grid=false"]
+                 "train.batch_size=128", "train.progress=false", "train.sample_grid=false",
+                 "model.transform=affine", "data.val_fraction=0", "train.eval_every=0"]  # tiny, affine, no val split
 
 
 @pytest.fixture(scope="session")
