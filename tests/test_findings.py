@@ -132,3 +132,27 @@ def test_numbers_are_readable():
     doc = Doc(None)
     doc.table([{"quality_t07": 1.0}], ["quality_t07"])
     assert "quality at T = 0.7" in doc.md[0]
+
+
+def test_an_unconverged_semidiscrete_fit_becomes_a_report_warning(tmp_path):
+    """The evaluate stage reads each SD-OT student's saved potential and warns when it fails the convergence check."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flowdistill.pipeline_eval import fit_warnings
+    from nfm.couplings import SDOT_FILE, SemidiscreteOTConfig
+    from nfm.semidiscrete_ot import SemidiscretePotential, save_potential
+
+    def student(label: str, chi2: float) -> SimpleNamespace:
+        run_dir = tmp_path / label
+        (run_dir / "couplings").mkdir(parents=True)
+        save_potential(run_dir / "couplings" / SDOT_FILE,
+                       SemidiscretePotential(torch.zeros(4), "fp", {"chi2": chi2, "w2_half": 0.3}))
+        cfg = SimpleNamespace(method=SimpleNamespace(coupling=SemidiscreteOTConfig()))
+        return SimpleNamespace(label=label, dir=run_dir, config=cfg)
+
+    runs = [student("semidiscrete_ot-s0", 0.01), student("semidiscrete_ot-s1", 0.9)]
+    got = fit_warnings(SimpleNamespace(coupling_students=lambda: runs))
+    assert len(got) == 1 and got[0].startswith("semidiscrete_ot-s1: its semidiscrete OT fit did not converge")
+    assert "0.9 > tolerance 0.05" in got[0] and "method.coupling.iters" in got[0]
