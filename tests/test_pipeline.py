@@ -263,7 +263,7 @@ def test_two_process_pipeline_has_the_structure_of_one_process(tmp_path):
     assert all(math.isfinite(r["nll"]) for t in evaluation["f2d2"] for r in t["rows"])
     assert "2 process(es)" in out.stdout
     headings = [ln for ln in (pipeline.root / "report" / "report.md").read_text().splitlines() if ln.startswith("#")]
-    assert headings[:3] == ["# flowdistill report: p", "## Teacher", "## Students: quality vs NFE"]
+    assert headings[:4] == ["# flowdistill report: p", "## Findings", "## Teacher", "## Students: quality vs NFE"]
 
 
 @pytest.mark.parametrize("spec", sorted((ROOT / "recipes").glob("*/pipeline.yaml")), ids=lambda p: p.parent.name)
