@@ -109,7 +109,7 @@ def describe_sampling(run: Any, steps: int, solver: str, grid: str) -> tuple[str
     return f"steps{steps}-{solver}-{grid}", f"{solver}, {steps} steps, {grid} grid"
 
 
-def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | None, seed: int, device: str,
+def write_samples(run_dir: Path, steps: int | None, solver: str, grid: str, n: int | None, seed: int, device: str,
                   out: Path | None = None, weights: str = "auto") -> Path:
     """Draw samples of a run and write a PNG (grid or scatter) and an .npz (samples, nfe, seconds, units);
     tabular runs write them in the units of the user's data file. The default file name says what produced
@@ -124,6 +124,8 @@ def write_samples(run_dir: Path, steps: int, solver: str, grid: str, n: int | No
 
     run = load_run(run_dir, weights=weights, device=device)
     n = n or (64 if run.dataset.kind == "image" else 2000)
+    steps = steps or max(run.config.eval.steps)  # as eval and nll: the run's own settings unless given
+    solver, grid = solver or run.config.eval.solver, grid or run.config.eval.grid
     require_sample_memory(run, n)
     if n >= LARGE_SAMPLE:
         print(sampling_estimate(run, n, steps, solver, grid))
@@ -415,9 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sample", cmd_sample)
     add_run_args(p)
-    p.add_argument("--steps", type=positive_int, default=8, help="solver steps")
-    p.add_argument("--solver", default="euler", help="euler, heun, or an adaptive torchdiffeq method (dopri5)")
-    p.add_argument("--grid", default="linear", choices=GRIDS, help="time grid of fixed-step solvers")
+    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the largest of the "
+                                                                   "run's eval.steps, as eval uses)")
+    p.add_argument("--solver", default="", help="euler, heun, or an adaptive torchdiffeq method (dopri5) "
+                                                "(default: the run's eval.solver)")
+    p.add_argument("--grid", default="", choices=["", *GRIDS], help="time grid of fixed-step solvers "
+                                                                    "(default: the run's eval.grid)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--out", default="", help="output PNG path (default: <run>/samples/...)")
 

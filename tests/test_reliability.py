@@ -263,18 +263,18 @@ def nll_of_bom(env: Env, before: dict[str, str]) -> None:
 
 def samples_written(env: Env, before: dict[str, str]) -> None:
     """The sample files were added; the checkpoint and everything else untouched."""
-    added("runs/r/samples", "runs/r/samples/steps8-euler-linear.png", "runs/r/samples/steps8-euler-linear.npz")(
+    added("runs/r/samples", "runs/r/samples/steps32-euler-linear.png", "runs/r/samples/steps32-euler-linear.npz")(
         env, before)
 
 
 def stale_temporary_removed(env: Env, before: dict[str, str]) -> None:
     """The old temporary file is gone, the fresh one (a write in progress elsewhere) kept, the samples written."""
     folder = env.out / "r" / "samples"
-    assert not (folder / ".steps8-euler-linear.npz.k3j4h5g6.tmp").exists()
+    assert not (folder / ".steps32-euler-linear.npz.k3j4h5g6.tmp").exists()
     assert (folder / ".other.npz.abcd1234.tmp").exists()
-    assert (folder / "steps8-euler-linear.npz").is_file() and (folder / "steps8-euler-linear.png").is_file()
-    assert sorted(p.name for p in folder.iterdir()) == [".other.npz.abcd1234.tmp", "steps8-euler-linear.npz",
-                                                        "steps8-euler-linear.png"]
+    assert (folder / "steps32-euler-linear.npz").is_file() and (folder / "steps32-euler-linear.png").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == [".other.npz.abcd1234.tmp", "steps32-euler-linear.npz",
+                                                        "steps32-euler-linear.png"]
 
 
 def resumed_to_4(env: Env, before: dict[str, str]) -> None:
@@ -541,10 +541,10 @@ def evaluation_disk_full(env: Env) -> list[str]:
 
 
 def stale_temporaries(env: Env) -> list[str]:
-    """A killed `sample` left `.steps8-euler-linear.npz.<rand>.tmp` an hour ago; another write is in progress."""
+    """A killed `sample` left `.steps32-euler-linear.npz.<rand>.tmp` an hour ago; another write is in progress."""
     folder = env.run() / "samples"
     folder.mkdir()
-    old = folder / ".steps8-euler-linear.npz.k3j4h5g6.tmp"
+    old = folder / ".steps32-euler-linear.npz.k3j4h5g6.tmp"
     old.write_bytes(b"")
     os.utime(old, (old.stat().st_atime - 3600, old.stat().st_mtime - 3600))
     (folder / ".other.npz.abcd1234.tmp").write_bytes(b"partial")
@@ -973,7 +973,7 @@ CASES = [
     C("evaluation-disk-full", "the pipeline's evaluation on a disk that fills up (was: a bare [Errno 28], a partial "
       "figures-<key>/ left)", "no space left on the disk while writing the evaluation in",
       evaluation_disk_full, keeps="no figures folder left; the runs untouched"),
-    C("stale-temporary", "sample after a killed sample left .steps8-euler-linear.npz.<rand>.tmp (was: never cleaned)",
+    C("stale-temporary", "sample after a killed sample left .steps32-euler-linear.npz.<rand>.tmp (was: never cleaned)",
       "wrote", stale_temporaries, code=0, keeps="the old temporary removed; a fresh one (a write in progress) kept",
       check=stale_temporary_removed),
     C("sample-out-folder", "sample --out <a folder> (was: [Errno 21] naming the temporary file)",
