@@ -107,3 +107,27 @@ def test_pretrained_and_recipes_commands(capsys):
     assert "pretrained:digits-tarflow" in out and " ok: " in out and "recipes/digits/teacher.yaml" in out
     assert main(["recipes"]) == 0
     assert "recipes/digits/pipeline.yaml" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_digits_pipeline_on_the_shipped_teacher_reports_findings_from_its_evaluation(tmp_path, monkeypatch):
+    """The main job at tiny budgets: no teacher training, and the report's verdicts are those of its JSON."""
+    import json
+
+    from flowdistill.findings import findings
+
+    monkeypatch.setenv("FLOWDISTILL_CACHE", str(tmp_path / "cache"))
+    tiny = "train.steps=4 train.batch_size=32 train.ckpt_every=4 train.progress=false train.sample_grid=false"
+    overrides = [f"out_dir={tmp_path}", f"student=fm_mlp.yaml data.dequantize=false model.hidden=32 {tiny}",
+                 "couplings=[minibatch_ot,nf_teacher]", "coupling_overrides={}", "seeds=[0,1]", "f2d2_u=",
+                 "f2d2_joint=", "f2d2_on=[]", "compact=", "compact_init=false", "steps=[1,2]", "n_samples=60",
+                 "curvature_samples=10", "curvature_steps=4"]
+    assert main(["run", "digits", *overrides]) == 0
+    pipeline = Pipeline(load_pipeline(pipeline_spec("digits"), overrides))
+    assert not list((tmp_path / "digits-pipeline" / "runs").glob("teacher-*"))  # nothing trained for the teacher
+    result = json.loads(pipeline.evaluation_path().read_text())
+    assert result["teacher"]["run"] == "pretrained:digits-tarflow" and result["teacher"]["card"]["sample_fd_500"]
+    report = (pipeline.root / "report" / "report.md").read_text()
+    for f in findings(result):
+        assert f"| {f.claim} |" in report and f"| {f.verdict.upper()} |" in report
+    assert report.index("## Findings") < report.index("## Teacher")
