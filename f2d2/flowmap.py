@@ -28,8 +28,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from shared.backbones import MLPConfig, TimeMLP, TimeUNet, UNetConfig, timestep_embedding
-from shared.dit import DiTConfig, TimeDiT
+from shared.backbones import MLPConfig, TimeMLP, TimeUNet, timestep_embedding
+from shared.dit import TimeDiT
 from shared.likelihood import LikelihoodResult, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult, time_grid
@@ -130,23 +130,25 @@ class FlowMapDiT(_FeatureDivergence, TimeDiT):
         self._attach_head(cfg, div_scale)
 
 
+FLOWMAP_BACKBONES: dict[str, Callable[..., nn.Module]] = {  # model.backbone.name -> (cfg, data_shape, D scale)
+    "mlp": lambda cfg, shape, scale: FlowMapMLP(cfg, math.prod(int(n) for n in shape), scale),
+    "unet": FlowMapUNet,
+    "dit": FlowMapDiT,
+}
+
+
 def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """Flow map on an MLP (any shape, flattened), a UNet or a DiT (square images) backbone."""
-    if not isinstance(cfg.backbone, (MLPConfig, UNetConfig, DiTConfig)):
-        raise ValueError(f"model.backbone must be an mlp, unet or dit section, got {cfg.backbone!r}")
+    """Flow map on the backbone `cfg.backbone.name` names in FLOWMAP_BACKBONES: an MLP (any shape, flattened), a
+    UNet or a DiT (square images)."""
+    name = getattr(cfg.backbone, "name", None)
+    if name not in FLOWMAP_BACKBONES:
+        raise ValueError(f"model.backbone must be one of {', '.join(FLOWMAP_BACKBONES)}, got {cfg.backbone!r}")
     if cfg.head_hidden < 1 or cfg.head_time_dim < 1 or cfg.div_scale < 0 or cfg.time_scale <= 0:
         raise ValueError(f"model.head_hidden and model.head_time_dim must be >= 1, model.div_scale >= 0 and "
                          f"model.time_scale > 0, got {cfg.head_hidden}, {cfg.head_time_dim}, {cfg.div_scale} and "
                          f"{cfg.time_scale}")
-    dim = 1
-    for n in data_shape:
-        dim *= int(n)
-    scale = cfg.div_scale or float(dim)
-    if isinstance(cfg.backbone, MLPConfig):
-        return FlowMapMLP(cfg, dim, scale)
-    if isinstance(cfg.backbone, DiTConfig):
-        return FlowMapDiT(cfg, data_shape, scale)
-    return FlowMapUNet(cfg, data_shape, scale)
+    scale = cfg.div_scale or float(math.prod(int(n) for n in data_shape))
+    return FLOWMAP_BACKBONES[name](cfg, data_shape, scale)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
