@@ -100,10 +100,14 @@ def f2d2_tables(pipeline: Pipeline, device: torch.device) -> list[dict[str, Any]
     return out
 
 
-def depth(run: Any) -> int:
-    """Flow steps of a normalizing flow: transformer layers of a TarFlow, coupling steps of a Glow."""
+def depth(run: Any) -> int | None:
+    """Flow steps of a normalizing flow read from its config's shape fields: blocks x layers (TarFlow), levels x
+    steps (Glow); None for a flow family that has neither."""
     model = run.config.model
-    return model.blocks * model.layers if model.name == "tarflow" else model.levels * model.steps
+    for outer, inner in (("blocks", "layers"), ("levels", "steps")):
+        if hasattr(model, outer) and hasattr(model, inner):
+            return int(getattr(model, outer)) * int(getattr(model, inner))
+    return None
 
 
 def compact_table(pipeline: Pipeline, teacher: Any, device: torch.device, extractor: Any) -> dict[str, Any] | None:
