@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, machine, median, sync, timed
+from bench.common import RESULTS, machine, median, timed
 from shared.checkpoint import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,6 @@ sha256 manifest), which every flowdistill command reads like the run it came fro
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ from torch import nn
 
 from flowdistill.api import Run, load_run
 from flowdistill.packed import CARD, card_text, pack_run
-from shared.checkpoint import atomic_write_text, check_writable
+from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically
 from shared.config import dump_yaml
 from shared.run import evaluation_weights
 
@@ -155,9 +152,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, weights: str = "a
     body = card_body(meta, fmt, folder, class_name, str(out))
     if backbone is None:
         return pack_run(run.dir, weights_file, run.step, out, meta, body)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export."))
-    try:
+    with folder_written_atomically(out, "export") as tmp:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if backbone == "unet":
@@ -167,11 +162,4 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, weights: str = "a
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
         atomic_write_text(tmp / "flowdistill_config.yaml", dump_yaml(run.config))
         atomic_write_text(tmp / CARD, card_text(meta, body))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -12,9 +12,6 @@ anything is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +19,7 @@ from torch import Tensor, nn
 
 from flowdistill.components import CATALOG
 from nfm.ml_tarflow import MLTarFlowShape, convert_state_dict, read_checkpoint, tarflow_config
-from shared.checkpoint import atomic_write_text, check_writable, save_checkpoint, sha256_file
+from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically, save_checkpoint, sha256_file
 from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, to_dict
 from shared.data import Dataset, load_dataset
 from shared.rundir import checkpoints_dir, config_path
@@ -62,19 +59,10 @@ def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], over
     if run_dir.exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
     check_writable(run_dir.parent, f"run directory {run_dir}")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{cfg.name}.import."))
-    try:
+    with folder_written_atomically(run_dir, "import") as tmp:
         atomic_write_text(config_path(tmp), dump_yaml(cfg))
         save_checkpoint(checkpoints_dir(tmp), 0, model)
         atomic_write_text(tmp / IMPORTED, json.dumps(provenance, indent=1) + "\n")
-        os.chmod(tmp, 0o755)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run_dir
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from shared.checkpoint import MANIFEST, CheckpointError, fsync_dir, sha256_file, verify_checkpoint
+from shared.checkpoint import MANIFEST, CheckpointError, folder_written_atomically, sha256_file, verify_checkpoint
 from shared.config import RunConfig, read_yaml_mapping
 from shared.rundir import CONFIG, PACKED_WEIGHTS
 
@@ -57,9 +56,7 @@ def pack_run(run_dir: str | Path, weights: str | Path, step: int, out: str | Pat
     run_dir, out = Path(run_dir), Path(out)
     cfg = read_yaml_mapping(run_dir / CONFIG, "run config", str(run_dir / CONFIG))
     cfg["name"], cfg["out_dir"] = out.name, RunConfig.out_dir  # no trace of where it was trained
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with folder_written_atomically(out, "pack") as tmp:
         (tmp / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
         shutil.copyfile(weights, tmp / PACKED_WEIGHTS)
         (tmp / CARD).write_text(card_text(meta, body), encoding="utf-8")
@@ -67,17 +64,6 @@ def pack_run(run_dir: str | Path, weights: str | Path, step: int, out: str | Pat
         (tmp / MANIFEST).write_text(json.dumps({"step": int(step), "files": files}, indent=1) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     verify_checkpoint(out)
     return out
 

@@ -66,8 +66,8 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
     in `shared.rundir.weights_file`: auto (best on validation, else EMA), best, ema (final EMA), model."""
     given = str(run_dir)
     if not given or (":" not in given and not config_path(given).is_file()):
-        raise ValueError(f"an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
-                         f"(from `flowdistill train recipes/.../teacher.yaml`) or a shipped one (pretrained:<name>); "
+        raise ValueError("an NFM coupling needs method.coupling.teacher = a trained teacher run directory "
+                         "(from `flowdistill train recipes/.../teacher.yaml`) or a shipped one (pretrained:<name>); "
                          + (f"{given!r} is not one" if given else "it is not set"))
     run = load_run(given, weights=weights, device=device)
     return teacher_of_run(run, run.dir, weights)

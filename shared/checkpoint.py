@@ -155,8 +155,6 @@ def atomic_write_via(path: str | Path, write: Callable[[str], None]) -> None:
 def remove_stale_temporaries(folder: Path, older_than: float = STALE_SECONDS) -> list[str]:
     """Delete the temporary files of killed atomic writes in `folder` (`.<name>.<8 chars>.tmp`, unchanged for
     `older_than` seconds and not locked by a write in progress); returns their names."""
-    import time
-
     removed = []
     for path in folder.glob(".*.tmp"):
         if not TEMP_NAME.fullmatch(path.name):
@@ -210,6 +208,31 @@ def removed_on_error(folder: Path) -> Iterator[None]:
     except BaseException:
         if not existed:
             shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def folder_written_atomically(out: str | Path, purpose: str = "write") -> Iterator[Path]:
+    """Build a folder in a hidden temporary sibling (yielded) and rename it to `out` when the block succeeds:
+    `out` is either absent, or the old folder, or the complete new one, never half written. Every file is
+    fsynced before the rename; an existing `out` is replaced only then. On any error the temporary is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{purpose}."))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        fsync_dir(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -14,7 +14,7 @@ from flowdistill.packed import CARD, read_card
 from flowdistill.pipeline import Pipeline, ShippedRun, load_pipeline
 from flowdistill.recipes import BUNDLED_ROOT, pipeline_spec, resolve_recipe
 from nfm.coupling_cache import cache_dir_of
-from shared.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
+from shared.checkpoint import CheckpointError, verify_checkpoint
 from shared.config import ConfigError, flatten, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
