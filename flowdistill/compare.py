@@ -224,6 +224,25 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.4g} ± {std:.2g}" if std else f"{mean:.4g}"
 
 
+def verdict_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per solver, grid and NFE: the best student against the runner-up, decided by the project's one rule for
+    "beats" (`flowdistill.verdict`: one-sided Welch t-test over seeds at 5 %); a tie is never called a win."""
+    from flowdistill.verdict import HOLDS, better_claim
+
+    out = []
+    for key in dict.fromkeys((r["solver"], r["grid"], r["nfe"]) for r in rows):
+        ranked = sorted((r for r in rows if (r["solver"], r["grid"], r["nfe"]) == key), key=lambda r: r["mean"])
+        if len(ranked) < 2:
+            continue
+        best, second = ranked[:2]
+        finding = better_claim("", best["student"], best.get("values") or [best["mean"]], second["student"],
+                               second.get("values") or [second["mean"]], best["metric"])
+        out.append({"setting": f"{key[0]}/{key[1]}", "nfe": key[2], "best": f"{best['student']} ({finding.a.text()})",
+                    "runner_up": f"{second['student']} ({finding.b.text()})",
+                    "verdict": "beats the runner-up" if finding.verdict == HOLDS else "tie", "how": finding.note})
+    return out
+
+
 def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dict[str, Any]],
              straight: list[dict[str, Any]], reach: list[dict[str, Any]], threshold: float, command: str,
              density: list[dict[str, Any]] | None = None) -> str:
@@ -243,6 +262,9 @@ def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dic
                 cells = {r["nfe"]: _fmt(r["mean"], r["std"]) for r in sel if r["student"] == label}
                 lines.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in nfes) + " |")
             lines.append("")
+    lines += ["## Best student at each NFE", "", "Decided by the project's rule for \"beats\" (one-sided Welch "
+              "t-test over seeds at 5 %, `docs/verdicts.md`): anything else is a tie.", "",
+              format_table(verdict_rows(rows), ["setting", "nfe", "best", "runner_up", "verdict", "how"]), ""]
     if teachers:
         lines += ["## Teachers (autoregressive sampling)", "",
                   format_table(teachers, ["name", "eta", "nfe", "metric", "value", "seconds", "n"]), ""]

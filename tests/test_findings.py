@@ -156,3 +156,15 @@ def test_an_unconverged_semidiscrete_fit_becomes_a_report_warning(tmp_path):
     got = fit_warnings(SimpleNamespace(coupling_students=lambda: runs))
     assert len(got) == 1 and got[0].startswith("semidiscrete_ot-s1: its semidiscrete OT fit did not converge")
     assert "0.9 > tolerance 0.05" in got[0] and "method.coupling.iters" in got[0]
+
+
+def test_compare_names_the_best_student_only_when_the_rule_says_so():
+    from flowdistill.compare import verdict_rows
+
+    rows = [{"student": name, "solver": "euler", "grid": "linear", "nfe": 2, "metric": "fd", "mean": float(np.mean(v)),
+             "values": v} for name, v in (("a", [10.0, 10.5, 10.2]), ("b", [20.0, 20.4, 19.8]), ("c", [30.0, 31.0, 29.0]))]
+    (row,) = verdict_rows(rows)
+    assert row["best"].startswith("a (") and row["runner_up"].startswith("b (") and row["verdict"] == "beats the runner-up"
+    rows[1]["values"] = [9.0, 12.0, 11.0]
+    rows[1]["mean"] = float(np.mean(rows[1]["values"]))
+    assert verdict_rows(rows)[0]["verdict"] == "tie"
