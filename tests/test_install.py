@@ -18,11 +18,21 @@ TINY = "data.n_train=600 data.n_test=300 train.progress=false train.ckpt_every=1
 
 
 def build_wheel(out: Path) -> Path:
-    """The project's wheel (the installed setuptools builds it without network access when present)."""
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    """The project's wheel: built by the installed setuptools when it is recent enough (no network needed), else
+    in pip's isolated build environment."""
+    isolation = ["--no-build-isolation"] if setuptools_version() >= (68,) else []
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, "-w", str(out), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     return next(out.glob("flowdistill-*.whl"))
+
+
+def setuptools_version() -> tuple[int, ...]:
+    """The installed setuptools' (major, minor) version; (0,) when it is absent."""
+    if importlib.util.find_spec("setuptools") is None:
+        return (0,)
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("setuptools").split(".")[:2] if p.isdigit())
 
 
 def fresh_venv(folder: Path, wheel: Path) -> Path:
