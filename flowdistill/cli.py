@@ -54,21 +54,39 @@ count = int_at_least(0, "an integer >= 0 (0: the default)")  # 0 keeps the docum
 
 
 THREADS_ENV = "FLOWDISTILL_THREADS"
-DEFAULT_THREADS = 1  # bench/bench_threads.py: one thread is faster on a 2-core machine, idle or loaded
+
+
+def free_cores() -> int:
+    """Cores this process may use that are not busy (1-minute load average), split between the processes of an
+    `accelerate launch` on this machine; at least 1. The default thread count: bench/bench_threads.py found two
+    threads faster than one on an idle 2-core machine and one 2-3x faster than two while another job holds a core."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, (cores - busy) // processes)
 
 
 def set_threads(requested: int | None) -> int:
-    """Set torch's intra-op threads: `--threads`, else $FLOWDISTILL_THREADS, else DEFAULT_THREADS; returns it."""
+    """Set torch's intra-op threads: `--threads`, else $FLOWDISTILL_THREADS, else $OMP_NUM_THREADS, else the free
+    cores (`free_cores`); returns the count."""
     import os
 
     if requested is None:
-        text = os.environ.get(THREADS_ENV, "").strip()
-        try:
-            requested = int(text) if text else DEFAULT_THREADS
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer") from None
-        if requested < 1:
-            raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count: expected a positive integer")
+        for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+            text = os.environ.get(name, "").strip()
+            if not text:
+                continue
+            try:
+                requested = int(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a thread count: expected a positive integer") from None
+            if requested < 1:
+                raise ValueError(f"{name}={text!r} is not a thread count: expected a positive integer")
+            break
+        else:
+            requested = free_cores()
     import torch
 
     torch.set_num_threads(requested)
@@ -377,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_help = "show the traceback of an error instead of its one-line message"
-    threads_help = (f"torch intra-op threads per process (default: ${THREADS_ENV} if set, else "
-                    f"{DEFAULT_THREADS}, the faster setting measured by bench/bench_threads.py)")
+    threads_help = (f"torch intra-op threads per process (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else "
+                    "the cores not busy, the faster choice measured by bench/bench_threads.py)")
     parser.add_argument("--debug", action="store_true", help=debug_help)
     parser.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)

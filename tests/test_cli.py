@@ -246,3 +246,33 @@ def test_a_train_that_fails_before_writing_leaves_no_out_dir(tmp_path):
     assert main(["train", TOY, f"out_dir={out}", "name=r", "train.progress=false", "data.name=tabular",
                  f"data.path={tmp_path / 'missing.npy'}"]) == 2  # refused inside the lock, by the data loader
     assert not (tmp_path / "new").exists()
+
+
+def test_thread_count_comes_from_the_option_the_environment_or_the_free_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from flowdistill.cli import THREADS_ENV, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv(THREADS_ENV, "3")
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
+        assert set_threads(None) == 3  # then FLOWDISTILL_THREADS
+        monkeypatch.delenv(THREADS_ENV)
+        assert set_threads(None) == 1  # then OMP_NUM_THREADS
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+        assert set_threads(None) == 3  # four cores, one busy
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads(None) == 1  # shared by two processes of a launch
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+        assert set_threads(None) == 1  # never below one
+        monkeypatch.setenv(THREADS_ENV, "many")
+        with pytest.raises(ValueError, match="FLOWDISTILL_THREADS='many' is not a thread count"):
+            set_threads(None)
+    finally:
+        torch.set_num_threads(before)
