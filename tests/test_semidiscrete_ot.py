@@ -281,11 +281,24 @@ def test_coarse_to_fine_fit_converges_to_the_closed_form_potential_in_1d():
 @pytest.mark.parametrize("levels", [1, 0])
 def test_fit_is_deterministic_under_a_seed(levels):
     y = points((600, 2), 5)
-    fit = dict(iters=40, batch=256, lr=0.05, progress=False, chi2_tol=math.inf, levels=levels)
-    first, again = fit_potential(y, "fp", seed=3, **fit), fit_potential(y, "fp", seed=3, **fit)
-    other = fit_potential(y, "fp", seed=4, **fit)
+    fit = dict(iters=40, batch=256, lr=0.05, progress=False, levels=levels)  # unconverged: a polish round runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first, again = fit_potential(y, "fp", seed=3, **fit), fit_potential(y, "fp", seed=3, **fit)
+        other = fit_potential(y, "fp", seed=4, **fit)
     assert torch.equal(first.g, again.g) and not torch.equal(first.g, other.g)
-    assert first.info["levels"] == levels and len(first.history["iter"]) == 1 + levels
+    assert first.info == {**again.info, "fit_seconds": first.info["fit_seconds"]}
+    assert first.info["levels"] == levels and first.info["polish"] == 1
+    assert len(first.history["iter"]) == 1 + levels + 1  # one window per level, one for the polish round
+
+
+def test_polish_rounds_run_only_while_the_fit_is_unconverged():
+    y = points((64, 2))
+    with pytest.warns(UserWarning, match="has not converged"):
+        unconverged = fit_potential(y, "fp", iters=8, batch=256, lr=0.05, progress=False, polish=2)
+    assert unconverged.info["polish"] == 2 and unconverged.history["iter"][-1] == 8 + 2 * 2
+    converged = fit_potential(y, "fp", seed=0, polish=2, **FIT)
+    assert converged.info["polish"] == 0 and converged.info["chi2"] < CHI2_MAX
 
 
 def test_level_sizes():
