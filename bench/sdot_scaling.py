@@ -26,8 +26,9 @@ from nfm.semidiscrete_ot import CHI2_TOL, fit_potential, level_sizes
 from shared.config import DataConfig
 from shared.data import load_dataset
 
-COLUMNS = {"case": "case", "seed": "seed", "n": "N", "dim": "d", "levels": "levels", "iters": "iters / level", "polish": "polish rounds", "batch": "batch",
-           "lr": "lr", "total_iters": "iters (all levels and polish)", "seconds": "fit s", "ms_per_iter": "ms / iter (all levels)",
+COLUMNS = {"case": "case", "seed": "seed", "n": "N", "dim": "d", "levels": "levels", "iters": "iters / level",
+           "polish": "polish rounds", "batch": "batch", "lr": "lr", "total_iters": "iters (all levels and polish)",
+           "seconds": "fit s", "ms_per_iter": "ms / iter (all levels)",
            "chi2": "final chi^2", "w2_half": "W_2^2/2", "converged": "chi^2 <= 0.05"}
 
 
@@ -75,8 +76,9 @@ def fit_row(case: str, y: torch.Tensor, levels: int, iters: int, batch: int, lr:
         seconds = time.perf_counter() - start
     polish = int(info.get("polish", 0))
     total = iters + (len(sizes) - 1) * max(1, iters // 2) + polish * max(1, iters // 4)
-    row = {"case": case, "seed": seed, "n": len(y), "dim": int(info["dim"]), "levels": len(sizes) - 1, "level_sizes": sizes,
-           "iters": iters, "polish": polish, "eval_draws_per_point": draws, "batch": batch, "lr": lr, "total_iters": total, "seconds": seconds,
+    row = {"case": case, "seed": seed, "n": len(y), "dim": int(info["dim"]), "levels": len(sizes) - 1,
+           "level_sizes": sizes, "iters": iters, "polish": polish, "eval_draws_per_point": draws, "batch": batch,
+           "lr": lr, "total_iters": total, "seconds": seconds,
            "chi2": info["chi2"], "w2_half": info["w2_half"],
            "converged": bool(info["chi2"] <= CHI2_TOL and info["w2_half"] >= 0)}
     row["ms_per_iter"] = 1000 * seconds / total  # an upper bound: includes the final evaluation

@@ -19,7 +19,8 @@ every data point receives exactly its share; the SD-FM paper reports gains satur
 Coarse to fine (`levels`): in low dimension the dual is badly conditioned at large N (a cell's mass changes over
 a step of g that shrinks like N^(-2/d)), so stochastic ascent from g = 0 needs many small steps. The fit then
 starts on a random subsample of N / 3^L points (L levels, nested, `LEVEL_FACTOR`), and each finer level starts
-from the coarser potential extended to the new points by its c-transform restricted to the coarse cells' barycentres b_j:
+from the coarser potential extended to the new points by its c-transform restricted to the coarse cells'
+barycentres b_j:
 with psi = -g the conjugate of the Brenier potential, convex, whose gradient at y_j is a point of cell j,
 
     g_k = -max_j ( -g_j + <b_j, y_k - y_j> ),
@@ -116,7 +117,8 @@ class AssignmentSampler:
 
 
 class DualAscent:
-    """Adam ascent on D(g) from g = 0 (or a given start `g`): g <- g + lr_t m_hat / (sqrt(v_hat) + eps), dD/dg_k = 1/N - c_k / B.
+    """Adam ascent on D(g) from g = 0 (or a given start `g`): g <- g + lr_t m_hat / (sqrt(v_hat) + eps),
+    dD/dg_k = 1/N - c_k / B.
 
     The moments and the gradient are preallocated (N,) float32 buffers updated in place; the dual and chi^2
     estimates of the iterations since the last `window()` are summed on the device and read only there.
@@ -304,8 +306,8 @@ def fit_potential(y: Tensor, fingerprint: str, iters: int = 2000, batch: int = 4
     at least `eval_batches` fresh batches and `eval_draws` N noise draws (10: the criterion's default; the
     estimate's standard deviation is about (4 / (eval_draws N))^(1/2), so large N can afford fewer). While it
     fails the criterion, up to `polish` further cosine cycles of iters / 4 steps from a quarter of the finest
-    level's step continue the finest level, each followed by a new evaluation (`info["polish"]`: rounds run); a fit that fails the convergence criterion
-    (chi^2 > chi2_tol or W_2^2/2 < 0) warns or raises (`check_convergence`).
+    level's step continue the finest level, each followed by a new evaluation (`info["polish"]`: rounds run); a
+    fit that still fails the criterion (chi^2 > chi2_tol or W_2^2/2 < 0) warns or raises (`check_convergence`).
     """
     if iters < 1 or log_every < 1:
         raise ValueError(f"iters and log_every must be >= 1, got iters={iters}, log_every={log_every}")
