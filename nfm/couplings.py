@@ -67,6 +67,8 @@ class SemidiscreteOTConfig:
     chunk: int = 0  # data points per tile of the inner-product search (0: 256 on the CPU, 16384 on a GPU)
     chi2_tol: float = CHI2_TOL  # converged when the final chi^2 of the assignments is at most this (and W2^2/2 >= 0)
     on_unconverged: str = "warn"  # what an unconverged fit (or a loaded unconverged potential) does: warn | error
+    levels: int = -1  # coarse-to-fine subsample levels (-1: automatic, none up to 4,096 points; 0: one level)
+    polish: int = 1  # extra short cosine cycles of the finest level while the final check fails
 
 
 class Coupling:
@@ -178,14 +180,15 @@ class SemidiscreteOTCoupling(Coupling):
 
     def __init__(self, data: Tensor, fingerprint: str, path: str | Path | None = None, iters: int = 2000,
                  batch: int = 4096, lr: float = 0.01, chunk: int = 0, seed: int = 0, progress: bool = True,
-                 chi2_tol: float = CHI2_TOL, on_unconverged: str = "warn"):
+                 chi2_tol: float = CHI2_TOL, on_unconverged: str = "warn", levels: int = -1, polish: int = 1):
         if on_unconverged not in ON_UNCONVERGED:
             raise ValueError(f"method.coupling.on_unconverged must be one of {', '.join(ON_UNCONVERGED)}, "
                              f"got {on_unconverged!r}")
         self.data, self.fingerprint = data, fingerprint
         self.path = Path(path) if path else None
         self.fit_options = dict(iters=iters, batch=batch, lr=lr, seed=seed, chunk=chunk, progress=progress,
-                                chi2_tol=chi2_tol, on_unconverged=on_unconverged)
+                                chi2_tol=chi2_tol, on_unconverged=on_unconverged, levels=levels,
+                                polish=polish)
         self.chunk, self.chi2_tol, self.on_unconverged = chunk, chi2_tol, on_unconverged
         self.potential: SemidiscretePotential | None = None  # set once loaded or fitted
         self._g: Tensor | None = None
@@ -197,7 +200,8 @@ class SemidiscreteOTCoupling(Coupling):
             raise ValueError("coupling semidiscrete_ot needs the training data set to fit its potential")
         path = cfg.potential or couplings_dir(ctx.run_dir) / SDOT_FILE
         return cls(ctx.dataset.train, ctx.dataset.fingerprint, path, cfg.iters, cfg.batch, cfg.lr, cfg.chunk,
-                   ctx.run_config.seed, ctx.run_config.train.progress, cfg.chi2_tol, cfg.on_unconverged)
+                   ctx.run_config.seed, ctx.run_config.train.progress, cfg.chi2_tol, cfg.on_unconverged, cfg.levels,
+                   cfg.polish)
 
     def prepare(self, device: torch.device | str) -> None:
         """Load (or fit and save) the potential and move it and the data to `device`."""

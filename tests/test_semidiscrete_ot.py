@@ -12,8 +12,9 @@ from nfm import couplings
 from flowdistill.api import load_run
 from nfm.couplings import SDOT_FILE, IndependentCoupling, SemidiscreteOTConfig, SemidiscreteOTCoupling
 from nfm.mips import InnerProductSearch, mips
-from nfm.semidiscrete_ot import (NotConvergedError, SemidiscretePotential, chi2_estimate, convergence_problem,
-                                 evaluate_potential, fit_potential, load_potential, save_potential)
+from nfm.semidiscrete_ot import (NotConvergedError, SemidiscretePotential, cell_barycentres, chi2_estimate,
+                                 convergence_problem, evaluate_potential, fit_potential, level_sizes, load_potential,
+                                 refine_potential, save_potential)
 from shared.catalog import BuildContext
 from shared.checkpoint import CheckpointError
 from shared.config import RunConfig
@@ -228,3 +229,85 @@ def test_coupling_fits_once_saves_in_the_run_dir_and_reuses_the_potential(tmp_pa
     with pytest.raises(CheckpointError, match="fingerprint fp1, but this run's data has fingerprint fp2") as err:
         build_coupling(other).pairs(torch.empty(16, 2), gen(0))
     assert "set method.coupling.potential to another path" in str(err.value)  # the key a recipe can set
+
+
+def exact_potential_1d(y: torch.Tensor) -> torch.Tensor:
+    """The semidiscrete OT potential from N(0, 1) to uniform weights on sorted distinct 1D points y (N,).
+
+    Cell k is the interval between the normal quantiles t_{k-1}, t_k of levels k / N; at the boundary t_k the
+    scores x y_k + g_k and x y_{k+1} + g_{k+1} tie, so g_{k+1} = g_k - t_k (y_{k+1} - y_k). Centred to mean 0.
+    """
+    n = len(y)
+    t = torch.distributions.Normal(0.0, 1.0).icdf(torch.arange(1, n, dtype=torch.float64) / n)
+    g = torch.cat([torch.zeros(1, dtype=torch.float64), -torch.cumsum(t * (y[1:] - y[:-1]).double(), 0)])
+    return g - g.mean()
+
+
+def test_fit_finds_the_closed_form_potential_of_three_points_in_1d():
+    y = torch.tensor([[-1.0], [0.0], [2.0]])
+    potential = fit_potential(y, "fp", iters=400, batch=2048, lr=0.05, progress=False, levels=0)
+    g = potential.g.double() - potential.g.double().mean()
+    exact = exact_potential_1d(y[:, 0])  # (-0.431, 0, -0.861) up to the mean: quantiles -+0.431 of 1/3, 2/3
+    assert torch.allclose(g, exact, atol=0.02) and potential.info["chi2"] < CHI2_MAX
+
+
+def test_refining_an_exact_potential_returns_it_at_the_coarse_points():
+    y = torch.sort(torch.randn(40, generator=gen(0))).values.unsqueeze(1)
+    g = exact_potential_1d(y[:, 0]).float()
+    centres, counts = cell_barycentres(g, y, gen(1), 40 * 200, batch=1024)
+    assert (counts > 0).all()
+    assert torch.allclose(refine_potential(g, y, y, centres, counts), g, atol=1e-5)
+
+
+def test_coarse_to_fine_fit_converges_to_the_closed_form_potential_in_1d():
+    n = 300
+    y = (2 * torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)).unsqueeze(1)  # sorted
+    exact = exact_potential_1d(y[:, 0])
+    perm = torch.randperm(n, generator=gen(4))  # shuffled rows: the subsamples must not be the first points
+
+    def error_and_chi2(levels: int) -> tuple[float, float]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            potential = fit_potential(y[perm], "fp", iters=600, batch=2048, lr=0.05, progress=False, levels=levels)
+        g = potential.g.double()[torch.argsort(perm)]  # back to the sorted order
+        return (g - g.mean() - exact).abs().max().item() / exact.abs().max().item(), potential.info["chi2"]
+
+    error, chi2 = error_and_chi2(1)  # 100 then 300 points
+    assert chi2 < CHI2_MAX and error < 0.1
+    single_error, single_chi2 = error_and_chi2(0)  # one level, same finest-level iterations: far from it
+    assert single_chi2 > 5 * chi2 and single_error > 2 * error
+
+
+@pytest.mark.parametrize("levels", [1, 0])
+def test_fit_is_deterministic_under_a_seed(levels):
+    y = points((600, 2), 5)
+    fit = dict(iters=40, batch=256, lr=0.05, progress=False, levels=levels)  # unconverged: a polish round runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first, again = fit_potential(y, "fp", seed=3, **fit), fit_potential(y, "fp", seed=3, **fit)
+        other = fit_potential(y, "fp", seed=4, **fit)
+    assert torch.equal(first.g, again.g) and not torch.equal(first.g, other.g)
+    assert first.info == {**again.info, "fit_seconds": first.info["fit_seconds"]}
+    assert first.info["levels"] == levels and first.info["polish"] == 1
+    assert len(first.history["iter"]) == 1 + levels + 1  # one window per level, one for the polish round
+
+
+def test_polish_rounds_run_only_while_the_fit_is_unconverged():
+    y = points((64, 2))
+    with pytest.warns(UserWarning, match="has not converged"):
+        unconverged = fit_potential(y, "fp", iters=8, batch=256, lr=0.05, progress=False, polish=2)
+    assert unconverged.info["polish"] == 2 and unconverged.history["iter"][-1] == 8 + 2 * 2
+    converged = fit_potential(y, "fp", seed=0, polish=2, **FIT)
+    assert converged.info["polish"] == 0 and converged.info["chi2"] < CHI2_MAX
+
+
+def test_level_sizes():
+    assert level_sizes(20000, -1, factor=8) == [2500, 20000]
+    assert level_sizes(1_280_000, -1, factor=8) == [2500, 20000, 160000, 1_280_000]
+    assert level_sizes(20000, -1, factor=3) == [2222, 6666, 20000]
+    assert level_sizes(1437, -1) == level_sizes(1437, 0) == [1437]
+    assert level_sizes(100, 5, factor=8) == [12, 100]  # no level below 2 points
+    auto = level_sizes(160_000, -1)
+    assert auto[-1] == 160_000 and auto[0] <= 4096 < auto[1]
+    with pytest.raises(ValueError, match="levels must be >= -1"):
+        level_sizes(100, -2)
