@@ -123,4 +123,4 @@ def within_claim(claim: str, a_label: str, a: float, b_label: str, b: float, tol
     verdict = HOLDS if abs(a - b) <= tolerance else FAILS
     side_a = Side(a, spread or 0.0, 1)
     return Finding(claim, a_label, side_a, b_label, Side(b, 0.0, 1), verdict, unit,
-                   f"|difference| {abs(a - b):.3g} {unit} against a tolerance of {tolerance:g} {unit}")
+                   f"absolute difference {abs(a - b):.3g} {unit} against a tolerance of {tolerance:g} {unit}")
