@@ -23,6 +23,8 @@ table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;p
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:340px}figcaption{font-size:12px}
 .warning{background:#fff4e5;border-left:4px solid #e8a33d;padding:4px 8px}
+table.findings td{text-align:left}td.holds{background:#e3f4e1;font-weight:bold}td.tie{background:#f1f1f1}
+td.fails{background:#fbe3e1;font-weight:bold}
 code{background:#f5f5f5;padding:1px 4px}"""
 
 
@@ -84,6 +86,11 @@ class Doc:
                  "B": f"{f.b_label}: {f.b.text() if f.b else ''}", "unit": f.unit, "verdict": f.verdict.upper(),
                  "how": f.note} for f in items]
         self.table(rows, ["claim", "A", "B", "unit", "verdict", "how"])
+        if rows:  # left-aligned text, verdicts coloured
+            table = self.html[-1].replace("<table>", "<table class='findings'>", 1)
+            for word in ("HOLDS", "TIE", "FAILS"):
+                table = table.replace(f"<td>{word}</td>", f"<td class='{word.lower()}'>{word}</td>")
+            self.html[-1] = table
         for line in warnings:
             self.md += [f"**Warning:** {line}", ""]
             self.html.append(f"<p class='warning'><b>Warning:</b> {html.escape(line)}</p>")

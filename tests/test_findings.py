@@ -168,3 +168,11 @@ def test_compare_names_the_best_student_only_when_the_rule_says_so():
     rows[1]["values"] = [9.0, 12.0, 11.0]
     rows[1]["mean"] = float(np.mean(rows[1]["values"]))
     assert verdict_rows(rows)[0]["verdict"] == "tie"
+
+
+def test_html_findings_colour_their_verdicts(tmp_path):
+    result = evaluation(nfm=(40.0, 41.0), sdot=(20.0, 21.0))
+    doc = Doc(tmp_path)
+    doc.findings(findings(result), [])
+    page = "".join(doc.html)
+    assert "<table class='findings'>" in page and "<td class='fails'>FAILS</td>" in page
