@@ -131,10 +131,10 @@ def compact_table(pipeline: Pipeline, teacher: Any, device: torch.device, extrac
 
 def teacher_card(pipeline: Pipeline) -> dict[str, Any]:
     """The figures of a shipped teacher's model card (empty for a teacher trained by the pipeline)."""
-    from flowdistill.packed import CARD, read_card
+    from flowdistill.packed import read_card
+    from shared.catalog import NAMED_RUN_PREFIX
 
-    folder = Path(pipeline.teacher.dir)
-    return read_card(folder) if (folder / CARD).is_file() and pipeline.teacher_ref.startswith("pretrained:") else {}
+    return read_card(pipeline.teacher.dir) if pipeline.teacher_ref.startswith(NAMED_RUN_PREFIX) else {}
 
 
 def fit_warnings(pipeline: Pipeline) -> list[str]:
