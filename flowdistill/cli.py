@@ -414,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pipeline's name: digits, mnist, toy2d")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0,1]")
     p.add_argument("--plan", action="store_true", help="print the stages, what is done and what would run; run nothing")
-    p.add_argument("--only", default="", help="comma-separated stages to run (teacher, couplings, students, f2d2, "
-                                              "compact, evaluate, report)")
+    p.add_argument("--only", default="", help="comma-separated stages to run, by the names --plan prints (the "
+                                              "bundled pipelines: teacher, couplings, students, f2d2, compact, "
+                                              "evaluate, report)")
     p.add_argument("--from", dest="start", default=None, help="first stage to run")
     p.add_argument("--until", default=None, help="last stage to run")
 

@@ -9,14 +9,16 @@ import base64
 import html
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from flowdistill.findings import findings, warnings_of
 from flowdistill.pipeline_files import read_stage_json
+from flowdistill.stage import Log, Stage
 from flowdistill.verdict import ALPHA, Finding
 from shared.checkpoint import atomic_write_text
 
-Pipeline = Any  # flowdistill.pipeline.Pipeline (not imported: the pipeline imports this module)
+if TYPE_CHECKING:
+    from flowdistill.pipeline import Pipeline
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -109,52 +111,12 @@ class Doc:
         return "data:image/png;base64," + base64.b64encode((self.figures / name).read_bytes()).decode()
 
 
-def quality_table(students: list[dict[str, Any]], solver: str, grid: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per coupling, one column per NFE: mean ± std over seeds."""
-    sel = [r for r in students if r["solver"] == solver and r["grid"] == grid]
-    nfes = sorted({r["nfe"] for r in sel})
-    rows = []
-    for coupling in dict.fromkeys(r["student"] for r in sel):
-        row: dict[str, Any] = {"coupling": coupling}
-        for r in sel:
-            if r["student"] == coupling:
-                row[f"NFE {r['nfe']}"] = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] else f"{r['mean']:.4g}"
-        rows.append(row)
-    return rows, ["coupling"] + [f"NFE {n}" for n in nfes]
-
-
-def speed_rows(students: list[dict[str, Any]], teacher: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per coupling and solver/grid: milliseconds per sample at each NFE (the teacher's own time in the caption)."""
-    rows: dict[tuple, dict[str, Any]] = {}
-    for r in students:
-        row = rows.setdefault((r["student"], r["solver"], r["grid"]),
-                              {"coupling": r["student"], "solver": r["solver"], "grid": r["grid"]})
-        row[f"ms @ {r['nfe']} NFE"] = 1000 * r["seconds_per_sample"]
-    nfes = sorted({r["nfe"] for r in students})
-    return list(rows.values()), ["coupling", "solver", "grid"] + [f"ms @ {n} NFE" for n in nfes]
-
-
-def mean_std(entry: dict[str, Any], column: str) -> str:
-    """`mean ± std` of a summary column (the mean alone for one run)."""
-    if entry.get(column) is None:
-        return ""
-    return f"{entry[column]:.4g}" + (f" ± {entry[column + '_std']:.2g}" if entry["n"] > 1 else "")
-
-
-def compact_rows(summary: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The distillation table: one row per variant (teacher, distilled, undistilled), means ± std over seeds."""
-    measured = ["nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
-    present = [c for c in measured if any(e.get(c) is not None for e in summary)]
-    rows = [{"flow": e["role"], "runs": e["n"], "params": e["params"], "depth": e["depth"],
-             **{c: mean_std(e, c) for c in present}, "sample speed-up": e["sample_speedup"],
-             "encode speed-up": e["encode_speedup"]} for e in summary]
-    return rows, ["flow", "runs", "params", "depth", *present, "sample speed-up", "encode speed-up"]
-
-
-def build(result: dict[str, Any], timings: dict[str, float], figures: Path, command: str) -> Doc:
-    """Lay out the report from the evaluation JSON."""
+def build(result: dict[str, Any], timings: dict[str, float], figures: Path, command: str,
+          stages: Iterable["Stage"] = ()) -> Doc:
+    """Lay out the report from the evaluation JSON: the Findings, then each stage's section in table order, the
+    samples, the stage timings and the run folders."""
     doc = Doc(figures)
-    teacher, metric = result["teacher"], result["teacher"]["metric"]
+    metric = result["teacher"]["metric"]
     doc.heading(f"flowdistill report: {result['pipeline']}", 1)
     doc.heading("Findings")
     doc.text(f"Each claim compares A with B on this run. Verdict: HOLDS when A is better by the project's rule "
@@ -165,56 +127,11 @@ def build(result: dict[str, Any], timings: dict[str, float], figures: Path, comm
     doc.text(f"Command: {command}. Hardware: {result['hardware']['cpu']}, {result['hardware']['cores']} cores, "
              f"{result['hardware'].get('threads', '?')} threads, device {result['hardware']['device']}, "
              f"torch {result['hardware']['torch']}.")
-    doc.heading("Teacher")
-    doc.table([{**teacher, "ms_per_sample": 1000 * teacher["seconds_per_sample"]}],
-              ["name", "params", "eta", "nfe", "metric", "value", "ms_per_sample"])
-    doc.heading("Students: quality vs NFE")
-    for solver in dict.fromkeys(r["solver"] for r in result["students"]):
-        for grid in dict.fromkeys(r["grid"] for r in result["students"]):
-            rows, cols = quality_table(result["students"], solver, grid)
-            doc.text(f"{solver} solver, {grid} time grid ({metric}, mean ± std over seeds):")
-            doc.table(rows, cols)
-    doc.image("quality vs NFE", result["quality_figure"])
-    doc.heading("Straightness and training")
-    doc.table(result["straightness"], ["coupling", "curvature", "curvature_std", "final_loss", "train_seconds"])
-    doc.heading("Sampling time and NFE")
-    doc.text(f"The teacher samples in {1000 * teacher['seconds_per_sample']:.4g} ms per sample ({teacher['nfe']} "
-             f"NFE, {metric} {teacher['value']:.4g}). Students, milliseconds per sample:")
-    doc.table(*speed_rows(result["students"], teacher))
-    from flowdistill.compare import reach_table
-
-    doc.text(f"Fewest NFE at which each coupling's mean {metric} reaches the teacher's ({teacher['value']:.4g}), "
-             "and the sampling speed-up over the teacher there:")
-    doc.table(reach_table(result["students"], teacher["value"], teacher["seconds_per_sample"]),
-              ["student", "nfe", "setting", "quality", "speedup_vs_teacher"])
-    if result["f2d2"]:
-        doc.heading("F2D2: few-step likelihood vs the ODE reference")
-        for table in result["f2d2"]:
-            doc.text(f"{table['label']} (distilled from the {table['on']} student), reference: {table['reference']}, "
-                     f"{table['n']} test points; NLL in nats per sample.")
-            columns = [c for c in ("K", "nfe", "nll", "ref_nll", "nf_nll", "mae", "bpd", "ref_bpd", "naive_nll",
-                                   "seconds", "ref_seconds", "ref_nfe", "speedup", "quality") if c in table["rows"][0]]
-            doc.table(table["rows"], columns)
-        doc.text("nf_nll is the teacher flow's exact NLL of the same points (of its eta-perturbed density when "
-                 "its eta > 0): one encode, no ODE.")
-    if result.get("compact"):
-        doc.heading("Compact flow by NF distillation")
-        doc.text(f"The teacher, a compact student distilled from it (method nf_kd) and the same student trained "
-                 f"by maximum likelihood alone from a fresh start (undistilled) and, where the compact flow starts "
-                 f"from the teacher's blocks, that start trained by maximum likelihood alone (init_only, the "
-                 f"control), scored on the test split: exact NLL (nats per sample; "
-                 f"bits/dim for images), {metric} of samples at prior temperature 1.0 and 0.7, samples and "
-                 f"encodes per second; depth counts flow layers, speed-ups are against the teacher.")
-        doc.table(*compact_rows(result["compact"]["summary"]))
-        if any(r["student"] == "nf_teacher_compact" for r in result["students"]):
-            doc.text("nf_teacher_compact (in the student tables above) is the same student trained on NFM pairs that "
-                     "the distilled flow encodes online; the encode speed-up is its coupling's cost ratio per "
-                     "training step against pairs from the teacher.")
+    for stage in stages:
+        if stage.section is not None:
+            stage.section(doc, result)
     doc.heading("Samples")
     doc.images(result["sample_figures"])
-    if result.get("trajectories"):
-        doc.heading("Sampling trajectories (2D)")
-        doc.image("trajectories", result["trajectories"])
     doc.heading("Stage timings")
     doc.table([{"stage": k, "seconds": v} for k, v in timings.items()], ["stage", "seconds"])
     doc.heading("Runs")
@@ -249,7 +166,7 @@ def screenshot(page: Path, png: Path, width: int = 1200, height: int = 2400, bro
     return png
 
 
-def write_report(pipeline: Pipeline, command: str = "") -> Path:
+def write_report(pipeline: "Pipeline", command: str = "") -> Path:
     """Write `<pipeline>/report/report.md`, its figures and `report.html`; returns the HTML path."""
     rerun = f"rerun `{command or 'flowdistill run'}` with its evaluate stage to recompute it"
     result = read_stage_json(pipeline.evaluation_path(), rerun)
@@ -261,9 +178,23 @@ def write_report(pipeline: Pipeline, command: str = "") -> Path:
     if figures.exists():
         shutil.rmtree(figures)
     shutil.copytree(source, figures)
-    doc = build(result, timings, figures, command or f"flowdistill run (pipeline {result['pipeline']})")
+    doc = build(result, timings, figures, command or f"flowdistill run (pipeline {result['pipeline']})",
+                pipeline.stages.values())
     atomic_write_text(out / "report.md", "\n".join(doc.md) + "\n")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result['pipeline'])}</title>"
             f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>\n")
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
+
+
+def status(pipeline: "Pipeline") -> str:
+    if pipeline.stage_status("evaluate") != "done":
+        return "to run (after evaluate)"
+    return "done" if (pipeline.root / "report" / "report.html").is_file() else "to run"
+
+
+def run(pipeline: "Pipeline", log: Log) -> None:
+    log(f"wrote {write_report(pipeline, pipeline.command)}")
+
+
+REPORT = Stage("report", run=run, status=status, main_only=True, timed=False)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from flowdistill.cli import main
-from flowdistill.compare import aggregate, entry_config, load_spec, reach_table, run_comparison
+from flowdistill.compare import entry_config, load_spec, run_comparison
+from flowdistill.scoring import aggregate, reach_table
 from shared.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,16 +90,16 @@ def test_rerun_reuses_trained_runs_and_cached_evaluations(comparison):
 
 
 def test_an_added_solver_evaluates_only_the_cells_the_cache_lacks(comparison, monkeypatch):
-    import flowdistill.compare as compare
+    import flowdistill.scoring as scoring
 
     root, spec = comparison
-    calls, real = [], compare.quality_vs_steps
+    calls, real = [], scoring.quality_vs_steps
 
     def spy(run, steps, solver, grid, *args, **kwargs):
         calls.append((solver, grid, tuple(steps)))
         return real(run, steps, solver, grid, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "quality_vs_steps", spy)
+    monkeypatch.setattr(scoring, "quality_vs_steps", spy)
     assert main(["compare", str(spec), "name=heun", "solvers=[euler,heun]"]) == 0
     assert sorted(set(calls)) == [("heun", "linear", (1, 4)), ("heun", "quadratic", (1, 4))]
     assert len(calls) == 2 * 2 * len(COUPLINGS)  # two grids, two seeds per coupling, nothing for Euler
@@ -116,15 +117,17 @@ def test_scores_of_another_feature_space_are_measured_again_and_curvature_is_kep
     """A retrained FD classifier is another feature space: cached quality rows measured in the old one must not
     sit in one table with rows of the new one. Curvature does not depend on the features and is kept."""
     import flowdistill.compare as compare
+    import flowdistill.scoring as scoring
 
     root, spec = comparison
     calls, curvatures = [], []
-    real_quality, real_curvature = compare.quality_vs_steps, compare.curvature
-    monkeypatch.setattr(compare, "quality_vs_steps",
+    real_quality, real_curvature = scoring.quality_vs_steps, scoring.curvature
+    monkeypatch.setattr(scoring, "quality_vs_steps",
                         lambda run, steps, solver, grid, *a, **k: calls.append(grid) or real_quality(run, steps, solver,
                                                                                                       grid, *a, **k))
-    monkeypatch.setattr(compare, "curvature", lambda *a, **k: curvatures.append(1) or real_curvature(*a, **k))
-    monkeypatch.setattr(compare, "feature_identity", lambda extractor: "retrained-classifier")
+    monkeypatch.setattr(scoring, "curvature", lambda *a, **k: curvatures.append(1) or real_curvature(*a, **k))
+    for module in (compare, scoring):
+        monkeypatch.setattr(module, "feature_identity", lambda extractor: "retrained-classifier")
     assert main(["compare", str(spec), "name=refeatured"]) == 0
     assert json.loads((root / "out" / "refeatured" / "results.json").read_text())["features"] == "retrained-classifier"
     assert len(calls) == 2 * 2 * len(COUPLINGS) and curvatures == []  # every quality cell again, no curvature

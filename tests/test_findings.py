@@ -116,7 +116,9 @@ def test_report_opens_with_findings_and_shows_warnings(tmp_path):
     result.update({"hardware": {"cpu": "cpu", "cores": 2, "device": "cpu", "torch": "2", "threads": 1},
                    "straightness": [], "quality_figure": "q.png", "sample_figures": {}, "runs": {}})
     (tmp_path / "q.png").write_bytes(b"\x89PNG")
-    doc = build(result, {}, tmp_path, "flowdistill run x")
+    from flowdistill.pipeline_stages import STAGES
+
+    doc = build(result, {}, tmp_path, "flowdistill run x", STAGES)
     md = "\n".join(doc.md)
     assert md.index("## Findings") < md.index("## Teacher") < md.index("## Students")
     assert "| NFM beats the best OT coupling at 1 NFE |" in md and "| HOLDS |" in md and "| FAILS |" in md
@@ -140,7 +142,7 @@ def test_an_unconverged_semidiscrete_fit_becomes_a_report_warning(tmp_path):
 
     import torch
 
-    from flowdistill.pipeline_eval import fit_warnings
+    from flowdistill.stages.students import fit_warnings
     from nfm.couplings import SDOT_FILE, SemidiscreteOTConfig
     from nfm.semidiscrete_ot import SemidiscretePotential, save_potential
 
@@ -159,7 +161,7 @@ def test_an_unconverged_semidiscrete_fit_becomes_a_report_warning(tmp_path):
 
 
 def test_compare_names_the_best_student_only_when_the_rule_says_so():
-    from flowdistill.compare import verdict_rows
+    from flowdistill.scoring import verdict_rows
 
     rows = [{"student": name, "solver": "euler", "grid": "linear", "nfe": 2, "metric": "fd", "mean": float(np.mean(v)),
              "values": v} for name, v in (("a", [10.0, 10.5, 10.2]), ("b", [20.0, 20.4, 19.8]), ("c", [30.0, 31.0, 29.0]))]

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from flowdistill.cli import main
-from flowdistill.pipeline import Pipeline, config_key, load_pipeline, select_stages
+from flowdistill.pipeline import Pipeline, load_pipeline, select_stages
+from flowdistill.runs import config_key
 from shared.checkpoint import STALE_SECONDS
 from shared.config import ConfigError
 

@@ -1,0 +1,106 @@
+"""A stage of the main job (`flowdistill run`) as one table entry: the runs it plans, what it does, its part of
+the evaluation and its section of the report.
+
+The table itself is `flowdistill.pipeline_stages.STAGES`; a new stage is one module defining a `Stage` and one
+line there. Stages are planned in table order (a stage may read the runs of the stages before it through
+`Pipeline.runs_of`), run in table order, scored in table order after every run has trained (a stage's
+scores may read the entries of the stages scored before it, `ScoreContext.result`), and reported in table
+order between the Findings and the samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from flowdistill.runs import PlannedRun
+
+if TYPE_CHECKING:
+    from flowdistill.pipeline import Pipeline
+    from flowdistill.report import Doc
+    from shared.run import Run
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ScoreContext:
+    """What every stage's scoring shares: the device, the feature extractor (images), the teacher, the figures
+    folder, the evaluation entries written so far, the sample figures and the warnings; runs load once."""
+
+    device: torch.device
+    extractor: Any  # shared.metrics feature extractor for images, None for vectors
+    teacher: "Run"
+    figures: Path
+    result: dict[str, Any] = field(default_factory=dict)  # the evaluation's entries, stage by stage
+    sample_figures: dict[str, str] = field(default_factory=dict)  # caption -> file name in `figures`
+    warnings: list[str] = field(default_factory=list)
+    _loaded: dict[Path, "Run"] = field(default_factory=dict)
+
+    def load(self, planned: PlannedRun) -> "Run":
+        """A planned run's evaluation weights on the device, loaded once per evaluation."""
+        from flowdistill.api import load_run
+
+        if planned.dir not in self._loaded:
+            self._loaded[planned.dir] = load_run(planned.dir, device=self.device)
+        return self._loaded[planned.dir]
+
+
+def train_planned(pipeline: "Pipeline", stage: str, log: Log) -> None:
+    """What a training stage does: train, resume or reuse each of its planned runs, in order."""
+    runs = pipeline.runs_of(stage)
+    for j, planned in enumerate(runs, 1):
+        status = planned.status()
+        log(f"  run {j}/{len(runs)} {planned.label}: {status}")
+        if status != "done":
+            planned.ensure_trained()
+
+
+def runs_done(pipeline: "Pipeline", stage: str) -> str:
+    """The plan line of a training stage: how many of its runs are done."""
+    runs = pipeline.runs_of(stage)
+    if not runs:
+        return "nothing to train"
+    return f"{sum(r.status() == 'done' for r in runs)}/{len(runs)} runs done"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    plan      the training runs it adds (None: it trains nothing)
+    run       what it does when run, given the pipeline and a log (default: train its planned runs)
+    status    its line in `--plan` (default: its runs done out of planned); "to run..." means it has work
+    score     its entries of the evaluation JSON (a mapping merged into it; keys must not clash)
+    section   writes its part of the report from the evaluation JSON
+    main_only whether only the main process runs it (evaluation, report); the others wait
+    timed     whether its wall time goes into the report's timing table (not the report's own)
+    """
+
+    name: str
+    plan: Callable[["Pipeline"], list[PlannedRun]] | None = None
+    run: Callable[["Pipeline", Log], None] | None = None
+    status: Callable[["Pipeline"], str] | None = None
+    score: Callable[["Pipeline", ScoreContext], dict[str, Any]] | None = None
+    section: Callable[["Doc", dict[str, Any]], None] | None = None
+    main_only: bool = False
+    timed: bool = True
+
+    def line(self, pipeline: "Pipeline") -> str:
+        """Its plan line: what is done and what would run."""
+        return self.status(pipeline) if self.status else runs_done(pipeline, self.name)
+
+    def has_work(self, pipeline: "Pipeline") -> bool:
+        """Whether running it now would train, extract or score anything (a reused stage does not)."""
+        if self.plan is None:
+            return self.line(pipeline).startswith("to run")
+        return any(r.status() != "done" for r in pipeline.runs_of(self.name))
+
+    def execute(self, pipeline: "Pipeline", log: Log) -> None:
+        """Run it: its own action, or train its planned runs."""
+        if self.run is not None:
+            self.run(pipeline, log)
+        else:
+            train_planned(pipeline, self.name, log)

@@ -1,0 +1,1 @@
+"""The stages of the main job, one module each; the table that orders them is `flowdistill.pipeline_stages`."""
