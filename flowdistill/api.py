@@ -3,7 +3,7 @@
     import flowdistill as fd
     run_dir = fd.train("recipes/toy2d/fm_independent.yaml", ["train.steps=500"])
     run = fd.load_run(run_dir)
-    samples = fd.sample(run, n=1000, steps=4)           # Samples(x, nfe, seconds)
+    samples = fd.sample(run, n=1000, steps=4)           # Samples(x, nfe, seconds); steps default: the run's eval
     logp = fd.log_likelihood(run, run.dataset.test[:100])  # nats per sample
 """
 from __future__ import annotations
@@ -40,20 +40,30 @@ def load_run(run_dir: str | Path, weights: str = "auto", device: str | torch.dev
     return runs.load_run(run_dir, CATALOG, weights=weights, device=resolve_device(device))
 
 
-def sample(run: Run, n: int, steps: int = 8, solver: str = "euler", grid: str = "linear", seed: int = 0) -> Any:
-    """`n` samples (n, *shape) of a loaded run with their NFE per sample and wall seconds (`shared.evaluate.Samples`)."""
+def sampling_settings(run: Run, steps: int | None = None, solver: str | None = None, grid: str | None = None
+                      ) -> tuple[int, str, str]:
+    """(steps, solver, grid) with each one not given taken from the run's own eval settings (the largest of its
+    `eval.steps`), as `sample`, `eval` and `nll` all resolve them."""
+    return steps or max(run.config.eval.steps), solver or run.config.eval.solver, grid or run.config.eval.grid
+
+
+def sample(run: Run, n: int, steps: int | None = None, solver: str | None = None, grid: str | None = None,
+           seed: int = 0) -> Any:
+    """`n` samples (n, *shape) of a loaded run with their NFE per sample and wall seconds (`shared.evaluate.Samples`);
+    steps, solver and grid default to the run's own eval settings (`sampling_settings`)."""
     from shared.evaluate import generate
 
-    return generate(run, n, steps, solver, grid, seed)
+    return generate(run, n, *sampling_settings(run, steps, solver, grid), seed)
 
 
 @torch.no_grad()
-def log_likelihood(run: Run, x: Tensor, divergence: str = "auto", seed: int = 0) -> Tensor:
-    """log p(x) (B,) in nats per sample under a loaded run (exact for flows, ODE or few-step otherwise)."""
+def log_likelihood(run: Run, x: Tensor, divergence: str | None = None, seed: int = 0) -> Tensor:
+    """log p(x) (B,) in nats per sample under a loaded run (exact for flows, ODE or few-step otherwise); the
+    divergence estimator defaults to the run's `eval.divergence`."""
     from shared.likelihood import choose_divergence
 
     device = next(run.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    result = run.sampler.log_likelihood(run.model, x.to(device), divergence=choose_divergence(divergence, x[0].numel()),
-                                        generator=generator)
+    divergence = choose_divergence(divergence or run.config.eval.divergence, x[0].numel())
+    result = run.sampler.log_likelihood(run.model, x.to(device), divergence=divergence, generator=generator)
     return result.logp

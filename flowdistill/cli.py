@@ -134,7 +134,7 @@ def write_samples(run_dir: Path, steps: int | None, solver: str, grid: str, n: i
     the samples (`describe_sampling`): steps8-euler-linear, jumps4-geometric, decode."""
     import numpy as np
 
-    from flowdistill.api import load_run, sample
+    from flowdistill.api import load_run, sample, sampling_settings
     from shared.checkpoint import atomic_write_bytes
     from shared.evaluate import LARGE_SAMPLE, require_sample_memory, sampling_estimate
     from shared.plots import save_samples_figure
@@ -142,8 +142,7 @@ def write_samples(run_dir: Path, steps: int | None, solver: str, grid: str, n: i
 
     run = load_run(run_dir, weights=weights, device=device)
     n = n or (64 if run.dataset.kind == "image" else 2000)
-    steps = steps or max(run.config.eval.steps)  # as eval and nll: the run's own settings unless given
-    solver, grid = solver or run.config.eval.solver, grid or run.config.eval.grid
+    steps, solver, grid = sampling_settings(run, steps, solver, grid)  # the run's own settings unless given
     require_sample_memory(run, n)
     if n >= LARGE_SAMPLE:
         print(sampling_estimate(run, n, steps, solver, grid))

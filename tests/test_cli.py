@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from flowdistill.cli import main
@@ -52,6 +53,19 @@ def test_sample_writes_png_and_npz_with_nfe(moons_run, tmp_path):
     saved = np.load(out.with_suffix(".npz"))
     assert saved["samples"].shape == (50, 2) and int(saved["nfe"]) == 6
     assert out.stat().st_size > 1000
+
+
+def test_the_api_samples_and_scores_with_the_runs_own_settings_unless_given(moons_run):
+    import flowdistill as fd
+
+    run = fd.load_run(moons_run)
+    run.config.eval.steps, run.config.eval.solver = (1, 3), "heun"  # what `sample`, `eval` and `nll` default to
+    assert fd.sample(run, 20).nfe == 6  # 3 Heun steps, two evaluations each
+    assert fd.sample(run, 20, steps=2, solver="euler").nfe == 2
+    run.config.eval.divergence = "bogus"
+    with pytest.raises(ValueError, match="bogus"):
+        fd.log_likelihood(run, run.dataset.test[:4])
+    assert torch.isfinite(fd.log_likelihood(run, run.dataset.test[:4], divergence="exact")).all()
 
 
 def test_nll_reports_finite_nats_and_writes_json(moons_run, capsys):
