@@ -27,15 +27,18 @@ from shared.rundir import checkpoints_dir, config_path
 IMPORTED = "imported.json"  # the provenance of an imported run's weights
 
 
-def teacher_config(out: str | Path, model: Any, method: Any, overrides: Sequence[str]) -> RunConfig:
-    """The run config of a teacher written to `out`: `model`, `method` and the data named by `data.*` overrides."""
+def teacher_config(out: str | Path, model: Any, method: Any, overrides: Sequence[str],
+                   data: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of a teacher written to `out`: `model`, `method`, the data (`data`, a `DataConfig` mapping,
+    or `data.*` overrides) and `train.steps: 1`, the step its checkpoint is written at (a finished run)."""
     out = Path(out)
-    if not any(o.split("=", 1)[0] == "data.name" for o in overrides):
+    if data is None and not any(o.split("=", 1)[0] == "data.name" for o in overrides):
         raise ConfigError("name the data the model was trained on, e.g. data.name=digits (data.* overrides): "
                           "sampling, nll and NFM pairs read it from the run")
     if out.name in ("", ".", ".."):
         raise ConfigError(f"the run directory to write must be a new folder name, got {str(out)!r}")
-    raw = {"name": out.name, "out_dir": str(out.parent), "model": to_dict(model), "method": to_dict(method)}
+    raw = {"name": out.name, "out_dir": str(out.parent), "model": to_dict(model), "method": to_dict(method),
+           "data": dict(data or {}), "train": {"steps": 1}}
     return build_run_config(apply_overrides(raw, list(overrides)), CATALOG.config_choices())
 
 
@@ -54,16 +57,22 @@ def check_data(dataset: Dataset, shape: tuple[int, ...], num_classes: int, what:
 
 
 def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write `<out_dir>/<name>/` (config.yaml, a step-0 checkpoint of `model`, imported.json) all at once."""
+    """Write `<out_dir>/<name>/` (config.yaml, a checkpoint of `model` at step `train.steps`, so the run counts as
+    finished, and imported.json) all at once."""
     run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and not overwrite:
-        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
+    check_new_folder(run_dir, overwrite)
     check_writable(run_dir.parent, f"run directory {run_dir}")
     with folder_written_atomically(run_dir, "import") as tmp:
         atomic_write_text(config_path(tmp), dump_yaml(cfg))
-        save_checkpoint(checkpoints_dir(tmp), 0, model)
+        save_checkpoint(checkpoints_dir(tmp), cfg.train.steps, model)
         atomic_write_text(tmp / IMPORTED, json.dumps(provenance, indent=1) + "\n")
     return run_dir
+
+
+def check_new_folder(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a run directory that exists and is not empty, unless `overwrite`."""
+    if run_dir.exists() and not overwrite and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def import_ml_tarflow(checkpoint: str | Path, shape: MLTarFlowShape, noise_std: float, out: str | Path,
