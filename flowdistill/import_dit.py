@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowdistill.diffusers_settings import check_same_settings, model_cfg_side
 from shared.dit import DiTConfig
 
 DIT_FIXED = {"sample_size", "in_channels", "out_channels", "num_embeds_ada_norm"}  # from the data; labels folded
@@ -24,7 +25,6 @@ TABLE = "class_embedder.embedding_table.weight"
 def dit_config_of(net: Any, time: str, timestep_scale: float) -> DiTConfig:
     """Our `DiTConfig` that builds `net`'s architecture; ValueError naming the settings or the time convention
     flowdistill's dit model does not build."""
-    from flowdistill.importers import check_same_settings, model_cfg_side
     from shared.dit import TimeDiT
 
     if time != "noise-at-1" or timestep_scale != 1000:

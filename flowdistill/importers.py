@@ -20,6 +20,8 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from flowdistill.components import CATALOG
+from flowdistill.diffusers_settings import check_same_settings, model_cfg_side
+from flowdistill.import_dit import dit_config_of, dit_weights
 from nfm.ml_tarflow import MLTarFlowShape, convert_state_dict, read_checkpoint, tarflow_config
 from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically, save_checkpoint, sha256_file
 from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, to_dict
@@ -110,8 +112,6 @@ def build_with_weights(cfg: RunConfig, dataset: Dataset, weights: dict[str, Tens
 
 TIME_CONVENTIONS = ("noise-at-1", "noise-at-0")  # ours and diffusers' FlowMatchEuler / torchcfm's
 UNET_FIXED = {"sample_size", "in_channels", "out_channels"}  # set from the data shape
-
-
 DIFFUSERS_FIELDS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}  # class -> pipeline subfolder
 
 
@@ -152,23 +152,6 @@ def unet_config_of(net: Any, time: str, timestep_scale: float) -> Any:
     return cfg
 
 
-def check_same_settings(theirs: dict[str, Any], ours: dict[str, Any], fixed: set[str], cls: str, model: str) -> None:
-    """ValueError naming each diffusers setting (outside `fixed`, set from the data) in which the config `theirs`
-    differs from the one flowdistill's `model` builds (`ours`), and an output of another channel count."""
-    differ = [f"{k}={theirs.get(k)!r} (flowdistill builds {ours.get(k)!r})" for k in sorted(set(ours) | set(theirs))
-              if not k.startswith("_") and k not in fixed and _plain(theirs.get(k)) != _plain(ours.get(k))]
-    out_channels = theirs.get("out_channels") or theirs["in_channels"]
-    if theirs["in_channels"] != out_channels:
-        differ.append(f"out_channels={out_channels} (a velocity field needs in_channels)")
-    if differ:
-        raise ValueError(f"this {cls} is not one flowdistill's {model} model builds: " + "; ".join(differ))
-
-
-def _plain(value: Any) -> Any:
-    """Config values compared as JSON would store them (tuples as lists)."""
-    return list(value) if isinstance(value, tuple) else value
-
-
 def import_diffusers_fm(folder: str | Path, time: str, timestep_scale: float, out: str | Path,
                         overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Write a diffusers velocity field (UNet2DModel or DiTTransformer2DModel) as a flow-matching run at `out`;
@@ -178,8 +161,6 @@ def import_diffusers_fm(folder: str | Path, time: str, timestep_scale: float, ou
     noise-at-0 (torchcfm: time s = 1 - t, the network's u = -v). `timestep_scale`: the network was fed
     timestep = scale * (its time), 1000 (diffusers) or 1 (torchcfm). A DiT is read in ours only (noise-at-1, 1000).
     """
-    from flowdistill.import_dit import dit_config_of, dit_weights
-
     if timestep_scale <= 0:
         raise ValueError(f"--timestep-scale must be > 0, got {timestep_scale}")
     net = read_diffusers(folder)
@@ -198,9 +179,3 @@ def import_diffusers_fm(folder: str | Path, time: str, timestep_scale: float, ou
     provenance = {"format": "diffusers-fm", "class": cls, "folder": str(Path(folder).resolve()), "time": time,
                   "timestep_scale": timestep_scale}
     return write_run(cfg, model, provenance, overwrite)
-
-
-def model_cfg_side(net: Any) -> int:
-    """The image side of a diffusers model's `sample_size` (an int or an (H, W) pair)."""
-    size = net.config.sample_size
-    return int(size if isinstance(size, int) else size[0])
