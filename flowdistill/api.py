@@ -5,6 +5,7 @@
     run = fd.load_run(run_dir)
     samples = fd.sample(run, n=1000, steps=4)           # Samples(x, nfe, seconds); steps default: the run's eval
     logp = fd.log_likelihood(run, run.dataset.test[:100])  # nats per sample
+    fd.save_teacher(my_flow, data="8gaussians", out="runs/my-flow")  # your own flow as a teacher run
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import torch
 from torch import Tensor
 
 from flowdistill.components import CATALOG
+from flowdistill.own_teacher import save_teacher
 from shared import run as runs
 from shared.config import RunConfig
 from shared.run import Run, resolve_device
 
 __all__ = ["Run", "RunConfig", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
-           "train"]
+           "save_teacher", "train"]
 
 
 def resolve_config(source: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -346,8 +346,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     """Turn a model trained elsewhere into a run directory that every command accepts: `import ml-tarflow
     CKPT.pth --img-size ... OUT data.name=...` writes an apple/ml-tarflow checkpoint as a TarFlow teacher run;
-    `import diffusers-fm FOLDER --time ... OUT data.name=...` a diffusers UNet2DModel velocity field as a
-    flow-matching run."""
+    `import diffusers-fm FOLDER --time ... OUT data.name=...` a diffusers UNet2DModel or DiTTransformer2DModel
+    velocity field as a flow-matching run."""
     from flowdistill.importers import import_diffusers_fm, import_ml_tarflow
     from nfm.ml_tarflow import MLTarFlowShape
 
@@ -516,12 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--in-channels", dest="channels_in", type=positive_int, default=3,
                    help="image channels (default 3)")
     q.add_argument("--overwrite", action="store_true", help="replace a folder already at OUT")
-    q = sources.add_parser("diffusers-fm", help="a diffusers UNet2DModel velocity field as a flow-matching run",
-                           description="Write a diffusers UNet2DModel trained with flow matching elsewhere as a "
-                                       "flow-matching run (model unet, method fm) that sample, nll and f2d2 (as its "
-                                       "teacher) use. --time and --timestep-scale say how the network reads time.")
+    q = sources.add_parser("diffusers-fm", help="a diffusers UNet2DModel or DiTTransformer2DModel velocity field as "
+                                                "a flow-matching run",
+                           description="Write a diffusers UNet2DModel or DiTTransformer2DModel trained with flow "
+                                       "matching elsewhere as a flow-matching run (model unet or dit, method fm) that "
+                                       "sample, nll and f2d2 (as its teacher) use. --time and --timestep-scale say "
+                                       "how the network reads time (a DiT: noise-at-1 and 1000 only).")
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    q.add_argument("folder", help="folder written by save_pretrained (the UNet's, or a pipeline's with unet/)")
+    q.add_argument("folder", help="folder written by save_pretrained (the model's, or a pipeline's with unet/ or "
+                                  "transformer/)")
     q.add_argument("out", help="run directory to write (a new folder)")
     q.add_argument("overrides", nargs="*", help="key=value settings of the run; data.name is required")
     q.add_argument("--time", required=True, choices=["noise-at-1", "noise-at-0"],

@@ -17,6 +17,7 @@ from nfm.nf_kd import NFKDConfig, build_nfkd_loss, build_nfkd_sampler
 from nfm.tarflow import TarFlowConfig, build_tarflow
 from nfm.teacher import TeacherConfig, build_teacher_loss, build_teacher_sampler
 from nfm.teacher_coupling import NFTeacherConfig, NFTeacherCoupling, NFTeacherOTCoupling
+from nfm.user_flow import UserFlowConfig, build_user_flow
 from shared.backbones import MLPConfig, UNetConfig, build_mlp, build_unet
 from shared.catalog import Catalog, Choice, MethodChoice
 from shared.dit import DiTConfig, build_dit
@@ -27,6 +28,7 @@ MODELS: dict[str, Choice] = {
     "dit": Choice(DiTConfig, build_dit),  # diffusers DiTTransformer2DModel (DiT/SiT-style) velocity field on images
     "tarflow": Choice(TarFlowConfig, build_tarflow),  # transformer autoregressive normalizing flow
     "glow": Choice(GlowConfig, build_glow),  # multi-scale Glow normalizing flow
+    "user_flow": Choice(UserFlowConfig, build_user_flow),  # a user's own flow class, by import path (save_teacher)
     "flowmap": Choice(FlowMapConfig, build_flowmap),  # F2D2 flow map (u, D) on an mlp, unet or dit backbone
 }
 

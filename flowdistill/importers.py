@@ -4,7 +4,9 @@
 `method.name: nll`): `config.yaml`, a verified safetensors checkpoint (`shared.checkpoint`) and
 `imported.json`, which records where the weights came from. `import_diffusers_fm` turns a diffusers
 `UNet2DModel` velocity field trained elsewhere into a flow-matching run (`model.name: unet`, `method.name:
-fm`) whose time convention (`model.time_reversed`, `model.timestep_scale`) maps the network's to ours.
+fm`) whose time convention (`model.time_reversed`, `model.timestep_scale`) maps the network's to ours, and a
+`DiTTransformer2DModel` into a `model.name: dit` run (`flowdistill.import_dit`). `write_run` also writes
+`flowdistill.save_teacher`'s runs of a user's own flow.
 The run directory is written in a hidden sibling folder and renamed into place, so a failed import
 leaves nothing behind; everything that can be refused (file, checkpoint shape, data) is checked before
 anything is written.
@@ -18,6 +20,8 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from flowdistill.components import CATALOG
+from flowdistill.diffusers_settings import check_same_settings, model_cfg_side
+from flowdistill.import_dit import dit_config_of, dit_weights
 from nfm.ml_tarflow import MLTarFlowShape, convert_state_dict, read_checkpoint, tarflow_config
 from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically, save_checkpoint, sha256_file
 from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, to_dict
@@ -27,15 +31,18 @@ from shared.rundir import checkpoints_dir, config_path
 IMPORTED = "imported.json"  # the provenance of an imported run's weights
 
 
-def teacher_config(out: str | Path, model: Any, method: Any, overrides: Sequence[str]) -> RunConfig:
-    """The run config of a teacher written to `out`: `model`, `method` and the data named by `data.*` overrides."""
+def teacher_config(out: str | Path, model: Any, method: Any, overrides: Sequence[str],
+                   data: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of a teacher written to `out`: `model`, `method`, the data (`data`, a `DataConfig` mapping,
+    or `data.*` overrides) and `train.steps: 1`, the step its checkpoint is written at (a finished run)."""
     out = Path(out)
-    if not any(o.split("=", 1)[0] == "data.name" for o in overrides):
+    if data is None and not any(o.split("=", 1)[0] == "data.name" for o in overrides):
         raise ConfigError("name the data the model was trained on, e.g. data.name=digits (data.* overrides): "
                           "sampling, nll and NFM pairs read it from the run")
     if out.name in ("", ".", ".."):
         raise ConfigError(f"the run directory to write must be a new folder name, got {str(out)!r}")
-    raw = {"name": out.name, "out_dir": str(out.parent), "model": to_dict(model), "method": to_dict(method)}
+    raw = {"name": out.name, "out_dir": str(out.parent), "model": to_dict(model), "method": to_dict(method),
+           "data": dict(data or {}), "train": {"steps": 1}}
     return build_run_config(apply_overrides(raw, list(overrides)), CATALOG.config_choices())
 
 
@@ -54,16 +61,22 @@ def check_data(dataset: Dataset, shape: tuple[int, ...], num_classes: int, what:
 
 
 def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write `<out_dir>/<name>/` (config.yaml, a step-0 checkpoint of `model`, imported.json) all at once."""
+    """Write `<out_dir>/<name>/` (config.yaml, a checkpoint of `model` at step `train.steps`, so the run counts as
+    finished, and imported.json) all at once."""
     run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and not overwrite:
-        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
+    check_new_folder(run_dir, overwrite)
     check_writable(run_dir.parent, f"run directory {run_dir}")
     with folder_written_atomically(run_dir, "import") as tmp:
         atomic_write_text(config_path(tmp), dump_yaml(cfg))
-        save_checkpoint(checkpoints_dir(tmp), 0, model)
+        save_checkpoint(checkpoints_dir(tmp), cfg.train.steps, model)
         atomic_write_text(tmp / IMPORTED, json.dumps(provenance, indent=1) + "\n")
     return run_dir
+
+
+def check_new_folder(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a run directory that exists and is not empty, unless `overwrite`."""
+    if run_dir.exists() and not overwrite and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def import_ml_tarflow(checkpoint: str | Path, shape: MLTarFlowShape, noise_std: float, out: str | Path,
@@ -99,20 +112,25 @@ def build_with_weights(cfg: RunConfig, dataset: Dataset, weights: dict[str, Tens
 
 TIME_CONVENTIONS = ("noise-at-1", "noise-at-0")  # ours and diffusers' FlowMatchEuler / torchcfm's
 UNET_FIXED = {"sample_size", "in_channels", "out_channels"}  # set from the data shape
+DIFFUSERS_FIELDS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}  # class -> pipeline subfolder
 
 
-def read_unet(folder: str | Path) -> Any:
-    """The diffusers UNet2DModel in `folder` (or its `unet/` subfolder), in eval mode."""
-    from diffusers import UNet2DModel
+def read_diffusers(folder: str | Path) -> Any:
+    """The diffusers velocity field in `folder` (or its `unet/` / `transformer/` subfolder), in eval mode: a
+    UNet2DModel or a DiTTransformer2DModel, read from config.json's `_class_name`."""
+    import diffusers
 
     folder = Path(folder)
-    root = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} holds no diffusers model (no config.json there or in unet/)")
+    roots = [folder / sub for sub in DIFFUSERS_FIELDS.values()] + [folder]
+    root = next((r for r in roots if (r / "config.json").is_file()), None)
+    if root is None:
+        raise FileNotFoundError(f"{str(folder)!r} holds no diffusers model (no config.json there or in "
+                                f"{' or '.join(f'{sub}/' for sub in DIFFUSERS_FIELDS.values())})")
     name = json.loads((root / "config.json").read_text()).get("_class_name")
-    if name != "UNet2DModel":
-        raise ValueError(f"{str(root)!r} holds a {name}; diffusers-fm imports UNet2DModel velocity fields")
-    return UNet2DModel.from_pretrained(root).eval()
+    if name not in DIFFUSERS_FIELDS:
+        raise ValueError(f"{str(root)!r} holds a {name}; diffusers-fm imports velocity fields of the classes "
+                         f"{', '.join(DIFFUSERS_FIELDS)}")
+    return getattr(diffusers, name).from_pretrained(root).eval()
 
 
 def unet_config_of(net: Any, time: str, timestep_scale: float) -> Any:
@@ -130,44 +148,34 @@ def unet_config_of(net: Any, time: str, timestep_scale: float) -> Any:
                      timestep_scale=float(timestep_scale))
     side = model_cfg_side(net)
     ours = dict(TimeUNet(cfg, (theirs["in_channels"], side, side)).unet.config)
-    differ = [f"{k}={theirs.get(k)!r} (flowdistill builds {ours.get(k)!r})" for k in sorted(set(ours) | set(theirs))
-              if not k.startswith("_") and k not in UNET_FIXED and _plain(theirs.get(k)) != _plain(ours.get(k))]
-    if theirs["in_channels"] != theirs["out_channels"]:
-        differ.append(f"out_channels={theirs['out_channels']} (a velocity field needs in_channels)")
-    if differ:
-        raise ValueError("this UNet2DModel is not one flowdistill's unet model builds: " + "; ".join(differ))
+    check_same_settings(theirs, ours, UNET_FIXED, "UNet2DModel", "unet")
     return cfg
-
-
-def _plain(value: Any) -> Any:
-    """Config values compared as JSON would store them (tuples as lists)."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def import_diffusers_fm(folder: str | Path, time: str, timestep_scale: float, out: str | Path,
                         overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
-    """Write a diffusers UNet2DModel velocity field as a flow-matching run at `out`; returns the run directory.
+    """Write a diffusers velocity field (UNet2DModel or DiTTransformer2DModel) as a flow-matching run at `out`;
+    returns the run directory.
 
     `time`: noise-at-1 (ours and diffusers' FlowMatchEuler: the network's v points from data to noise) or
     noise-at-0 (torchcfm: time s = 1 - t, the network's u = -v). `timestep_scale`: the network was fed
-    timestep = scale * (its time), 1000 (diffusers) or 1 (torchcfm).
+    timestep = scale * (its time), 1000 (diffusers) or 1 (torchcfm). A DiT is read in ours only (noise-at-1, 1000).
     """
     if timestep_scale <= 0:
         raise ValueError(f"--timestep-scale must be > 0, got {timestep_scale}")
-    net = read_unet(folder)
-    model_cfg = unet_config_of(net, time, timestep_scale)
+    net = read_diffusers(folder)
+    cls = type(net).__name__
+    if cls == "UNet2DModel":
+        model_cfg = unet_config_of(net, time, timestep_scale)
+        weights = {f"unet.{k}": v for k, v in net.state_dict().items()}
+    else:
+        model_cfg = dit_config_of(net, time, timestep_scale)
+        weights = dit_weights(net)
     cfg = teacher_config(out, model_cfg, CATALOG.methods["fm"].config(), overrides)
     dataset = load_dataset(cfg.data)
-    check_data(dataset, (net.config.in_channels, model_cfg_side(net), model_cfg_side(net)), 0,
-               f"UNet2DModel {str(folder)!r}")
-    weights = {f"unet.{k}": v for k, v in net.state_dict().items()}
+    side = model_cfg_side(net)
+    check_data(dataset, (net.config.in_channels, side, side), 0, f"{cls} {str(folder)!r}")
     model = build_with_weights(cfg, dataset, weights)
-    provenance = {"format": "diffusers-fm", "folder": str(Path(folder).resolve()), "time": time,
+    provenance = {"format": "diffusers-fm", "class": cls, "folder": str(Path(folder).resolve()), "time": time,
                   "timestep_scale": timestep_scale}
     return write_run(cfg, model, provenance, overwrite)
-
-
-def model_cfg_side(net: Any) -> int:
-    """The image side of a UNet2DModel's `sample_size` (an int or an (H, W) pair)."""
-    size = net.config.sample_size
-    return int(size if isinstance(size, int) else size[0])

@@ -47,3 +47,20 @@ class FlowTeacher(Protocol):
 
     def scale_prior_noise(self, noise: Tensor) -> Tensor:
         """Standard normal noise (B, *data_shape) -> the prior noise sampling decodes."""
+
+
+def interface_members() -> tuple[str, ...]:
+    """The names `FlowTeacher` asks for: its annotated attributes, properties and methods."""
+    own = {name for name, value in vars(FlowTeacher).items()
+           if not name.startswith("_") and (callable(value) or isinstance(value, property))}
+    return tuple(sorted(own | set(FlowTeacher.__annotations__)))
+
+
+def missing_members(flow: object) -> list[str]:
+    """The `FlowTeacher` members `flow` lacks, and `forward` when an `nn.Module` does not define it."""
+    from torch import nn
+
+    missing = [name for name in interface_members() if not hasattr(flow, name)]
+    if isinstance(flow, nn.Module) and type(flow).forward is nn.Module.forward:
+        missing.append("forward")
+    return missing

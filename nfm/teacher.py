@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfm.glow import Glow, GlowConfig
-from nfm.tarflow import TarFlow, TarFlowConfig
+from nfm.flow_interface import FlowTeacher
+from nfm.glow import GlowConfig
+from nfm.tarflow import TarFlowConfig
+from nfm.user_flow import UserFlowConfig
 
-FLOWS = (TarFlow, Glow)  # the normalizing-flow families the nll method trains
-FLOW_CONFIGS = (TarFlowConfig, GlowConfig)
+FLOW_CONFIGS = (TarFlowConfig, GlowConfig)  # the normalizing-flow families the nll method trains
+TEACHER_CONFIGS = FLOW_CONFIGS + (UserFlowConfig,)  # and a user's own flow (`flowdistill.save_teacher`)
 from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.catalog import BuildContext
 from shared.config import RunConfig
@@ -51,12 +53,13 @@ class TeacherConfig:
         return {}
 
 
-def unwrap(model: nn.Module) -> TarFlow | Glow:
-    """The normalizing flow inside DDP / Accelerate wrappers."""
-    while not isinstance(model, FLOWS) and hasattr(model, "module"):
+def unwrap(model: nn.Module) -> nn.Module:
+    """The normalizing flow (a `FlowTeacher`: TarFlow, Glow or a user's flow) inside DDP / Accelerate wrappers."""
+    while not isinstance(model, FlowTeacher) and hasattr(model, "module"):
         model = model.module
-    if not isinstance(model, FLOWS):
-        raise TypeError(f"the nll method needs a normalizing flow (tarflow or glow), got {type(model).__name__}")
+    if not isinstance(model, FlowTeacher):
+        raise TypeError(f"the nll method needs a normalizing flow (tarflow, glow or user_flow), got "
+                        f"{type(model).__name__}")
     return model
 
 
@@ -184,11 +187,12 @@ def build_teacher_sampler(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Datas
 def check_teacher(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Dataset) -> None:
     """Raise ValueError for a model, data set or setting the `nll` method cannot use."""
     model = run_cfg.model
-    if not isinstance(model, FLOW_CONFIGS):
-        raise ValueError(f"method nll trains a normalizing flow: set model.name: tarflow or glow (got {model.name!r})")
+    if not isinstance(model, TEACHER_CONFIGS):
+        raise ValueError("method nll trains a normalizing flow: set model.name: tarflow, glow or user_flow "
+                         f"(got {model.name!r})")
     if cfg.dequantize and dataset.levels is None:
         raise ValueError(f"method.dequantize needs quantized (image) data; {dataset.name!r} is continuous")
-    if cfg.dequantize and model.eta > 0:
+    if cfg.dequantize and getattr(model, "eta", 0.0) > 0:
         raise ValueError(f"method.dequantize replaces noise augmentation: set model.eta=0 (got {model.eta})")
     if cfg.temperature <= 0:
         raise ValueError(f"method.temperature must be > 0, got {cfg.temperature}")

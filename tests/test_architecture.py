@@ -102,6 +102,10 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+IMPORTS_BY_PATH = {"nfm/user_flow.py"}  # imports the one class a run's config names (model.flow), registers nothing
+
+
 def test_nothing_registers_itself_through_importlib():
-    offenders = [str(p.relative_to(ROOT)) for p in project_modules().values() if "importlib" in p.read_text()]
+    offenders = [str(p.relative_to(ROOT)) for p in project_modules().values() if "importlib" in p.read_text()
+                 and str(p.relative_to(ROOT)) not in IMPORTS_BY_PATH]
     assert not offenders, f"modules importing by name: {offenders}"

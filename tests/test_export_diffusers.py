@@ -25,6 +25,7 @@ TINY = {
     "dit": ["model.depth=2", "model.heads=2", "model.head_dim=8"],
 }
 RECIPES = {"unet": "recipes/digits/fm_independent.yaml", "dit": "recipes/digits/fm_dit.yaml"}
+DIFFUSERS_CLASSES = {"unet": "UNet2DModel", "dit": "DiTTransformer2DModel"}
 SEED = 0
 
 
@@ -123,18 +124,73 @@ def test_runs_without_a_diffusers_class_are_refused_and_export_as_safetensors(tm
     assert "already exists" in capsys.readouterr().err
 
 
-def test_an_exported_student_imported_back_gives_the_same_velocities(tmp_path, students):
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_an_exported_student_imported_back_gives_the_same_velocities(tmp_path, students, backbone):
     out, back = tmp_path / "export", tmp_path / "back"
-    assert main(["export", str(students["unet"]), str(out), "--format", "diffusers"]) == 0
+    assert main(["export", str(students[backbone]), str(out), "--format", "diffusers"]) == 0
     assert main(["import", "diffusers-fm", str(out), str(back), "--time", "noise-at-1", "--timestep-scale", "1000",
                  "data.name=digits"]) == 0
-    ours, imported = fd.load_run(students["unet"]), fd.load_run(back)
-    assert imported.config.method.name == "fm" and imported.config.model.name == "unet"
+    ours, imported = fd.load_run(students[backbone]), fd.load_run(back)
+    assert imported.config.method.name == "fm" and imported.config.model.name == backbone
+    assert imported.config.model == ours.config.model
     gen = torch.Generator().manual_seed(2)
     x, t = torch.randn(5, 1, 8, 8, generator=gen), torch.rand(5, generator=gen)
     with torch.no_grad():
         assert (ours.model(x, t) - imported.model(x, t)).abs().max() < 1e-6
-    assert json.loads((back / "imported.json").read_text())["time"] == "noise-at-1"
+    provenance = json.loads((back / "imported.json").read_text())
+    assert provenance["time"] == "noise-at-1" and provenance["class"] == DIFFUSERS_CLASSES[backbone]
+
+
+def tiny_dit(num_classes: int = 3) -> torch.nn.Module:
+    """A DiTTransformer2DModel with random weights of unit-order effect, every block's embedder a copy of block 0's."""
+    from diffusers import DiTTransformer2DModel
+
+    net = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        shared = net.transformer_blocks[0].norm1.emb.state_dict()
+        for block in net.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(shared)
+    return net.eval()
+
+
+def test_a_dit_from_elsewhere_is_the_field_diffusers_computes_and_others_are_refused(tmp_path, capsys):
+    net = tiny_dit()
+    argv = ["import", "diffusers-fm", str(tmp_path / "dit"), str(tmp_path / "run"), "--time", "noise-at-1",
+            "--timestep-scale", "1000", "data.name=digits"]
+    net.save_pretrained(tmp_path / "dit")
+    assert main(argv) == 2
+    assert "class-conditional (4 different label embeddings)" in capsys.readouterr().err
+    with torch.no_grad():  # one label embedding for every class (not zero): an unconditional field
+        for block in net.transformer_blocks:
+            table = block.norm1.emb.class_embedder.embedding_table.weight
+            table.copy_(table[:1].expand_as(table))
+    net.save_pretrained(tmp_path / "dit")
+    assert main(argv) == 0
+    imported = fd.load_run(tmp_path / "run")
+    gen = torch.Generator().manual_seed(4)
+    x, t = torch.randn(5, 1, 8, 8, generator=gen), torch.rand(5, generator=gen)
+    with torch.no_grad():
+        theirs = net(x, 1000 * t, class_labels=torch.full((5,), 2)).sample
+        assert theirs.abs().max() > 0.1 and (imported.model(x, t) - theirs).abs().max() < 1e-6
+
+    with torch.no_grad():
+        net.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
+    net.save_pretrained(tmp_path / "dit")
+    assert main(argv[:3] + [str(tmp_path / "other")] + argv[4:]) == 2
+    assert "block 1 of this DiTTransformer2DModel has its own time or label embedding" in capsys.readouterr().err
+    assert main(argv[:5] + ["noise-at-0"] + argv[6:]) == 2
+    assert "imported in flowdistill's and diffusers' time convention only" in capsys.readouterr().err
+    (tmp_path / "cond").mkdir()
+    (tmp_path / "cond" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    assert main(argv[:2] + [str(tmp_path / "cond")] + argv[3:]) == 2
+    err = capsys.readouterr().err
+    assert "holds a UNet2DConditionModel; diffusers-fm imports velocity fields of the classes UNet2DModel, " \
+           "DiTTransformer2DModel" in err
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_field_in_torchcfm_time_has_the_ode_likelihood_of_the_same_field_in_ours(tmp_path, students):
