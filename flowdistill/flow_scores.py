@@ -5,7 +5,8 @@ column settings are chosen on) and test NLL in nats per sample (and bits/dim for
 encode of the whole test split; sample quality (W2, or classifier-feature FD for images) of samples
 drawn at prior temperature T = 1.0 and T = 0.7, z ~ N(0, T^2 I), through the run's own sampler
 (decoding, plus the Tweedie step of an eta-perturbed flow); sampling and encoding throughput in
-samples per second (the median of `repeats` timed passes over one batch, after a warm-up pass). Used by the pipeline's `compact` stage and by `bench/nfkd_compare.py`.
+samples per second (the median of `repeats` timed passes over one batch, after a warm-up pass). Used by the
+pipeline's `compact` stage and by `bench/experiments/nfkd_compare.py`.
 """
 from __future__ import annotations
 

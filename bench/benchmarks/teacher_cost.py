@@ -6,7 +6,7 @@ compact flow distilled from it, say), the median wall time at the student's batc
     step       the student's own training step (FM loss forward + backward + AdamW, independent noise)
 and the coupling's share of a step, pairs / (pairs + step). Prints a table, writes JSON.
 
-    python -m bench.teacher_cost recipes/mnist/fm_nf_teacher.yaml runs/mnist-teacher_bpd \\
+    python -m bench.benchmarks.teacher_cost recipes/mnist/fm_nf_teacher.yaml runs/mnist-teacher_bpd \\
         runs/mnist-tarflow_student_kd-distilled-s0 --set train.batch_size=64 --set 'model.channels=[16,32,32]'
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.bench_couplings import student_step, time_ms
+from bench.benchmarks.bench_couplings import student_step, time_ms
 from bench.common import RESULTS, machine, markdown_table, setup
 from flowdistill.api import load_run, resolve_config
 from nfm.teacher_coupling import NFTeacherCoupling

@@ -6,7 +6,7 @@ budget with plain maximum likelihood). Reports per run: test NLL (nats/sample; b
 exact, whole test split), sample quality at temperature 1.0 and 0.7 (FD or W2 to the test split),
 sampling and encoding throughput, parameters; then the mean and std over seeds.
 
-    python -m bench.nfkd_compare recipes/digits/glow_teacher_bpd.yaml recipes/digits/glow_student_kd.yaml \
+    python -m bench.experiments.nfkd_compare recipes/digits/glow_teacher_bpd.yaml recipes/digits/glow_student_kd.yaml \
         --seeds 0,1,2 --out docs/nfkd/digits_glow
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     write_json(out.with_suffix(".json"), {"teacher": args.teacher, "student": args.student, "rows": rows,
                                           "summary": summary, "machine": machine(torch.device("cpu"))})
     table = format_table(summary, ["run", *COLUMNS, "param_ratio", "sample_speedup", "encode_speedup"])
-    command = " ".join(["python -m bench.nfkd_compare", *sys.argv[1:]])
+    command = " ".join(["python -m bench.experiments.nfkd_compare", *sys.argv[1:]])
     out.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n\n"
                                       + format_table(rows, ["role", "seed", "run", *COLUMNS]) + "\n")
     print(table)

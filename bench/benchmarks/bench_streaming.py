@@ -10,7 +10,7 @@ and mapped file pages), sampled after the warm-up batches (start), every few bat
 last batch (end). The temporary folder is deleted afterwards.
 
 Run from the repository root:
-    python -m bench.bench_streaming [--device cpu|cuda] [--sizes-gb 0.25,2] [--batch 256] [--workers 2]
+    python -m bench.benchmarks.bench_streaming [--device cpu|cuda] [--sizes-gb 0.25,2] [--batch 256] [--workers 2]
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ over subsets, and for every run after the first the difference to the first run 
 (paired, which is what a choice between the two rests on). When the paired standard deviation is as large
 as the mean difference, a reference set of that size cannot rank the two runs. Prints a table, writes JSON.
 
-    python -m bench.reference_noise runs/digits-nfm-fit-s0 runs/digits-semidiscrete_ot-s0 --steps 4 --size 144
+    python -m bench.experiments.reference_noise runs/digits-nfm-fit-s0 runs/digits-semidiscrete_ot-s0 \
+        --steps 4 --size 144
 """
 from __future__ import annotations
 

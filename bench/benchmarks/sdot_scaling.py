@@ -10,7 +10,7 @@ iterations (fewer from the sizes in --large-iters-cap), and evaluated on fewer t
 report the rate and the chi^2 reached where one core cannot afford a converged fit.
 
 Run from the repository root (one thread):
-    OMP_NUM_THREADS=1 python -m bench.sdot_scaling --threads 1 --out docs/benchmarks/sdot_scaling-cpu.json
+    OMP_NUM_THREADS=1 python -m bench.benchmarks.sdot_scaling --threads 1 --out docs/benchmarks/sdot_scaling-cpu.json
 """
 from __future__ import annotations
 

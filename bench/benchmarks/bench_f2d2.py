@@ -1,9 +1,9 @@
 """Benchmark F2D2: few-step vs reference likelihood of trained runs, and the cost of the JVP loss.
 
-    python -m bench.bench_f2d2 --device cpu --runs runs/toy2d-f2d2_joint_checkerboard --n 1000
-    python -m bench.bench_f2d2 --device cuda --runs runs/digits-f2d2_joint,runs/mnist-f2d2_joint
+    python -m bench.benchmarks.bench_f2d2 --device cpu --runs runs/toy2d-f2d2_joint_checkerboard --n 1000
+    python -m bench.benchmarks.bench_f2d2 --device cuda --runs runs/digits-f2d2_joint,runs/mnist-f2d2_joint
 
-    python -m bench.bench_f2d2 --device cpu --cases toy,digits      # training-step cost only
+    python -m bench.benchmarks.bench_f2d2 --device cpu --cases toy,digits      # training-step cost only
 
 With --runs (per run, via flowdistill.f2d2_eval.evaluate; writes bench/results/f2d2-<device>-nll.json): for
 K = 1, 2, 4, 8 the mean per-sample |log p_K - log p_ref| of F2D2 and of the naive estimate without

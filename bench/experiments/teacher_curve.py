@@ -7,7 +7,7 @@ dimension on the model's [-1, 1] scale; bits/dim too for the latter), and plots 
 baseline couplings as horizontal lines. A straight-line fit of student FD on teacher FD (per NFE) says
 which teacher FD would make NFM match semidiscrete OT.
 
-    python -m bench.teacher_curve runs/digits-teacher-curve/results.json --out docs/nfm/digits/teacher_curve
+    python -m bench.experiments.teacher_curve runs/digits-teacher-curve/results.json --out docs/nfm/digits/teacher_curve
 """
 from __future__ import annotations
 

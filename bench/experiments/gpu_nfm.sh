@@ -4,8 +4,8 @@
 #   2. the students, independent, minibatch OT, semidiscrete OT, NFM     | (recipes/mnist/teacher_bpd_gpu.yaml),
 #      and NFM-OT, one process per coupling (seeds: GPU_NFM_SEEDS)       | then its test bits/dim
 #   3. evaluation (quality vs NFE, curvature, teacher vs student sampling time) and the report
-#   4. bench/gpu_check.py (CUDA tests and throughputs) in the time left before the deadline
-#   OUT=/path/to/out bash bench/gpu_nfm.sh
+#   4. bench/benchmarks/gpu_check.py (CUDA tests and throughputs) in the time left before the deadline
+#   OUT=/path/to/out bash bench/experiments/gpu_nfm.sh
 # Runs (with the teachers' weights) go to $RUNS (default runs/gpu); $OUT receives gpu_nfm.tar.gz (evaluation JSON,
 # report, configs, metrics and logs of every run), gpu_check.json and the table on stdout. GPU_NFM_SECONDS (default 560) is the
 # deadline of the whole script; each phase is cut at it. Packages missing on the GPU machine (diffusers,
@@ -13,7 +13,7 @@
 #   bash bench/gpu_wheels.sh                # fills .whl (ignored by git); carry it to the GPU machine
 # GPU_NFM_SMOKE=1 runs every phase at toy sizes on the CPU (a check of this script, no meaningful numbers).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 START=$(date +%s)
 DEADLINE="${GPU_NFM_SECONDS:-560}"
 OUT="${OUT:-runs/gpu-out}"
@@ -37,7 +37,7 @@ if [ "$SMOKE" = 1 ]; then
   SDOT=('coupling_overrides.semidiscrete_ot=[method.coupling.iters=20]')
   CHECK=(--smoke)
 else
-  python3 -c "import torch; assert torch.cuda.is_available(), 'bench/gpu_nfm.sh needs a CUDA device'; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
+  python3 -c "import torch; assert torch.cuda.is_available(), 'bench/experiments/gpu_nfm.sh needs a CUDA device'; print('GPU:', torch.cuda.get_device_name(0), 'torch', torch.__version__)" || exit 1
   TEACHER="recipes/mnist/teacher_gpu.yaml"
   STUDENT="recipes/mnist/fm_independent.yaml train.steps=2000 train.batch_size=256 train.ckpt_every=1000"
   BPD=""
@@ -76,8 +76,9 @@ wait "$BPD_PID"
 say "likelihood teacher: exit $? ($(tail -1 "$RUNS/logs/bpd.log"))"
 
 if [ "$(left)" -gt 45 ]; then
-  say "phase 4: bench/gpu_check.py in the $(left) s left"
-  timeout "$(left)" python3 -m bench.gpu_check "${CHECK[@]}" --seconds "$(( $(left) - 15 ))" --out "$OUT/gpu_check.json" \
+  say "phase 4: bench/benchmarks/gpu_check.py in the $(left) s left"
+  timeout "$(left)" python3 -m bench.benchmarks.gpu_check "${CHECK[@]}" --seconds "$(( $(left) - 15 ))" \
+    --out "$OUT/gpu_check.json" \
     >"$RUNS/logs/gpu_check.log" 2>&1
   say "gpu_check: exit $?"
 fi

@@ -1,6 +1,6 @@
 """Fill the README's Findings block from the committed pipeline evaluation (`docs/pipeline_digits/evaluation.json`).
 
-    python -m bench.readme_findings --write     # after copying a new pipeline run into docs/pipeline_digits/
+    python -m bench.experiments.readme_findings --write   # after copying a new pipeline run into docs/pipeline_digits/
 
 `tests/test_readme.py` regenerates the block and fails when the README quotes other figures.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flowdistill.report import findings_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 EVALUATION = ROOT / "docs" / "pipeline_digits" / "evaluation.json"
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"

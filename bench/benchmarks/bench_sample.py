@@ -5,7 +5,7 @@ on the weights) sampled with `shared.sampling.sample`; `--run DIR` benchmarks a 
 through its sampler's own `sample`, so any model of the project works. NFE/s counts single-sample
 network evaluations: batched forward calls x batch size per second.
 
-Run from the repository root:  python -m bench.bench_sample [--device cpu|cuda] [--run DIR] [--repeats R]
+Run from the repository root:  python -m bench.benchmarks.bench_sample [--device cpu|cuda] [--run DIR] [--repeats R]
 """
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ Parts (each in its own try/except with a time budget, so one failure keeps the o
                       bf16 + channels-last and bf16 + torch.compile (parameter counts recorded)
     sampling          Euler sampling NFE/s of the same two students (fp32 and bf16)
     teacher_encode    TarFlow teacher encode img/s (fp32 and bf16)
-    f2d2_meanflow     MeanFlow-F2D2 (jvp) step time and peak CUDA memory (bench.bench_f2d2's loss table)
+    f2d2_meanflow     MeanFlow-F2D2 (jvp) step time and peak CUDA memory (bench.benchmarks.bench_f2d2's loss table)
     accelerate        a 2-process `accelerate launch --multi_gpu` of a tiny `flowdistill train` on two GPUs, and a
                       2-process CPU run (torchrun, gloo) if it fails, with one GPU, or in --smoke
 
-    python -m bench.gpu_check [--smoke] [--out FILE] [--parts cuda_tests,student_train,...]
+    python -m bench.benchmarks.gpu_check [--smoke] [--out FILE] [--parts cuda_tests,student_train,...]
 
 --smoke runs every part at tiny sizes on the CPU (a check of the script itself, no meaningful numbers).
 The JSON goes to --out, else $OUT/gpu_check.json when OUT is set, else bench/results/gpu_check-<device>.json.
@@ -35,7 +35,7 @@ import torch
 from bench.common import RESULTS, machine, median, timed
 from shared.checkpoint import atomic_write_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Sizes:
     batch: int  # training and sampling batch
     steps: int  # timed training steps per mode
     sample_steps: int  # Euler steps of the sampling part
-    teacher: str  # bench.bench_teacher.MODELS entry
+    teacher: str  # bench.benchmarks.bench_teacher.MODELS entry
     f2d2_case: str  # bench.common.CASES entry
     train_steps: int  # steps of the accelerate-launched run
     budgets: dict[str, float]  # seconds per part
@@ -180,7 +180,7 @@ def sampling(sizes: Sizes, device: torch.device, budget: Budget, smoke: bool) ->
 
 def teacher_encode(sizes: Sizes, device: torch.device, budget: Budget, smoke: bool) -> dict[str, Any]:
     """TarFlow encode images/s (one parallel pass, no_grad) in fp32 and bf16."""
-    from bench.bench_teacher import MODELS
+    from bench.benchmarks.bench_teacher import MODELS
     from nfm.tarflow import build_tarflow
 
     shape, cfg = MODELS[sizes.teacher]
@@ -199,7 +199,7 @@ def teacher_encode(sizes: Sizes, device: torch.device, budget: Budget, smoke: bo
 
 def f2d2_meanflow(sizes: Sizes, device: torch.device, budget: Budget, smoke: bool) -> dict[str, Any]:
     """ms per step and peak CUDA memory (MiB; "n/a" on the CPU) of the F2D2 losses, MeanFlow's jvp among them."""
-    from bench.bench_f2d2 import bench_losses
+    from bench.benchmarks.bench_f2d2 import bench_losses
     from bench.common import CASES
 
     rows = bench_losses(sizes.f2d2_case, CASES[sizes.f2d2_case], device, repeats=3)

@@ -6,7 +6,7 @@ the KL of the Gaussian fitted to its latents, and the latents' RMS. The images a
 the teacher's data set (what a student with `data.val_fraction: 0` trains on); a teacher that held out a
 validation split is also scored on that held-out part alone. Prints a table, writes JSON.
 
-    python -m bench.pairing_fit runs/digits-teacher_long runs/digits-teacher_long@ema --out fit.json
+    python -m bench.experiments.pairing_fit runs/digits-teacher_long runs/digits-teacher_long@ema --out fit.json
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where a flow's likelihood errs on a known density: per-sample error against the exact log p, by density.
 
-    python -m bench.density_tails runs/density-tarflow
+    python -m bench.experiments.density_tails runs/density-tarflow
 
 Scores the run's whole test split (`shared.evaluate.score_split`) and reports the mean gap, the mean
 |error| on the 5 % of test points with the lowest exact density and on the rest, the mean signed error

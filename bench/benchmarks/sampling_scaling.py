@@ -15,7 +15,8 @@ Teachers of more than --max-batched-tokens tokens are skipped at the throughput 
 Speed-up = teacher seconds / student seconds per sample, at the same batch.
 
 Run from the repository root (one thread):
-    OMP_NUM_THREADS=1 python -m bench.sampling_scaling --threads 1 --out docs/benchmarks/sampling_scaling-cpu.json
+    OMP_NUM_THREADS=1 python -m bench.benchmarks.sampling_scaling --threads 1 \
+        --out docs/benchmarks/sampling_scaling-cpu.json
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
 from shared.sampling import sample
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet64": (3, 64, 64)}
 DEFAULT_GRID = "digits:2,mnist:4,cifar10:4,cifar10:2,imagenet64:4,imagenet64:2"  # 16, 49, 64, 256, 256, 1024 tokens
 STUDENTS = ("fm_independent", "fm_dit")

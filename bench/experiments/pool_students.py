@@ -13,7 +13,7 @@ for different runs, for example a student retrained after its teacher was).
 
 Values are the quality metric of the comparison (FD: lower is better) for one solver and grid.
 
-    python -m bench.pool_students runs/mnist-compare-long-teacher-seeds/results.json \\
+    python -m bench.experiments.pool_students runs/mnist-compare-long-teacher-seeds/results.json \\
         --group "NFM logit-normal=mnist-nfm-long-logitnormal,mnist-nfm-long-t1-logitnormal" \\
         --group "SD-OT logit-normal=mnist-semidiscrete_ot-logitnormal" --out pooled.json
 """

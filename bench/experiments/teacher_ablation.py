@@ -5,7 +5,8 @@ weights (best on validation when the recipe validates) and reports validation an
 (exact, dequantized, whole split), the FD of 1,000 samples against the validation and the test
 split (choose on `val_*`, report `test_*`), parameters and training minutes.
 
-    python -m bench.teacher_ablation recipes/digits/teacher_bpd.yaml bench/ablations/digits_teacher.yaml \
+    python -m bench.experiments.teacher_ablation recipes/digits/teacher_bpd.yaml \
+        bench/experiments/ablations/digits_teacher.yaml \
         --out docs/nfm/teachers/digits_ablation --threads 1
 
 Prints a Markdown table and writes `<out>.json` and `<out>.md` after every variant.
@@ -83,7 +84,7 @@ def main() -> None:
         write_json(out.with_suffix(".json"), {"recipe": args.recipe, "machine": machine(torch.device("cpu")), "rows": rows})
         out.with_suffix(".md").write_text(
             f"Base recipe `{args.recipe}`; selection on the validation split, bits/dim on the test split.\n\n"
-            f"`python -m bench.teacher_ablation {args.recipe} {args.variants} --out {args.out} "
+            f"`python -m bench.experiments.teacher_ablation {args.recipe} {args.variants} --out {args.out} "
             f"--threads {args.threads}`\n\n{table}\n")
 
 

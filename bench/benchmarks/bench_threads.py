@@ -1,7 +1,7 @@
 """Intra-op threads per stage: steps per second with 1 and 2 torch threads, on an idle machine and with one
 core kept busy by another process (what a second job or a browser does to a small machine).
 
-    OMP_NUM_THREADS= python -m bench.bench_threads --out docs/benchmarks/threads.json
+    OMP_NUM_THREADS= python -m bench.benchmarks.bench_threads --out docs/benchmarks/threads.json
 
 Each cell runs in a fresh subprocess (`torch.set_num_threads(t)` before any work): the digits recipes'
 teacher training steps, MLP student training steps, and the teacher's autoregressive sampling of 100 images;
@@ -107,7 +107,7 @@ def main() -> None:
             for name in WORKLOADS:
                 row = {"workload": name, "load": load}
                 for threads in (1, 2):
-                    out = subprocess.run([sys.executable, "-m", "bench.bench_threads", "--workload", name,
+                    out = subprocess.run([sys.executable, "-m", "bench.benchmarks.bench_threads", "--workload", name,
                                           "--threads", str(threads), "--repeats", str(args.repeats),
                                           "--block", str(args.block)], capture_output=True, text=True, env=env,
                                          check=True)

@@ -1,7 +1,7 @@
 """The known-density table: every likelihood the project computes, scored against the exact log p.
 
-    python -m bench.known_density --data gmm2 --prefix density        # runs of recipes/density/*.yaml
-    python -m bench.known_density --data gmm8 --prefix density-gmm8 --f2d2-run f2d2_8-joint
+    python -m bench.experiments.known_density --data gmm2 --prefix density        # runs of recipes/density/*.yaml
+    python -m bench.experiments.known_density --data gmm8 --prefix density-gmm8 --f2d2-run f2d2_8-joint
 
 For one data set whose exact density is known (shared.densities) and the runs trained on it by the
 recipes in recipes/density (<prefix>-f2d2_joint and <prefix>-tarflow, or the runs named by --f2d2-run and

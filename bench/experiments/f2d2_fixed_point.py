@@ -1,6 +1,6 @@
 """The bias of F2D2's few-step log p at the map Shortcut training converges to, against exact densities.
 
-    python -m bench.f2d2_fixed_point                 # Gaussian (std 0.15, 2D), gmm2, gmm8; levels 6 and 7
+    python -m bench.experiments.f2d2_fixed_point                 # Gaussian (std 0.15, 2D), gmm2, gmm8; levels 6 and 7
 
 No training: `f2d2.fixed_point.ConvergedShortcutMap` evaluates the fixed point of the training targets on
 the data's exact velocity, for the current finest-level rule (midpoint) and the earlier one (two Euler

@@ -7,7 +7,7 @@ interval (warm-up), then the repeats alternate bare and trainer. Trainer rates a
 of its `metrics.jsonl` records, so its construction and the checkpoint `fit()` writes on return stay
 outside the timed window.
 
-Run from the repository root:  python -m bench.bench_train [--device cpu|cuda] [--steps N] [--repeats R]
+Run from the repository root:  python -m bench.benchmarks.bench_train [--device cpu|cuda] [--steps N] [--repeats R]
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ SD-FM scaling (--sizes): on synthetic Gaussian points (N, --dim) for each N, the
 (`nfm.mips.InnerProductSearch`, same batch, a random potential), each timed for about --seconds.
 
 Run from the repository root:
-    python -m bench.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist] [--sizes 20000,160000,1280000]
+    python -m bench.benchmarks.bench_couplings [--device cpu|cuda] [--cases toy,digits,mnist] \
+        [--sizes 20000,160000,1280000]
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from shared.checkpoint import atomic_write_text
 from shared.data import load_dataset
 from shared.run import build_model
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 CASES = {"toy": "toy2d", "digits": "digits", "mnist": "mnist"}  # case -> recipe folder
 EXTRA_BATCHES = (256, 1024)  # scaling batch sizes besides each recipe's own
 OT_REG = 0.05  # entropic minibatch OT regularisation (relative to the mean cost)

@@ -3,7 +3,7 @@
 Each command runs in a fresh process `--repeats` times; the table gives the median and the minimum
 (the minimum is the least disturbed by other load on the machine).
 
-    python -m bench.bench_cli --repeats 7
+    python -m bench.benchmarks.bench_cli --repeats 7
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from bench.common import median, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {
     "flowdistill --help": [sys.executable, "-m", "flowdistill", "--help"],
     "flowdistill train R --dry-run": [sys.executable, "-m", "flowdistill", "train",

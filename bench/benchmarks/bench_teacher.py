@@ -7,7 +7,7 @@ cached decode (T * (N - 1) sequential one-token passes) plus the Tweedie denoisi
 forward and backward). Both run in fp32 and under bf16 autocast; cached and uncached decoding of the
 same noise batch run in fp32 and must agree.
 
-Run from the repository root:  python -m bench.bench_teacher [--device cpu|cuda] [--repeats R]
+Run from the repository root:  python -m bench.benchmarks.bench_teacher [--device cpu|cuda] [--repeats R]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pack a trained teacher run as a shipped pretrained teacher: scored, carded, hashed.
 
-    python -m bench.ship_pretrained RUN_DIR flowdistill/pretrained/digits-tarflow \\
+    python -m bench.experiments.ship_pretrained RUN_DIR flowdistill/pretrained/digits-tarflow \\
         --recipe recipes/digits/teacher.yaml --summary "digits NFM teacher (TarFlow, eta 0.2)" \\
         --command "flowdistill train recipes/digits/teacher.yaml" --train-seconds 915
 
