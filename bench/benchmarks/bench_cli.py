@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import median, report
+from bench.common import report
+from shared.timing import median
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, add_common_args, machine, markdown_table, median, setup, timed
+from bench.common import RESULTS, add_common_args, markdown_table, setup
 from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
 from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
@@ -41,7 +41,9 @@ from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
 from shared.data import load_dataset
+from shared.machine import describe_machine
 from shared.run import build_model
+from shared.timing import median_seconds, timed
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 CASES = {"toy": "toy2d", "digits": "digits", "mnist": "mnist"}  # case -> recipe folder
@@ -80,12 +82,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of `fn()` after one warm-up call."""
-    fn()
-    return 1000 * median(timed(fn, device)[0] for _ in range(repeats))
-
-
 def student_step(cfg: Any, dataset: Any, device: torch.device, batch: int) -> Callable[[], None]:
     """One FM training step of the recipe's model on a fixed batch (forward, backward, AdamW)."""
     model = build_model(cfg, dataset, CATALOG).to(device).train()
@@ -122,9 +118,12 @@ def extraction_rate(coupling: NFTeacherCoupling, dtype: str, device: torch.devic
     data = coupling.data.to(device)
     index = torch.arange(images) % len(data)
     draw = torch.zeros_like(index)
-    seconds = time_ms(lambda: teacher_encode(coupling.teacher.flow, perturbed(data, index, draw, coupling.teacher, 0),
-                                             dtype, coupling.batch_size), device, 1) / 1000
-    return images / seconds
+
+    def extract() -> Any:
+        return teacher_encode(coupling.teacher.flow, perturbed(data, index, draw, coupling.teacher, 0), dtype,
+                              coupling.batch_size)
+
+    return images / median_seconds(extract, device, 1)
 
 
 def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -143,17 +142,18 @@ def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int
     for batch in sorted(set(batches) or {cfg.train.batch_size, *EXTRA_BATCHES}):
         x = dataset.train[torch.arange(batch) % n].to(device)
         row = {"case": name, "batch": batch, "n_data": n, "dim": dim}
-        row["independent_ms"] = time_ms(lambda: IndependentCoupling()(x, generator), device, repeats)
-        row["ot_exact_ms"] = time_ms(lambda: MinibatchOTCoupling()(x, generator), device, repeats)
-        row["ot_sinkhorn_ms"] = time_ms(lambda: MinibatchOTCoupling(OT_REG)(x, generator), device, max(repeats // 2, 1))
-        row["sdot_ms"] = time_ms(lambda: sdot.pairs(x, generator), device, repeats)
+        half = max(repeats // 2, 1)
+        row["independent_ms"] = 1000 * median_seconds(lambda: IndependentCoupling()(x, generator), device, repeats)
+        row["ot_exact_ms"] = 1000 * median_seconds(lambda: MinibatchOTCoupling()(x, generator), device, repeats)
+        row["ot_sinkhorn_ms"] = 1000 * median_seconds(lambda: MinibatchOTCoupling(OT_REG)(x, generator), device, half)
+        row["sdot_ms"] = 1000 * median_seconds(lambda: sdot.pairs(x, generator), device, repeats)
         online.prepare(device)
-        row["nf_online_ms"] = time_ms(lambda: online.pairs(x, generator), device, max(repeats // 2, 1))
+        row["nf_online_ms"] = 1000 * median_seconds(lambda: online.pairs(x, generator), device, half)
         online.dtype = "bf16"
-        row["nf_online_bf16_ms"] = time_ms(lambda: online.pairs(x, generator), device, max(repeats // 2, 1))
+        row["nf_online_bf16_ms"] = 1000 * median_seconds(lambda: online.pairs(x, generator), device, half)
         online.dtype = "fp32"
-        row["nf_precomputed_ms"] = time_ms(lambda: cached.pairs(x, generator), device, repeats)
-        row["step_ms"] = time_ms(student_step(cfg, dataset, device, batch), device, max(repeats // 2, 1))
+        row["nf_precomputed_ms"] = 1000 * median_seconds(lambda: cached.pairs(x, generator), device, repeats)
+        row["step_ms"] = 1000 * median_seconds(student_step(cfg, dataset, device, batch), device, half)
         row["ot_pct_of_step"] = 100 * row["ot_exact_ms"] / row["step_ms"]
         row["sdot_pct_of_step"] = 100 * row["sdot_ms"] / row["step_ms"]
         row["nf_pct_of_step"] = 100 * row["nf_online_ms"] / row["step_ms"]
@@ -161,7 +161,7 @@ def bench_case(name: str, device: torch.device, repeats: int, batches: tuple[int
         rows.append(row)
         print(json.dumps(row), flush=True)
     ascent = DualAscent(dataset.train.reshape(n, -1).to(device), sd_cfg.batch, generator, sd_cfg.chunk)
-    ms = time_ms(lambda: ascent.step(sd_cfg.lr), device, FIT_ITERS)
+    ms = 1000 * median_seconds(lambda: ascent.step(sd_cfg.lr), device, FIT_ITERS)
     fit = {"case": name, "n_data": n, "dim": dim, "sdot_batch": sd_cfg.batch, "ms_per_iter": ms,
            "sdot_iters": sd_cfg.iters, "est_fit_s": ms * sd_cfg.iters / 1000,
            "mips_pairs_per_s": sd_cfg.batch * n / (ms / 1000),
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "default), without the final evaluation"]
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     scaling = bench_scaling(sizes, args.dim, args.fit_batch, device, args.seconds)
-    payload = {"bench": "bench_couplings", "machine": machine(device), "settings": vars(args), "notes": notes,
+    payload = {"bench": "bench_couplings", "machine": describe_machine(device), "settings": vars(args), "notes": notes,
                "rows": rows, "fit_rows": fits, "scaling_rows": scaling}
     info = payload["machine"]
     print(f"\nbench_couplings on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))

@@ -20,13 +20,14 @@ from dataclasses import replace
 
 import torch
 
-from bench.common import BenchCase, add_common_args, median, report, selected_cases, setup, timed
+from bench.common import BenchCase, add_common_args, report, selected_cases, setup
 from f2d2.flowmap import FlowMapConfig, build_flowmap
 from f2d2.losses import F2D2, F2D2Config
 from flowdistill.components import MODELS
 from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from shared.data import load_dataset
+from shared.timing import median_seconds
 
 LOSSES = {  # name -> F2D2 settings (None: plain flow matching on the same backbone without s)
     "fm (plain)": None,
@@ -68,7 +69,7 @@ def bench_losses(name: str, case: BenchCase, device: torch.device, repeats: int)
         step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = median(timed(step, device)[0] for _ in range(repeats))
+        seconds = median_seconds(step, device, repeats, warmup=0)  # warmed up before the memory reset
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         rows.append({"case": name, "loss": loss_name, "batch": case.train_batch, "ms_per_step": 1e3 * seconds,
                      "samples_per_s": case.train_batch / seconds, "peak_mib": peak if peak is not None else "n/a"})

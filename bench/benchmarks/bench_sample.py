@@ -17,12 +17,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from bench.common import add_common_args, median, report, selected_cases, setup, timed
+from bench.common import add_common_args, report, selected_cases, setup
 from flowdistill.api import load_run
 from flowdistill.components import CATALOG
 from shared.data import load_dataset
 from shared.run import build_model
 from shared.sampling import FIXED_SOLVERS, SampleResult, sample
+from shared.timing import median, timed
 
 COLUMNS = {"case": "case", "solver": "solver", "steps": "steps", "nfe": "NFE", "batch": "batch",
            "ms_per_batch": "ms/batch", "samples_per_s": "samples/s", "nfe_per_s": "NFE/s"}

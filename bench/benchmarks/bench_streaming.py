@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import report, setup, sync
+from bench.common import report, setup
 from shared.config import DataConfig
 from shared.data import load_dataset
 from shared.image_store import ShardWriter
 from shared.streaming import batch_source
+from shared.timing import sync
 
 MB = 2 ** 20
 COLUMNS = {"size_gb": "set GB", "images": "images", "shards": "shards", "batch": "batch", "workers": "workers",

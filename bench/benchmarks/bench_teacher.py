@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from bench.common import median, pick_device, report, timed
+from bench.common import pick_device, report
 from nfm.tarflow import TarFlow, TarFlowConfig
 from nfm.teacher import TeacherConfig, TeacherSampler
+from shared.timing import median_seconds
 
 MODELS = {  # name -> (data shape, config) as in recipes/digits/teacher*.yaml and recipes/mnist/teacher*.yaml
     "digits-p2": ((1, 8, 8), TarFlowConfig(patch=2, width=128, blocks=4, layers=2, head_dim=64)),
@@ -60,12 +61,6 @@ def build(name: str, device: torch.device) -> TarFlow:
     return flow
 
 
-def seconds(fn, device: torch.device, repeats: int) -> float:
-    """Median wall seconds of `fn()` over `repeats` calls after one untimed warm-up call."""
-    fn()
-    return median(timed(fn, device)[0] for _ in range(repeats))
-
-
 def measure(name: str, args: argparse.Namespace, device: torch.device, decode_batch: int) -> list[dict[str, Any]]:
     """One row per dtype for a model; the fp32 row also holds the cached vs uncached decode."""
     flow = build(name, device)
@@ -86,13 +81,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, decode_ba
             with precision():
                 sampler.sample(flow, z)
 
-        enc, smp = seconds(encode, device, args.repeats), seconds(sample, device, args.repeats)
+        enc, smp = median_seconds(encode, device, args.repeats), median_seconds(sample, device, args.repeats)
         rows.append({"model": name, "tokens": flow.n_tokens, "dtype": str(dtype).removeprefix("torch."),
                      "encode_batch": args.encode_batch, "encode_images_per_s": args.encode_batch / enc,
                      "sample_batch": decode_batch, "sample_s_per_batch": smp, "sample_nfe": flow.decode_passes + 2,
                      "sample_over_encode": (smp / decode_batch) / (enc / args.encode_batch)})
-    cached = seconds(lambda: flow.decode(z, use_cache=True), device, args.repeats)
-    uncached = seconds(lambda: flow.decode(z, use_cache=False), device, args.repeats)
+    cached = median_seconds(lambda: flow.decode(z, use_cache=True), device, args.repeats)
+    uncached = median_seconds(lambda: flow.decode(z, use_cache=False), device, args.repeats)
     diff = (flow.decode(z, use_cache=True) - flow.decode(z, use_cache=False)).abs().max().item()
     rows[0].update({"decode_cached_s": cached, "decode_uncached_s": uncached, "cache_speedup": uncached / cached,
                     "cached_vs_uncached_max_abs": diff})

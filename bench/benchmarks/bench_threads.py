@@ -14,10 +14,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 WORKLOADS = {
@@ -65,14 +63,13 @@ def measure(recipe: str, kind: str, threads: int, repeats: int, block: int) -> f
             with torch.no_grad():
                 sampler.sample(model, noise)
 
-    def timed() -> float:
-        t0 = time.perf_counter()
+    from shared.timing import median_seconds
+
+    def calls() -> None:
         for _ in range(block):
             call()
-        return (time.perf_counter() - t0) / block
 
-    timed()
-    return statistics.median(timed() for _ in range(repeats))
+    return median_seconds(calls, torch.device("cpu"), repeats) / block
 
 
 def busy(stop: mp.Event) -> None:

@@ -23,12 +23,13 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from bench.common import BenchCase, add_common_args, median, report, selected_cases, setup
+from bench.common import BenchCase, add_common_args, report, selected_cases, setup
 from shared.config import RunConfig, TrainConfig
 from shared.data import Dataset, load_dataset
 from flowdistill.components import CATALOG
 from shared.run import build_loss, build_model
 from shared.rundir import metrics_path
+from shared.timing import median
 from shared.trainer import Trainer
 
 DEFAULT_STEPS = {"toy": 300, "digits": 20, "mnist": 100}  # timed steps per measurement on CPU

@@ -32,8 +32,10 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, machine, median, timed
+from bench.common import RESULTS
 from shared.checkpoint import atomic_write_text
+from shared.machine import describe_machine
+from shared.timing import median_seconds, timed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,8 +174,7 @@ def sampling(sizes: Sizes, device: torch.device, budget: Budget, smoke: bool) ->
                 rates[mode] = "skipped: part budget spent"
                 continue
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=mode == "bf16"):
-                sample(model, noise, sizes.sample_steps)
-                seconds = median(timed(lambda: sample(model, noise, sizes.sample_steps), device)[0] for _ in range(3))
+                seconds = median_seconds(lambda: sample(model, noise, sizes.sample_steps), device, 3)
             rates[mode] = sizes.batch * sizes.sample_steps / seconds
     return result
 
@@ -191,8 +192,7 @@ def teacher_encode(sizes: Sizes, device: torch.device, budget: Budget, smoke: bo
                               "params": sum(p.numel() for p in flow.parameters()), "images_per_s": {}}
     for mode in ("fp32", "bf16"):
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=mode == "bf16"):
-            flow.encode(x)
-            seconds = median(timed(lambda: flow.encode(x), device)[0] for _ in range(3))
+            seconds = median_seconds(lambda: flow.encode(x), device, 3)
         result["images_per_s"][mode] = sizes.batch / seconds
     return result
 
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     start = time.perf_counter()
-    payload: dict[str, Any] = {"bench": "gpu_check", "smoke": args.smoke, "machine": machine(device), "parts": {}}
+    payload: dict[str, Any] = {"bench": "gpu_check", "smoke": args.smoke, "machine": describe_machine(device),
+                               "parts": {}}
     out = output_path(args.out, device)
     for name in parts:
         payload["parts"][name] = run_part(name, sizes, device, args.smoke, scale)

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from bench.common import machine, median, pick_device, print_and_write, sync
+from bench.common import pick_device, print_and_write
 from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
+from shared.machine import describe_machine
 from shared.sampling import sample
+from shared.timing import median_seconds
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet64": (3, 64, 64)}
@@ -58,19 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", default="", help="PNG of speed-up against tokens (default: next to --out)")
     parser.add_argument("--out", default="", help="JSON output (default: print only)")
     return parser.parse_args(argv)
-
-
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall seconds of `repeats` calls of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def teacher_seconds(family: str, patch: int, batch: int, device: torch.device, args: argparse.Namespace
@@ -158,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append(row)
                 print(f"{family} {tokens} tokens {recipe} batch {batch}: teacher {teacher:.3f} s, student "
                       f"{one:.4f} s / NFE, 4-NFE speed-up {row['speedup_nfe4']:.1f}x", flush=True)
-    payload = {"bench": "sampling_scaling", "machine": machine(device), "settings": vars(args), "rows": rows}
+    payload = {"bench": "sampling_scaling", "machine": describe_machine(device), "settings": vars(args), "rows": rows}
     result = print_and_write(rows, COLUMNS, payload, args.out)
     target = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "")
     if target and rows:

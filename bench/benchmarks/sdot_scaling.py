@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from bench.common import machine, print_and_write
+from bench.common import print_and_write
 from nfm.semidiscrete_ot import CHI2_TOL, fit_potential, level_sizes
 from shared.config import DataConfig
 from shared.data import load_dataset
+from shared.machine import describe_machine
 
 COLUMNS = {"case": "case", "seed": "seed", "n": "N", "dim": "d", "levels": "levels", "iters": "iters / level",
            "polish": "polish rounds", "batch": "batch", "lr": "lr", "total_iters": "iters (all levels and polish)",
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 draws = eval_draws(n, args.max_full_n)
                 rows += [fit_row("mixture", y, levels, iters, batch, lr, seed, draws)
                          for seed in (seeds if n <= args.max_full_n else seeds[:1])]
-    payload = {"bench": "sdot_scaling", "machine": machine(torch.device("cpu")), "settings": vars(args),
+    payload = {"bench": "sdot_scaling", "machine": describe_machine(torch.device("cpu")), "settings": vars(args),
                "chi2_tol": CHI2_TOL, "rows": rows}
     return print_and_write(rows, COLUMNS, payload, args.out)
 

@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
-from bench.benchmarks.bench_couplings import student_step, time_ms
-from bench.common import RESULTS, machine, markdown_table, setup
+from bench.benchmarks.bench_couplings import student_step
+from bench.common import RESULTS, markdown_table, setup
 from flowdistill.api import load_run, resolve_config
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import load_teacher
 from shared.data import load_dataset
+from shared.machine import describe_machine
+from shared.timing import median_seconds
 
 
 def teacher_row(run_dir: str, data: torch.Tensor, batch: int, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -32,8 +34,9 @@ def teacher_row(run_dir: str, data: torch.Tensor, batch: int, device: torch.devi
     coupling = NFTeacherCoupling(teacher, data, "online", draws=4, batch_size=max(batch, 1))
     coupling.prepare(device)
     x, gen = data[:batch].to(device), torch.Generator(device=device).manual_seed(0)
+    pairs_ms = 1000 * median_seconds(lambda: coupling.pairs(x, gen), device, repeats)
     return {"teacher": Path(run_dir).name, "params": sum(p.numel() for p in teacher.flow.parameters()),
-            "perturbation": teacher.noise_kind, "pairs_ms": time_ms(lambda: coupling.pairs(x, gen), device, repeats)}
+            "perturbation": teacher.noise_kind, "pairs_ms": pairs_ms}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(args.student, args.set)
     dataset = load_dataset(cfg.data)
     batch = cfg.train.batch_size
-    step_ms = time_ms(student_step(cfg, dataset, device, batch), device, args.repeats)
+    step_ms = 1000 * median_seconds(student_step(cfg, dataset, device, batch), device, args.repeats)
     rows = []
     for run_dir in args.teachers:
         row = teacher_row(run_dir, dataset.train, batch, device, args.repeats)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown_table(rows, {k: k for k in rows[0]}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(device), "student": args.student, "overrides": args.set, "rows": rows}
+    payload = {"machine": describe_machine(device), "student": args.student, "overrides": args.set, "rows": rows}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out}")
     return payload

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine
 from flowdistill.api import load_run, resolve_config, train
 from flowdistill.flow_scores import COLUMNS, UNDISTILLED, add_speedups, score_flow, summarize
 from shared.evaluate import format_table, write_json
+from shared.machine import describe_machine
 from shared.metrics import feature_extractor, feature_identity
 from shared.run import finished_step, run_dir_of
 from shared.rundir import config_path
@@ -78,7 +78,7 @@ def main() -> None:
                 e[col] = f"{e[col]:.4g}" + (f" ± {e[col + '_std']:.2g}" if e["n"] > 1 else "")
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"teacher": args.teacher, "student": args.student, "rows": rows,
-                                          "summary": summary, "machine": machine(torch.device("cpu"))})
+                                          "summary": summary, "machine": describe_machine(torch.device("cpu"))})
     table = format_table(summary, ["run", *COLUMNS, "param_ratio", "sample_speedup", "encode_speedup"])
     command = " ".join(["python -m bench.experiments.nfkd_compare", *sys.argv[1:]])
     out.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n\n"

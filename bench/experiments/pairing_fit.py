@@ -14,10 +14,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.common import add_device_and_out_args, machine, print_and_write, setup
+from bench.common import add_device_and_out_args, print_and_write, setup
 from flowdistill.api import load_run
 from nfm.pairing_fit import pairing_fit
 from nfm.teacher_pairs import teacher_of_run
+from shared.machine import describe_machine
 
 COLUMNS = {"teacher": "teacher", "weights": "weights", "step": "step", "eta": "eta", "images": "images",
            "part": "images scored", "nll_nats_per_dim": "NLL (nats/dim)", "nll_standard_error": "± s.e.",
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = setup(args)
     rows = [row for run_dir in args.teachers for row in teacher_rows(run_dir, args.draws, args.seed, device)]
-    payload = {"machine": machine(device), "draws": args.draws, "seed": args.seed, "rows": rows}
+    payload = {"machine": describe_machine(device), "draws": args.draws, "seed": args.seed, "rows": rows}
     return print_and_write(rows, COLUMNS, payload, args.out)
 
 

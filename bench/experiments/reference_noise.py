@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from bench.common import add_device_and_out_args, machine, print_and_write, setup
+from bench.common import add_device_and_out_args, print_and_write, setup
 from flowdistill.api import load_run
 from shared.evaluate import generate
+from shared.machine import describe_machine
 from shared.metrics import classifier_features, frechet_distance, image_features
 
 COLUMNS = {"run": "run", "fd_test": "FD (all test)", "fd_subset_mean": "FD (subsets) mean",
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row.update(diff_mean=statistics.fmean(diffs), diff_std=statistics.stdev(diffs),
                        diff_val=None if val is None else row["fd_val"] - first["fd_val"])
         rows.append(row)
-    payload = {"machine": machine(device), "settings": {k: v for k, v in vars(args).items() if k != "runs"},
+    payload = {"machine": describe_machine(device), "settings": {k: v for k, v in vars(args).items() if k != "runs"},
                "runs": args.runs, "rows": rows}
     return print_and_write(rows, COLUMNS, payload, args.out)
 

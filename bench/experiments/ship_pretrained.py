@@ -13,7 +13,6 @@ The same figures are printed.
 from __future__ import annotations
 
 import argparse
-import platform
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ import torch
 from flowdistill.api import load_run
 from flowdistill.compare import evaluate_teacher
 from flowdistill.packed import pack_run
-from flowdistill.pipeline_eval import hardware
 from shared.evaluate import reference_nll
+from shared.machine import describe_machine
 from shared.metrics import feature_extractor
 from shared.run import evaluation_weights
 
@@ -69,7 +68,7 @@ def main() -> None:
     nll = reference_nll(run, "test", len(data.test), "exact")
     fds = {n: evaluate_teacher(run, n, extractor)[0] for n in FD_SAMPLES}
     weights, step = evaluation_weights(run.dir)
-    hw = hardware(torch.device("cpu"))
+    hw = describe_machine(torch.device("cpu"))
     name = Path(args.out).name
     meta = {
         "name": name, "summary": args.summary, "library_name": "flowdistill", "tags": ["normalizing-flow", "tarflow"],
@@ -80,7 +79,7 @@ def main() -> None:
         "sample_fd_500": float(fds[500]["value"]), "features": fds[1000]["extractor"],
         "teacher_nfe": fds[1000]["nfe"], "eta": fds[1000]["eta"],
         "parameters": sum(p.numel() for p in run.model.parameters()), "train_seconds": args.train_seconds,
-        "machine": f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, python {platform.python_version()}",
+        "machine": f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, python {hw['python']}",
     }
     pack_run(run.dir, weights, step, args.out, meta, card_body(meta))
     for key in ("test_bits_per_dim", "sample_fd", "sample_fd_500", "parameters", "step"):

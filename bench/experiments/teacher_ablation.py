@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import machine
 from flowdistill.api import load_run, resolve_config, train
 from flowdistill.compare import train_seconds
 from shared.evaluate import format_table, generate, reference_nll, write_json
+from shared.machine import describe_machine
 from shared.metrics import feature_extractor, sample_quality
 from shared.run import run_dir_of
 from shared.rundir import config_path
@@ -81,7 +81,8 @@ def main() -> None:
         rows = list(done.values())
         table = format_table(rows, COLUMNS)
         print(table, flush=True)
-        write_json(out.with_suffix(".json"), {"recipe": args.recipe, "machine": machine(torch.device("cpu")), "rows": rows})
+        write_json(out.with_suffix(".json"), {"recipe": args.recipe, "machine": describe_machine(torch.device("cpu")),
+                                              "rows": rows})
         out.with_suffix(".md").write_text(
             f"Base recipe `{args.recipe}`; selection on the validation split, bits/dim on the test split.\n\n"
             f"`python -m bench.experiments.teacher_ablation {args.recipe} {args.variants} --out {args.out} "
