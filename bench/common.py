@@ -1,16 +1,12 @@
-"""Helpers shared by the benchmarks: device and thread flags, a synchronising timer, the benchmark cases,
-a machine description, a Markdown table and atomic JSON output."""
+"""Helpers shared by the benchmarks: device and thread flags, the benchmark cases, a Markdown table and atomic
+JSON output (timing: `shared.timing`; the machine description: `shared.machine`)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -18,6 +14,7 @@ from nfm.losses import FlowMatchingConfig
 from shared.backbones import MLPConfig, UNetConfig
 from shared.checkpoint import atomic_write_text
 from shared.config import DataConfig, RunConfig, TrainConfig
+from shared.machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,52 +92,6 @@ def selected_cases(text: str, device: torch.device) -> dict[str, BenchCase]:
     return {n: CASES[n] for n in names}
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Wall seconds of `fn()` including the device work it queued, and its result."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
-
-
-def median(values: Iterable[float]) -> float:
-    """Median of repeated measurements."""
-    return float(statistics.median(list(values)))
-
-
-def _cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, falling back to `platform`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, threads, load, torch and GPU."""
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "python": platform.python_version(),
-        "torch": torch.__version__, "device": str(device),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def _fmt(value: Any) -> str:
     """Numbers rounded for a table cell."""
     if isinstance(value, bool) or not isinstance(value, float):
@@ -170,7 +121,8 @@ def print_and_write(rows: list[dict[str, Any]], columns: dict[str, str], payload
 def report(bench: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
            columns: dict[str, str], notes: list[str], tag: str = "") -> dict[str, Any]:
     """Print the machine, a Markdown table and notes; write everything as JSON to --out; return it."""
-    payload = {"bench": bench, "machine": machine(device), "settings": vars(args), "notes": notes, "rows": rows}
+    payload = {"bench": bench, "machine": describe_machine(device), "settings": vars(args), "notes": notes,
+               "rows": rows}
     info = payload["machine"]
     print(f"\n{bench} on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
     print(markdown_table(rows, columns))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels of the packages a bare GPU machine (Python 3.12, x86-64, torch preinstalled, no package
-# index) lacks, into .whl/ (ignored by git), for bench/gpu_nfm.sh and bench/gpu_check.sh to install offline:
+# index) lacks, into .whl/ (ignored by git), for bench/experiments/gpu_nfm.sh and bench/benchmarks/gpu_check.sh
+# to install offline:
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]      # default 3.12; about 40 MB
 # normflows ships no wheel on the index, so it is built here from its source distribution (pure Python).
 set -euo pipefail

@@ -58,8 +58,9 @@ THREADS_ENV = "FLOWDISTILL_THREADS"
 
 def free_cores() -> int:
     """Cores this process may use that are not busy (1-minute load average), split between the processes of an
-    `accelerate launch` on this machine; at least 1. The default thread count: bench/bench_threads.py found two
-    threads faster than one on an idle 2-core machine and one 2-3x faster than two while another job holds a core."""
+    `accelerate launch` on this machine; at least 1. The default thread count: bench/benchmarks/bench_threads.py
+    found two threads faster than one on an idle 2-core machine and one 2-3x faster than two while another job holds
+    a core."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_help = "show the traceback of an error instead of its one-line message"
     threads_help = (f"torch intra-op threads per process (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else "
-                    "the cores not busy, the faster choice measured by bench/bench_threads.py)")
+                    "the cores not busy, the faster choice measured by bench/benchmarks/bench_threads.py)")
     parser.add_argument("--debug", action="store_true", help=debug_help)
     parser.add_argument("--threads", type=positive_int, default=None, help=threads_help)
     sub = parser.add_subparsers(dest="command", required=True)

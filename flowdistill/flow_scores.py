@@ -5,19 +5,19 @@ column settings are chosen on) and test NLL in nats per sample (and bits/dim for
 encode of the whole test split; sample quality (W2, or classifier-feature FD for images) of samples
 drawn at prior temperature T = 1.0 and T = 0.7, z ~ N(0, T^2 I), through the run's own sampler
 (decoding, plus the Tweedie step of an eta-perturbed flow); sampling and encoding throughput in
-samples per second (the median of `repeats` timed passes over one batch, after a warm-up pass). Used by the pipeline's `compact` stage and by `bench/nfkd_compare.py`.
+samples per second (the median of `repeats` timed passes over one batch, after a warm-up pass). Used by the
+pipeline's `compact` stage and by `bench/experiments/nfkd_compare.py`.
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from shared.evaluate import generate_with, mean_and_std, reference_nll
 from shared.metrics import FeatureExtractor, sample_quality
 from shared.run import Run
+from shared.timing import median_seconds
 
 # The undistilled twin of an `nf_kd` student: same architecture and budget, plain maximum likelihood from a
 # fresh initialisation (a student started from the teacher's blocks, train.init_from, already uses the teacher).
@@ -26,19 +26,6 @@ LIKELIHOOD_ONLY = ("method.nll_weight=1", "method.latent_weight=0", "method.inte
 UNDISTILLED = (*LIKELIHOOD_ONLY, "train.init_from=")
 TEMPERATURES = {"quality_t1": 1.0, "quality_t07": 0.7}
 COLUMNS = ["params", "val_nll", "val_bpd", "nll", "bpd", "quality_t1", "quality_t07", "sample_per_s", "encode_per_s"]
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall seconds of `repeats` calls of fn after one warm-up call (CUDA synchronised)."""
-    def timed() -> float:
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    timed()
-    return max(statistics.median(timed() for _ in range(repeats)), 1e-9)
 
 
 @torch.no_grad()
@@ -58,8 +45,9 @@ def score_flow(run: Run, n_samples: int, extractor: FeatureExtractor | None = No
     device = next(model.parameters()).device
     noise = run.sampler.prior_sample(min(n_samples, 500), data.shape, device, torch.Generator(device).manual_seed(seed))
     test = data.test[:500].to(device)
-    row["sample_per_s"] = len(noise) / median_seconds(lambda: run.sampler.sample(model, noise), repeats, device)
-    row["encode_per_s"] = len(test) / median_seconds(lambda: run.sampler.log_likelihood(model, test), repeats, device)
+    sample_s = median_seconds(lambda: run.sampler.sample(model, noise), device, repeats)
+    encode_s = median_seconds(lambda: run.sampler.log_likelihood(model, test), device, repeats)
+    row["sample_per_s"], row["encode_per_s"] = len(noise) / max(sample_s, 1e-9), len(test) / max(encode_s, 1e-9)
     return row
 
 

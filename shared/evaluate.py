@@ -22,16 +22,11 @@ from shared.reference_cache import (ReferenceKey, ReferenceScores, cached_refere
                                     weights_digest)
 from shared.run import Run
 from shared.tabular import read_table
+from shared.timing import sync
 
 
 LARGE_SAMPLE = 100_000  # draws from this many samples on are estimated first and show a progress bar
 HELD_COPIES = 4  # copies of the samples held at once: batches, their concatenation, user units, the .npz bytes
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock timings are honest; a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass

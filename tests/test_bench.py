@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bench(monkeypatch):
-    """Run `bench.<module>.main` on CPU with one repeat, importing `bench` from the repository root."""
+    """Run `bench.benchmarks.<module>.main` on CPU with one repeat, importing `bench` from the repository root."""
     monkeypatch.syspath_prepend(str(ROOT))
 
     def run(module: str, out: Path, *args: str) -> dict:
-        payload = importlib.import_module(f"bench.{module}").main(
+        payload = importlib.import_module(f"bench.benchmarks.{module}").main(
             ["--device", "cpu", "--repeats", "1", "--out", str(out), *args])
         assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
         return payload
@@ -109,7 +109,7 @@ def test_teacher_cost_times_online_pairs_of_each_teacher_against_the_student_ste
 def test_pairing_fit_scores_each_teacher_on_the_students_images(tmp_path, monkeypatch, nf_teacher_run):
     monkeypatch.syspath_prepend(str(ROOT))
     out = tmp_path / "fit.json"
-    payload = importlib.import_module("bench.pairing_fit").main(
+    payload = importlib.import_module("bench.experiments.pairing_fit").main(
         [str(nf_teacher_run), f"{nf_teacher_run}@model", "--device", "cpu", "--draws", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     auto, raw = payload["rows"]  # the tiny teacher has no validation split: one row per teacher entry
@@ -127,7 +127,7 @@ def test_reference_noise_pairs_runs_on_the_same_reference_subsets(tmp_path, monk
     monkeypatch.syspath_prepend(str(ROOT))
     out = tmp_path / "noise.json"
     run = str(tmp_path / "r")
-    payload = importlib.import_module("bench.reference_noise").main(
+    payload = importlib.import_module("bench.experiments.reference_noise").main(
         [run, run, "--device", "cpu", "--steps", "2", "--n", "300", "--size", "144", "--subsets", "5", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     first, second = payload["rows"]
@@ -138,14 +138,15 @@ def test_reference_noise_pairs_runs_on_the_same_reference_subsets(tmp_path, monk
     assert cli_main(["train", digits, f"out_dir={tmp_path}", "name=other", "train.steps=2", "data.test_fraction=0.3",
                      "train.progress=false", "train.sample_grid=false", "train.batch_size=32"]) == 0
     with pytest.raises(SystemExit, match="another data set or test split"):
-        importlib.import_module("bench.reference_noise").main([run, str(tmp_path / "other"), "--device", "cpu"])
+        importlib.import_module("bench.experiments.reference_noise").main([run, str(tmp_path / "other"), "--device",
+                                                                           "cpu"])
     with pytest.raises(SystemExit, match="--subsets must be >= 2"):
-        importlib.import_module("bench.reference_noise").main([run, "--device", "cpu", "--subsets", "1"])
+        importlib.import_module("bench.experiments.reference_noise").main([run, "--device", "cpu", "--subsets", "1"])
 
 
 def test_bench_streaming_reads_each_synthetic_set_and_reports_rate_and_memory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from bench import bench_streaming
+    from bench.benchmarks import bench_streaming
 
     out = tmp_path / "s.json"
     payload = bench_streaming.main(["--device", "cpu", "--sizes-gb", "0.002,0.004", "--image-size", "8", "--batch",
@@ -168,7 +169,7 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu_and_writes_one_json(tmp_path
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from bench import gpu_check
+    from bench.benchmarks import gpu_check
 
     payload = gpu_check.main(["--smoke"])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(payload, default=str))
@@ -193,7 +194,7 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu_and_writes_one_json(tmp_path
 def test_gpu_check_seconds_scales_the_part_budgets_to_fit(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    from bench import gpu_check
+    from bench.benchmarks import gpu_check
 
     parts = ["teacher_encode", "sampling"]
     planned = sum(gpu_check.SMOKE.budgets[p] for p in parts)
@@ -213,7 +214,7 @@ def test_nfkd_compare_trains_teacher_and_both_students_and_writes_the_table(tmp_
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bench.nfkd_compare", "recipes/toy2d/glow_teacher.yaml",
+    cmd = [sys.executable, "-m", "bench.experiments.nfkd_compare", "recipes/toy2d/glow_teacher.yaml",
            "recipes/toy2d/glow_student_kd.yaml", "--seeds", "0,1", "--samples", "200", "--out", str(tmp_path / "kd"),
            "--set", f"out_dir={tmp_path}", "--set", "train.steps=20", "--set", "data.n_train=1000",
            "--set", "data.n_test=200", "--set", "train.batch_size=128", "--set", "train.log_every=10"]
@@ -233,7 +234,7 @@ def _seed(values: dict[int, float]) -> dict:
 
 def test_pool_students_pools_every_student_and_the_members_means(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    pool_students = importlib.import_module("bench.pool_students")
+    pool_students = importlib.import_module("bench.experiments.pool_students")
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps({"per_seed": {"nfm": [_seed({4: 20.0}), _seed({4: 22.0})],
                                               "ot": [_seed({4: 30.0}), _seed({4: 31.0})]}}))
@@ -259,7 +260,7 @@ def test_pool_students_pools_every_student_and_the_members_means(tmp_path, monke
 
 def test_pool_students_names_the_feature_space_and_refuses_two(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    pool_students = importlib.import_module("bench.pool_students")
+    pool_students = importlib.import_module("bench.experiments.pool_students")
     per_seed = {"nfm": [_seed({4: 20.0}), _seed({4: 22.0})]}
     first, second, old = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "old.json"
     first.write_text(json.dumps({"features": "classifier-mnist-aaa", "per_seed": per_seed}))
@@ -276,7 +277,7 @@ def test_pool_students_agrees_with_the_comparison_it_reads(monkeypatch):
     """A one-member group is the comparison's own per-student mean and standard deviation."""
     monkeypatch.syspath_prepend(str(ROOT))
     results = ROOT / "docs" / "nfm" / "mnist_long_teacher_seeds" / "results.json"
-    rows = importlib.import_module("bench.pool_students").main(
+    rows = importlib.import_module("bench.experiments.pool_students").main(
         [str(results), "--group", "SD-OT=mnist-semidiscrete_ot-logitnormal", "--nfe", "1,4"])["rows"]
     reported = {r["nfe"]: r for r in json.loads(results.read_text())["rows"]
                 if r["student"] == "mnist-semidiscrete_ot-logitnormal" and r["solver"] == "euler"}

@@ -1,11 +1,11 @@
-"""bench.known_density end to end on tiny runs: grid chosen on validation, every row scored on test."""
+"""bench.experiments.known_density end to end on tiny runs: grid chosen on validation, every row scored on test."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
-from bench.known_density import main as table_main
+from bench.experiments.known_density import main as table_main
 from flowdistill.cli import main
 
 DENSITY = Path(__file__).resolve().parents[1] / "recipes" / "density"

@@ -238,9 +238,9 @@ def test_a_dequantized_teacher_gets_its_own_cell_noise(tmp_path, bpd_teacher):
 
 
 def test_the_teacher_curve_scores_a_dequantized_teacher_in_bits_per_dim(bpd_teacher):
-    """bench.teacher_curve scores a likelihood teacher on dequantized test images: its bits/dim agrees with
-    `flowdistill nll` (another dequantization draw, the same density) to within the draw's noise."""
-    from bench.teacher_curve import perturbed_nll
+    """bench.experiments.teacher_curve scores a likelihood teacher on dequantized test images: its bits/dim agrees
+    with `flowdistill nll` (another dequantization draw, the same density) to within the draw's noise."""
+    from bench.experiments.teacher_curve import perturbed_nll
 
     scores = perturbed_nll(str(bpd_teacher))
     assert main(["nll", str(bpd_teacher), "--split", "test", "--device", "cpu"]) == 0

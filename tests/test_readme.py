@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-from bench.readme_findings import EVALUATION, README, readme_with_findings
+from bench.experiments.readme_findings import EVALUATION, README, readme_with_findings
 
 
 def test_readme_findings_are_those_of_the_committed_evaluation():
     text = README.read_text()
-    assert text == readme_with_findings(text), "run `python -m bench.readme_findings --write`"
+    assert text == readme_with_findings(text), "run `python -m bench.experiments.readme_findings --write`"
     hardware = json.loads(EVALUATION.read_text())["hardware"]
     machine = f"{hardware['cpu'].split()[0]} {hardware['cpu'].split()[1]}, {hardware['cores']} cores"
     assert machine in text and f"{hardware['threads']} thread" in text

@@ -176,7 +176,7 @@ def test_cli_eval_on_a_toy_teacher(tmp_path):
 
 def test_bench_teacher_runs_and_cache_matches(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from bench.bench_teacher import main as bench_main
+    from bench.benchmarks.bench_teacher import main as bench_main
 
     out = tmp_path / "teacher.json"
     payload = bench_main(["--device", "cpu", "--repeats", "1", "--encode-batch", "8", "--decode-batch", "2",

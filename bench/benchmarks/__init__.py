@@ -1,0 +1,1 @@
+"""Speed and memory measurements: each prints a Markdown table and writes JSON."""
