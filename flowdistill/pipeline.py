@@ -30,9 +30,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from flowdistill.pipeline_files import read_stage_json
-from flowdistill.runs import PlannedRun, RunSource, ShippedRun, plan_run
+from flowdistill.runs import PlannedRun, ReadyRun, RunSource, plan_run
 from flowdistill.stage import Stage
-from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 
 
@@ -42,8 +41,8 @@ class PipelineConfig:
 
     name: str = ""  # output folder `<out_dir>/<name>` (default: the file's parent folder + "-pipeline")
     out_dir: str = "runs"  # parent of the pipeline folder
-    teacher: str = ""  # "pretrained:<name>" (a shipped teacher, `flowdistill pretrained`), or "recipe [key=value ...]"
-    #                    of the normalizing-flow teacher to train
+    teacher: str = ""  # "pretrained:<name>" (a shipped teacher, `flowdistill pretrained`), a finished run folder (trained,
+    #                    imported or saved elsewhere), or "recipe [key=value ...]" of the normalizing-flow teacher to train
     student: str = ""  # "recipe [key=value ...]" of the student trained with every coupling
     couplings: tuple[str, ...] = ("independent", "minibatch_ot", "semidiscrete_ot", "nf_teacher", "nf_teacher_ot")
     coupling_mode: str = "precomputed"  # NFM students read the couplings stage's cache, or encode online
@@ -100,7 +99,7 @@ class Pipeline:
         self.runs_dir = self.root / "runs"
         self.command = "flowdistill run"  # how the evaluation and the report name the command that reruns them
         ref = spec.teacher.strip()
-        self.teacher: RunSource = (ShippedRun.of(ref) if ref.startswith(NAMED_RUN_PREFIX)
+        self.teacher: RunSource = (ReadyRun.of(ref) if ReadyRun.named_by(ref)
                                    else self.plan_run("teacher", "teacher", spec.teacher))
         self._runs: dict[str, list[PlannedRun]] = {}
         for stage in self.stages.values():
@@ -153,7 +152,7 @@ class Pipeline:
     def evaluation_key(self) -> str:
         """Key of the evaluation: every run's key plus the scoring settings."""
         keys = [r.key for r in self.trained_runs()]
-        if isinstance(self.teacher, ShippedRun):  # not trained here: its weights' manifest stands for it
+        if isinstance(self.teacher, ReadyRun):  # not trained here: its weights' manifest stands for it
             keys.insert(0, self.teacher.key)
         settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device", "spec_dir")}
         return hashlib.sha256(json.dumps([keys, settings], sort_keys=True).encode()).hexdigest()[:10]

@@ -7,36 +7,18 @@ folders. Figures go to `figures-<key>/`. The report reads numbers only from this
 """
 from __future__ import annotations
 
-import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from flowdistill.api import load_run, resolve_device
 from flowdistill.pipeline_files import evaluation_outputs, json_damage
 from flowdistill.stage import Log, ScoreContext, Stage
 from shared.evaluate import write_json
+from shared.machine import describe_machine
 from shared.metrics import feature_extractor
 
 if TYPE_CHECKING:
     from flowdistill.pipeline import Pipeline
-
-
-def hardware(device: torch.device) -> dict[str, Any]:
-    """CPU, cores, GPU and software versions of the machine the evaluation ran on."""
-    import os
-
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device), "threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def evaluate_pipeline(pipeline: "Pipeline") -> Path:
@@ -57,7 +39,7 @@ def evaluate_pipeline(pipeline: "Pipeline") -> Path:
                              "give its entries names of its own")
         ctx.result.update(entries)
     result = {**ctx.result, "warnings": ctx.warnings, "sample_figures": ctx.sample_figures,
-              "hardware": hardware(device), "runs": {r.label: str(r.dir) for r in pipeline.trained_runs()}}
+              "hardware": describe_machine(device), "runs": {r.label: str(r.dir) for r in pipeline.trained_runs()}}
     return write_json(pipeline.evaluation_path(), result)
 
 

@@ -22,6 +22,7 @@ from flowdistill.api import load_run, resolve_config, train
 from flowdistill.components import CATALOG
 from flowdistill.pipeline_files import root_relative
 from flowdistill.recipes import resolve_recipe
+from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, flatten, to_dict
 from shared.rundir import config_path
 from shared.run import finished_step, run_dir_of
@@ -102,25 +103,38 @@ class PlannedRun:
 
 
 @dataclass
-class ShippedRun:
-    """A packed run shipped with the package (`pretrained:<name>`), used as it is instead of being trained."""
+class ReadyRun:
+    """A finished run used as it is, never trained here: a packed run shipped with the package
+    (`pretrained:<name>`) or a run folder trained, imported or saved elsewhere (`flowdistill import`,
+    `flowdistill.save_teacher`)."""
 
-    ref: str  # pretrained:<name>
+    ref: str  # pretrained:<name>, or the folder's absolute path
     dir: Path  # its folder
-    key: str  # the sha256 of its manifest, first 10 hex chars: what a key that reads it covers
+    key: str  # the sha256 of its evaluation weights' manifest, first 10 hex chars: what a key that reads it covers
     stage: str = "teacher"
     label: str = "teacher"
     role: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, ref: str) -> "ShippedRun":
-        from shared.checkpoint import MANIFEST, sha256_file
+    def of(cls, ref: str) -> "ReadyRun":
+        """The run `ref` names; a folder without verified weights is a ConfigError saying what it lacks."""
+        from shared.checkpoint import MANIFEST, CheckpointError, sha256_file
+        from shared.run import evaluation_weights
 
-        folder = CATALOG.resolve_run(ref)
-        if not (folder / MANIFEST).is_file():
-            raise ConfigError(f"shipped run {ref!r}: its folder {folder} has no {MANIFEST} (a damaged install?); "
-                              "reinstall flowdistill or name a recipe to train instead")
-        return cls(ref, folder, sha256_file(folder / MANIFEST)[:10])
+        shipped = ref.startswith(NAMED_RUN_PREFIX)
+        folder = CATALOG.resolve_run(ref) if shipped else Path(ref).absolute()
+        try:
+            weights, _ = evaluation_weights(folder)
+        except (CheckpointError, OSError) as err:
+            remedy = ("reinstall flowdistill (a damaged install?)" if shipped else
+                      "name a finished run folder (config.yaml and checkpoints), or a recipe to train")
+            raise ConfigError(f"run {ref!r} cannot be used as it is: {err}; {remedy}") from err
+        return cls(ref if shipped else str(folder), folder, sha256_file(weights.parent / MANIFEST)[:10])
+
+    @staticmethod
+    def named_by(entry: str) -> bool:
+        """Whether an entry names a ready run (`pretrained:<name>` or an existing folder) rather than a recipe."""
+        return entry.startswith(NAMED_RUN_PREFIX) or Path(entry).is_dir()
 
     @property
     def config(self) -> RunConfig:
@@ -130,10 +144,10 @@ class ShippedRun:
         return {}
 
     def status(self) -> str:
-        return f"shipped ({self.ref})"
+        return f"shipped ({self.ref})" if self.ref.startswith(NAMED_RUN_PREFIX) else f"given ({self.ref})"
 
 
-RunSource = Union[PlannedRun, ShippedRun]
+RunSource = Union[PlannedRun, ReadyRun]
 
 
 def wire(cfg: RunConfig, key: str, source: RunSource) -> None:

@@ -81,3 +81,29 @@ def test_no_module_answers_the_teacher_question_by_coupling_names():
             if re.search(pattern, text):
                 offenders.append(f"{path.relative_to(ROOT)}: {pattern}")
     assert offenders == []
+
+
+def test_a_finished_run_folder_is_the_teacher_as_it_is(tmp_path):
+    """A teacher trained, imported or saved elsewhere is named by its folder: nothing retrains it, its students
+    read it, and the evaluation's key follows its weights."""
+    import flowdistill as fd
+    from flowdistill.runs import ReadyRun
+    from shared.config import ConfigError
+    from test_pipeline import SMALL, TOY
+
+    folder = fd.train(str(TOY / "teacher.yaml"), ["train.steps=10", "train.batch_size=64", "model.blocks=1",
+                                                  f"out_dir={tmp_path}", "name=mine", *SMALL.split()])
+    spec = tiny_spec(tmp_path, teacher=str(folder), f2d2_u="", f2d2_joint="", f2d2_on=[])
+    pipeline = Pipeline(load_pipeline(spec))
+    assert isinstance(pipeline.teacher, ReadyRun) and pipeline.runs_of("teacher") == []
+    assert f"1/7 teacher: given ({folder})" in pipeline.plan()
+    nfm = next(r for r in pipeline.students if r.role["coupling"] == "nf_teacher")
+    assert nfm.config.method.coupling.teacher == str(folder) and nfm.dependencies() == {"teacher": str(folder)}
+    assert all(r.config.method.teacher == str(folder) for r in pipeline.compact)
+    key = pipeline.evaluation_key()
+    fd.train(str(TOY / "teacher.yaml"), ["train.steps=12", "train.batch_size=64", "model.blocks=1",
+                                         f"out_dir={tmp_path}", "name=mine", *SMALL.split()], resume=True)
+    assert Pipeline(load_pipeline(spec)).evaluation_key() != key  # new weights, new evaluation
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="cannot be used as it is"):
+        Pipeline(load_pipeline(tiny_spec(tmp_path, teacher=str(tmp_path / "empty"))))

@@ -12,7 +12,7 @@ from flowdistill.cli import main
 from flowdistill.components import CATALOG, PRETRAINED
 from flowdistill.packed import CARD, read_card
 from flowdistill.pipeline import Pipeline, load_pipeline
-from flowdistill.runs import ShippedRun
+from flowdistill.runs import ReadyRun
 from flowdistill.recipes import BUNDLED_ROOT, pipeline_spec, resolve_recipe
 from nfm.coupling_cache import cache_dir_of
 from shared.checkpoint import CheckpointError, verify_checkpoint
@@ -79,7 +79,7 @@ def test_pipeline_on_a_shipped_teacher_plans_no_teacher_training(tmp_path, monke
     monkeypatch.setenv("FLOWDISTILL_CACHE", str(tmp_path / "cache"))
     spec = load_pipeline(ROOT / "recipes" / "digits" / "pipeline.yaml", [f"out_dir={tmp_path}"])
     pipeline = Pipeline(spec)
-    assert isinstance(pipeline.teacher, ShippedRun) and pipeline.runs_of("teacher") == []
+    assert isinstance(pipeline.teacher, ReadyRun) and pipeline.runs_of("teacher") == []
     assert "teacher: shipped (pretrained:digits-tarflow)" in pipeline.plan()
     nfm = next(r for r in pipeline.students if r.role["coupling"] == "nf_teacher")
     assert nfm.config.method.coupling.teacher == "pretrained:digits-tarflow"  # the key holds no install path

@@ -17,21 +17,12 @@ from pathlib import Path
 
 import torch
 
-from flowdistill.api import load_run, resolve_config, train
+from flowdistill.api import load_run, resolve_config
 from flowdistill.flow_scores import COLUMNS, UNDISTILLED, add_speedups, score_flow, summarize
+from flowdistill.runs import ensure_trained
 from shared.evaluate import format_table, write_json
 from shared.machine import describe_machine
 from shared.metrics import feature_extractor, feature_identity
-from shared.run import finished_step, run_dir_of
-from shared.rundir import config_path
-
-
-def ensure(recipe: str, overrides: list[str]) -> Path:
-    """Train a run unless finished (resume an unfinished one)."""
-    cfg = resolve_config(recipe, overrides)
-    if finished_step(cfg) < cfg.train.steps:
-        train(cfg, resume=config_path(run_dir_of(cfg)).is_file())
-    return run_dir_of(cfg)
 
 
 def score(run_dir: Path, n_samples: int) -> dict:
@@ -58,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = ensure(args.teacher, ["train.progress=false", "train.sample_grid=false", *args.set])
+    teacher = ensure_trained(resolve_config(args.teacher, ["train.progress=false", "train.sample_grid=false", *args.set]))
     rows = [{"role": "teacher", **score(teacher, args.samples)}]
     stem = f"{Path(args.student).parent.name}-{Path(args.student).stem}"  # digits and MNIST recipes share stems
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -67,7 +58,7 @@ def main() -> None:
         roles = (("distilled", args.student_set), ("undistilled", list(UNDISTILLED)))
         for role, extra in roles[:1] if args.skip_undistilled else roles:
             tag = args.tag if role == "distilled" else ""
-            run = ensure(args.student, [*common, *extra, f"name={stem}-{role}{tag}-s{seed}"])
+            run = ensure_trained(resolve_config(args.student, [*common, *extra, f"name={stem}-{role}{tag}-s{seed}"]))
             rows.append({"role": role, "seed": seed, **score(run, args.samples)})
     summary = summarize(rows)
     add_speedups(summary)

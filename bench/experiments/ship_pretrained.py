@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flowdistill.api import load_run
-from flowdistill.compare import evaluate_teacher
+from flowdistill.scoring import evaluate_teacher
 from flowdistill.packed import pack_run
 from shared.evaluate import reference_nll
 from shared.machine import describe_machine

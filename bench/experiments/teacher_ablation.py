@@ -21,13 +21,12 @@ from typing import Any
 import torch
 import yaml
 
-from flowdistill.api import load_run, resolve_config, train
-from flowdistill.compare import train_seconds
+from flowdistill.api import load_run, resolve_config
+from flowdistill.runs import ensure_trained
+from flowdistill.scoring import train_seconds
 from shared.evaluate import format_table, generate, reference_nll, write_json
 from shared.machine import describe_machine
 from shared.metrics import feature_extractor, sample_quality
-from shared.run import run_dir_of
-from shared.rundir import config_path
 
 COLUMNS = ["variant", "params", "train_minutes", "best_step", "val_bpd", "test_bpd", "val_fd", "test_fd", "overrides"]
 
@@ -72,8 +71,7 @@ def main() -> None:
         overrides = [f"name={Path(args.recipe).parent.name}-{variant['name']}", f"out_dir={args.runs}",
                      "train.progress=false", "train.sample_grid=false", *variant.get("overrides", [])]
         cfg = resolve_config(args.recipe, overrides)
-        run_dir = run_dir_of(cfg)
-        train(cfg, resume=config_path(run_dir).is_file())
+        run_dir = ensure_trained(cfg)
         minutes = train_seconds(run_dir, cfg.train.batch_size) / 60  # from the logged throughput, resumes included
         row = {"variant": variant["name"], "train_minutes": minutes, "threads": args.threads,
                "overrides": " ".join(variant.get("overrides", [])), **evaluate_variant(run_dir, args.samples)}

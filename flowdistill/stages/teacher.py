@@ -1,9 +1,10 @@
-"""The teacher stage: train the normalizing-flow teacher (or take a shipped one) and score its own sampling."""
+"""The teacher stage: train the normalizing-flow teacher (or take a ready one) and score its own sampling."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowdistill.runs import PlannedRun, ShippedRun
+from flowdistill.runs import PlannedRun, ReadyRun
 from flowdistill.scoring import evaluate_teacher
 from flowdistill.stage import ScoreContext, Stage, runs_done
 
@@ -14,18 +15,18 @@ if TYPE_CHECKING:
 
 def plan(pipeline: "Pipeline") -> list[PlannedRun]:
     """The teacher run to train; none when the pipeline names a shipped teacher."""
-    return [] if isinstance(pipeline.teacher, ShippedRun) else [pipeline.teacher]
+    return [] if isinstance(pipeline.teacher, ReadyRun) else [pipeline.teacher]
 
 
 def status(pipeline: "Pipeline") -> str:
-    return pipeline.teacher.status() if isinstance(pipeline.teacher, ShippedRun) else runs_done(pipeline, "teacher")
+    return pipeline.teacher.status() if isinstance(pipeline.teacher, ReadyRun) else runs_done(pipeline, "teacher")
 
 
 def card(pipeline: "Pipeline") -> dict[str, Any]:
-    """The figures of a shipped teacher's model card (empty for a teacher trained by the pipeline)."""
-    from flowdistill.packed import read_card
+    """The figures of a packed teacher's model card (empty for a teacher without one)."""
+    from flowdistill.packed import CARD, read_card
 
-    return read_card(pipeline.teacher.dir) if isinstance(pipeline.teacher, ShippedRun) else {}
+    return read_card(pipeline.teacher.dir) if (Path(pipeline.teacher.dir) / CARD).is_file() else {}
 
 
 def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
