@@ -64,3 +64,17 @@ def missing_members(flow: object) -> list[str]:
     if isinstance(flow, nn.Module) and type(flow).forward is nn.Module.forward:
         missing.append("forward")
     return missing
+
+
+@runtime_checkable
+class FlowConfig(Protocol):
+    """The config side of a flow family: what marks a model config as a normalizing flow (the `nll` method
+    trains it, the pipeline's distillation table reports its depth) without naming the family."""
+
+    def flow_layers(self) -> int | None:
+        """Sequential flow layers of the model it builds (None when the config cannot tell)."""
+
+
+def is_flow_config(model_config: object) -> bool:
+    """Whether a model config describes a normalizing flow (implements `FlowConfig`)."""
+    return isinstance(model_config, FlowConfig)

@@ -41,6 +41,10 @@ class GlowConfig:
     eta: float = 0.0  # std of the Gaussian noise added to training data (NFM teachers); 0 for dequantized runs
     logit_alpha: float = 0.0  # > 0: levels see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x
 
+    def flow_layers(self) -> int:
+        """Flow layers: levels x flow steps per level."""
+        return self.levels * self.steps
+
 
 def squeeze(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, 4C, H/2, W/2)."""

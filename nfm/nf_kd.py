@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nfm.teacher import FLOW_CONFIGS, TeacherConfig, TeacherNLL, TeacherSampler, log_prob, unwrap
+from nfm.teacher import LEVELED_FLOWS, TeacherConfig, TeacherNLL, TeacherSampler, log_prob, unwrap
 from shared.catalog import BuildContext
 from shared.config import RunConfig
 from shared.data import Dataset
@@ -166,9 +166,9 @@ def build_nfkd_sampler(cfg: NFKDConfig, run_cfg: RunConfig, dataset: Dataset) ->
 
 def check_nfkd(cfg: NFKDConfig, run_cfg: RunConfig, dataset: Dataset) -> None:
     """Raise ValueError for a model or setting `nf_kd` cannot use."""
-    if not isinstance(run_cfg.model, FLOW_CONFIGS):
-        raise ValueError(f"method nf_kd trains a normalizing-flow student: set model.name: tarflow or glow "
-                         f"(got {run_cfg.model.name!r})")
+    if not isinstance(run_cfg.model, LEVELED_FLOWS):
+        raise ValueError(f"method nf_kd trains a normalizing-flow student whose intermediate latents it matches: "
+                         f"set model.name: tarflow or glow (got {run_cfg.model.name!r})")
     check_weights(cfg)
     if cfg.synth_weight and run_cfg.model.name != "glow":
         raise ValueError("method.synth_weight > 0 needs a glow student (its inverse is one differentiable pass; "

@@ -52,6 +52,10 @@ class TarFlowConfig:
     final_norm: bool = True  # a LayerNorm before each block's output projection (false: none, as in ml-tarflow)
     prior_var: bool = False  # a (N, d) buffer `prior_var`: sampling scales the noise by its sqrt (ml-tarflow's `var`)
 
+    def flow_layers(self) -> int:
+        """Flow layers: blocks x causal transformer layers per block."""
+        return self.blocks * self.layers
+
 
 class KVCache:
     """Keys and values of the tokens decoded so far: one (B, heads, N, head_dim) buffer pair per layer."""

@@ -19,19 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfm.flow_interface import FlowTeacher
+from nfm.flow_interface import FlowTeacher, is_flow_config
 from nfm.glow import GlowConfig
 from nfm.tarflow import TarFlowConfig
-from nfm.user_flow import UserFlowConfig
-
-FLOW_CONFIGS = (TarFlowConfig, GlowConfig)  # the normalizing-flow families the nll method trains
-TEACHER_CONFIGS = FLOW_CONFIGS + (UserFlowConfig,)  # and a user's own flow (`flowdistill.save_teacher`)
-from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.catalog import BuildContext
+from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.config import RunConfig
 from shared.likelihood import LikelihoodResult
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult
+
+LEVELED_FLOWS = (TarFlowConfig, GlowConfig)  # flow families with intermediate latents (`encode_with_levels`)
 
 
 @dataclass
@@ -187,9 +185,9 @@ def build_teacher_sampler(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Datas
 def check_teacher(cfg: TeacherConfig, run_cfg: RunConfig, dataset: Dataset) -> None:
     """Raise ValueError for a model, data set or setting the `nll` method cannot use."""
     model = run_cfg.model
-    if not isinstance(model, TEACHER_CONFIGS):
-        raise ValueError("method nll trains a normalizing flow: set model.name: tarflow, glow or user_flow "
-                         f"(got {model.name!r})")
+    if not is_flow_config(model):
+        raise ValueError("method nll trains a normalizing flow: set model.name: tarflow, glow or user_flow (a model "
+                         f"whose config declares flow_layers()) (got {model.name!r})")
     if cfg.dequantize and dataset.levels is None:
         raise ValueError(f"method.dequantize needs quantized (image) data; {dataset.name!r} is continuous")
     if cfg.dequantize and getattr(model, "eta", 0.0) > 0:

@@ -28,6 +28,10 @@ class UserFlowConfig:
     flow: str = ""  # import path of the flow's class, "package.module:QualName"
     init_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments (JSON/YAML values)
 
+    def flow_layers(self) -> None:
+        """Unknown: the class is the user's (its depth is not part of the config)."""
+        return None
+
 
 def class_path(cls: type) -> str:
     """The import path "module:QualName" of `cls`; ValueError for a class no other process can import."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from nfm.flow_interface import FlowTeacher
@@ -40,3 +41,35 @@ def test_tarflow_glow_and_imported_flows_implement_the_interface():
 
 def test_a_velocity_field_is_not_a_flow_teacher():
     assert not isinstance(build_mlp(MLPConfig(), (2,)), FlowTeacher)
+
+
+def test_flow_families_are_recognised_by_their_config_interface_not_their_names():
+    """A model config is a flow when it declares `flow_layers()`; the nll method and the pipeline's depth column
+    read that, so a new family needs no list edited."""
+    from dataclasses import dataclass
+
+    from flowdistill.components import MODELS
+    from flowdistill.stages.compact import depth
+    from nfm.flow_interface import is_flow_config
+    from nfm.teacher import TeacherConfig, check_teacher
+    from shared.config import RunConfig
+
+    flows = {name for name, choice in MODELS.items() if is_flow_config(choice.config())}
+    assert flows == {"tarflow", "glow", "user_flow"}
+
+    @dataclass
+    class RingFlowConfig:  # a third family, known to nothing but itself
+        name: str = "ringflow"
+        rings: int = 3
+
+        def flow_layers(self) -> int:
+            return 2 * self.rings
+
+    class Run:
+        config = RunConfig(model=RingFlowConfig())
+
+    assert depth(Run()) == 6
+    data = type("D", (), {"levels": None, "name": "x"})()
+    check_teacher(TeacherConfig(), RunConfig(model=RingFlowConfig()), data)  # accepted: it is a flow
+    with pytest.raises(ValueError, match="method nll trains a normalizing flow"):
+        check_teacher(TeacherConfig(), RunConfig(model=MODELS["mlp"].config()), data)

@@ -10,6 +10,7 @@ from flowdistill.flow_scores import LIKELIHOOD_ONLY, UNDISTILLED
 from flowdistill.recipes import resolve_recipe
 from flowdistill.runs import PlannedRun, parse_entry
 from flowdistill.stage import ScoreContext, Stage
+from nfm.flow_interface import is_flow_config
 from shared.config import ConfigError
 
 if TYPE_CHECKING:
@@ -58,13 +59,10 @@ def plan(pipeline: "Pipeline") -> list[PlannedRun]:
 
 
 def depth(run: Any) -> int | None:
-    """Flow steps of a normalizing flow read from its config's shape fields: blocks x layers (TarFlow), levels x
-    steps (Glow); None for a flow family that has neither."""
+    """Flow layers of a normalizing flow, as its config declares them (`FlowConfig.flow_layers`); None when the
+    family cannot tell."""
     model = run.config.model
-    for outer, inner in (("blocks", "layers"), ("levels", "steps")):
-        if hasattr(model, outer) and hasattr(model, inner):
-            return int(getattr(model, outer)) * int(getattr(model, inner))
-    return None
+    return model.flow_layers() if is_flow_config(model) else None
 
 
 def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
