@@ -39,7 +39,7 @@ from nfm.semidiscrete_ot import DualAscent, SemidiscretePotential
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.run import build_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

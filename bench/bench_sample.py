@@ -20,7 +20,7 @@ from torch import Tensor
 from bench.common import add_common_args, median, report, selected_cases, setup, timed
 from flowdistill.api import load_run
 from flowdistill.components import CATALOG
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.run import build_model
 from shared.sampling import FIXED_SOLVERS, SampleResult, sample
 

@@ -34,7 +34,7 @@ def measure(recipe: str, kind: str, threads: int, repeats: int, block: int) -> f
     torch.set_num_threads(threads)
     from flowdistill.api import resolve_config
     from flowdistill.components import CATALOG
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
     from shared.run import build_model
 
     cfg = resolve_config(recipe, ["train.progress=false"])

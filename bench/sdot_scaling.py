@@ -24,7 +24,7 @@ import torch
 from bench.common import machine, print_and_write
 from nfm.semidiscrete_ot import CHI2_TOL, fit_potential, level_sizes
 from shared.config import DataConfig
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 
 COLUMNS = {"case": "case", "seed": "seed", "n": "N", "dim": "d", "levels": "levels", "iters": "iters / level",
            "polish": "polish rounds", "batch": "batch", "lr": "lr", "total_iters": "iters (all levels and polish)",

@@ -23,7 +23,7 @@ from bench.common import RESULTS, machine, markdown_table, setup
 from flowdistill.api import load_run, resolve_config
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import load_teacher
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 
 
 def teacher_row(run_dir: str, data: torch.Tensor, batch: int, device: torch.device, repeats: int) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
     """
     from accelerate import Accelerator
 
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
 
     coupling = getattr(cfg.method, "coupling", None)
     if not hasattr(coupling, "draws") or not hasattr(coupling, "teacher"):

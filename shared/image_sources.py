@@ -101,7 +101,7 @@ def load_imagenet_npz(path: str | Path) -> ImageStore:
     return ImageStore.from_tensor(images, 256, labels)
 
 
-# ---------------------------------------------------------------- data sets of shared.data
+# ---------------------------------------------------------------- data sets of shared.data_sources
 
 
 def _digest(parts: list[str]) -> str:

@@ -25,7 +25,8 @@ from shared.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_t
                                verify_checkpoint)
 from shared.config import (ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, flatten, load_recipe,
                            read_yaml_mapping, to_dict)
-from shared.data import Dataset, dequantize, load_dataset, random_shift
+from shared.data import Dataset, dequantize, random_shift
+from shared.data_sources import load_dataset
 from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, PACKED_WEIGHTS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
                            config_path, read_metrics, run_lock, standardization_path, tracking_dir, weights_file)
 from shared.tabular import Standardization

@@ -174,7 +174,7 @@ def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_pat
     assert [int(r[0]) for r in rows] == list(range(120))
     assert all(abs(abs(r[1] - r[2]) - r[3]) < 1e-9 for r in rows)
     assert summary["gap_to_exact_nats"] == pytest.approx(-sum(r[1] for r in rows) / 120 - summary["exact_nll_nats"])
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
     from flowdistill.api import resolve_config
 
     data = load_dataset(resolve_config(run, []).data)

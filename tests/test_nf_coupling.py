@@ -22,7 +22,7 @@ from nfm.coupling_cache import MANIFEST, cache_dir_of, extract, load_cache, shar
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import load_teacher, pair_noise, perturbed, teacher_encode
 from shared.checkpoint import CheckpointError
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.run import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ import torch
 from flowdistill.api import load_run
 from flowdistill.cli import main
 from shared.config import DataConfig
-from shared.data import DataError, load_dataset
+from shared.data import DataError
+from shared.data_sources import load_dataset
 from shared.evaluate import score_points
 from shared.paths import standard_normal_logprob
 from shared.run import Run
