@@ -40,7 +40,7 @@ from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
 from shared.data_sources import load_dataset
-from shared.run import build_model
+from shared.run_build import build_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CASES = {"toy": "toy2d", "digits": "digits", "mnist": "mnist"}  # case -> recipe folder

@@ -21,7 +21,7 @@ from bench.common import add_common_args, median, report, selected_cases, setup,
 from flowdistill.api import load_run
 from flowdistill.components import CATALOG
 from shared.data_sources import load_dataset
-from shared.run import build_model
+from shared.run_build import build_model
 from shared.sampling import FIXED_SOLVERS, SampleResult, sample
 
 COLUMNS = {"case": "case", "solver": "solver", "steps": "steps", "nfe": "NFE", "batch": "batch",

@@ -28,7 +28,8 @@ from shared.config import RunConfig, TrainConfig
 from shared.data import Dataset
 from shared.data_sources import load_dataset
 from flowdistill.components import CATALOG
-from shared.run import build_loss, build_model
+from shared.run import build_loss
+from shared.run_build import build_model
 from shared.rundir import metrics_path
 from shared.trainer import Trainer
 

@@ -22,7 +22,7 @@ from flowdistill.api import load_run, resolve_config, train
 from flowdistill.flow_scores import COLUMNS, UNDISTILLED, add_speedups, score_flow, summarize
 from shared.evaluate import format_table, write_json
 from shared.metrics import feature_extractor, feature_identity
-from shared.run import finished_step, run_dir_of
+from shared.run_prepare import finished_step, run_dir_of
 from shared.rundir import config_path
 
 

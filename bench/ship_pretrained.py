@@ -24,7 +24,7 @@ from flowdistill.packed import pack_run
 from flowdistill.pipeline_eval import hardware
 from shared.evaluate import reference_nll
 from shared.metrics import feature_extractor
-from shared.run import evaluation_weights
+from shared.run_build import evaluation_weights
 
 FD_SAMPLES = (500, 1000)
 

@@ -25,7 +25,7 @@ from flowdistill.api import load_run, resolve_config, train
 from flowdistill.compare import train_seconds
 from shared.evaluate import format_table, generate, reference_nll, write_json
 from shared.metrics import feature_extractor, sample_quality
-from shared.run import run_dir_of
+from shared.run_prepare import run_dir_of
 from shared.rundir import config_path
 
 COLUMNS = ["variant", "params", "train_minutes", "best_step", "val_bpd", "test_bpd", "val_fd", "test_fd", "overrides"]

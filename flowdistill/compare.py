@@ -27,7 +27,8 @@ from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, re
 from shared.evaluate import (Samples, format_table, generate, mean_and_std, quality_vs_steps, score_split,
                              write_json)
 from shared.metrics import feature_extractor, feature_identity, sample_quality
-from shared.run import Run, finished_step, run_dir_of
+from shared.run import Run
+from shared.run_prepare import finished_step, run_dir_of
 from shared.rundir import config_path, read_metrics
 from shared.sampling import sample
 

@@ -34,7 +34,7 @@ from flowdistill.pipeline_files import evaluation_outputs, json_damage, read_sta
 from flowdistill.recipes import resolve_recipe
 from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, apply_overrides, flatten, from_dict, read_yaml_mapping, to_dict
-from shared.run import finished_step, run_dir_of
+from shared.run_prepare import finished_step, run_dir_of
 
 STAGES = ("teacher", "couplings", "students", "f2d2", "compact", "evaluate", "report")
 COMPACT_NFM = "nf_teacher_compact"  # the student label of NFM pairs from the distilled compact flow

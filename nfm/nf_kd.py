@@ -27,7 +27,7 @@ from shared.catalog import BuildContext
 from shared.config import RunConfig
 from shared.data import Dataset
 from shared.paths import standard_normal_logprob
-from shared.run import require_same_data
+from shared.run_build import require_same_data
 
 SYNTH_NORMS = ("l1", "l2")
 

@@ -136,7 +136,7 @@ def test_init_from_copies_matching_weights_and_reports_new_ones(tmp_path, capsys
     import torch
 
     from flowdistill.api import load_run
-    from shared.run import init_from_run
+    from shared.run_build import init_from_run
 
     source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
     assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=1", "train.lr=1e-12", "model.hidden=16",

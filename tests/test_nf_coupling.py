@@ -252,7 +252,7 @@ def test_the_teacher_curve_scores_a_dequantized_teacher_in_bits_per_dim(bpd_teac
 def test_the_coupling_pairs_with_the_teacher_weights_it_names(tmp_path, teacher_run):
     from safetensors.torch import load_file
 
-    from shared.run import evaluation_weights
+    from shared.run_build import evaluation_weights
 
     recipe = _student_recipe(tmp_path, teacher_run, cache="")
     auto, raw = _coupling(recipe), _coupling(recipe, "method.coupling.weights=model")
