@@ -14,6 +14,7 @@ from nfm.losses import FlowMatchingConfig
 from shared.backbones import MLPConfig, UNetConfig
 from shared.checkpoint import atomic_write_text
 from shared.config import DataConfig, RunConfig, TrainConfig
+from shared.device import resolve_device
 from shared.machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,12 +67,11 @@ def add_device_and_out_args(parser: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """The device named by --device; `auto` prefers CUDA."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    """The device named by --device (auto, cpu or cuda; `auto` prefers CUDA); exits when cuda is not there."""
+    try:
+        return resolve_device(name)
+    except ValueError:
+        raise SystemExit(f"--device {name}: no CUDA device is available") from None
 
 
 def setup(args: argparse.Namespace) -> torch.device:

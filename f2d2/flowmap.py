@@ -151,13 +151,6 @@ def build_flowmap(cfg: FlowMapConfig, data_shape: tuple[int, ...]) -> nn.Module:
     return FLOWMAP_BACKBONES[name](cfg, data_shape, scale)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The flow map inside DDP / Accelerate wrappers (torch.func.jvp cannot trace through DDP)."""
-    while hasattr(model, "module") and not hasattr(model, "div_scale"):
-        model = model.module
-    return model
-
-
 def _pairs(steps: int, grid: str, device: torch.device, dtype: torch.dtype,
            towards_noise: bool) -> list[tuple[Tensor, Tensor]]:
     """Consecutive (t, s) of the shared time grid: 1 -> 0 for sampling, reversed for likelihood."""

@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from f2d2.flowmap import FlowMapSampler, unwrap
+from f2d2.flowmap import FlowMapSampler
 from shared.catalog import BuildContext
 from shared.config import RunConfig
 from shared.data import Dataset
 from shared.likelihood import PROBES, choose_divergence, divergence_exact, divergence_hutchinson, make_probe
+from shared.method import unwrap
 from shared.paths import TIME_SAMPLERS, broadcast_time, interpolate, sample_times
-from shared.run import require_same_data
+from shared.run_build import require_same_data
 
 VARIANTS = ("shortcut", "meanflow")
 DIV_SOURCES = ("teacher", "self")

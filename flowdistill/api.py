@@ -18,8 +18,10 @@ from torch import Tensor
 from flowdistill.components import CATALOG
 from flowdistill.own_teacher import save_teacher
 from shared import run as runs
+from shared import run_prepare
 from shared.config import RunConfig
-from shared.run import Run, resolve_device
+from shared.device import resolve_device
+from shared.run import Run
 
 __all__ = ["Run", "RunConfig", "load_run", "log_likelihood", "resolve_config", "resolve_device", "sample",
            "save_teacher", "train"]
@@ -27,7 +29,7 @@ __all__ = ["Run", "RunConfig", "load_run", "log_likelihood", "resolve_config", "
 
 def resolve_config(source: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated config of a recipe file (or of a run directory's config.yaml) with key=value overrides."""
-    return runs.resolve_config(source, list(overrides), CATALOG)
+    return run_prepare.resolve_config(source, list(overrides), CATALOG)
 
 
 def train(config: RunConfig | str | Path, overrides: Sequence[str] = (), resume: bool = False,

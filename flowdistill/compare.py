@@ -25,7 +25,7 @@ from flowdistill.scoring import (Scoring, aggregate, evaluate_student, evaluate_
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from shared.evaluate import format_table, generate, mean_and_std, write_json
 from shared.metrics import feature_extractor, feature_identity
-from shared.run import finished_step, run_dir_of
+from shared.run_prepare import finished_step, run_dir_of
 
 
 @dataclass

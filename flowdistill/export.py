@@ -31,7 +31,7 @@ from flowdistill.api import Run, load_run
 from flowdistill.packed import CARD, card_text, pack_run
 from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically
 from shared.config import dump_yaml
-from shared.run import evaluation_weights
+from shared.run_build import evaluation_weights
 
 FORMATS = ("diffusers", "safetensors")
 CARD_NFE = (1, 2, 4, 8)  # the NFE whose sample quality the card quotes (from the run's eval.json)

@@ -27,7 +27,8 @@ from shared.likelihood import LikelihoodResult, choose_divergence, default_solve
 from shared.reference_cache import ReferenceScores, cached_reference
 from shared.sampling import GRIDS
 from shared.metrics import feature_extractor, sample_quality
-from shared.run import Run, require_same_data
+from shared.run import Run
+from shared.run_build import require_same_data
 
 LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
 

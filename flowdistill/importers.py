@@ -25,7 +25,8 @@ from flowdistill.import_dit import dit_config_of, dit_weights
 from nfm.ml_tarflow import MLTarFlowShape, convert_state_dict, read_checkpoint, tarflow_config
 from shared.checkpoint import atomic_write_text, check_writable, folder_written_atomically, save_checkpoint, sha256_file
 from shared.config import ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, to_dict
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset
+from shared.data_sources import load_dataset
 from shared.rundir import checkpoints_dir, config_path
 
 IMPORTED = "imported.json"  # the provenance of an imported run's weights

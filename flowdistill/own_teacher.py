@@ -20,7 +20,7 @@ from flowdistill.components import CATALOG
 from flowdistill.importers import build_with_weights, check_data, check_new_folder, teacher_config, write_run
 from nfm.user_flow import UserFlowConfig, check_flow, class_path
 from shared.config import DataConfig, to_dict
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 
 CHECK_BATCH = 16  # data points the rebuilt flow must encode as the given one does
 CHECK_TOL = 1e-5  # largest |difference| of z and of log|det| (nats), relative to 1 + |value|

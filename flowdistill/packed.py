@@ -6,7 +6,7 @@
         README.md          model card: YAML front matter (Hugging Face convention) + a short text
         manifest.json      {"step", "files": {name: {"sha256", "bytes"}}}, written last, verified on load
 
-`flowdistill.api.load_run` reads a packed folder like any run directory (`shared.run.evaluation_weights`);
+`flowdistill.api.load_run` reads a packed folder like any run directory (`shared.run_build.evaluation_weights`);
 the project's shipped teachers are packed runs named in `flowdistill.components.PRETRAINED` and referred to
 as `pretrained:<name>` wherever a run directory is accepted.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shared.checkpoint import MANIFEST, CheckpointError, folder_written_atomically, sha256_file, verify_checkpoint
+from shared.checkpoint import MANIFEST, CheckpointError, file_manifest, folder_written_atomically, verify_checkpoint
 from shared.config import RunConfig, read_yaml_mapping
 from shared.rundir import CONFIG, PACKED_WEIGHTS
 
@@ -60,8 +60,7 @@ def pack_run(run_dir: str | Path, weights: str | Path, step: int, out: str | Pat
         (tmp / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
         shutil.copyfile(weights, tmp / PACKED_WEIGHTS)
         (tmp / CARD).write_text(card_text(meta, body), encoding="utf-8")
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": int(step), "files": files}, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps({"step": int(step), "files": file_manifest(tmp)}, indent=1) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
     verify_checkpoint(out)

@@ -25,7 +25,7 @@ from flowdistill.recipes import resolve_recipe
 from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, flatten, to_dict
 from shared.rundir import config_path
-from shared.run import finished_step, run_dir_of
+from shared.run_prepare import finished_step, run_dir_of
 
 UNKEYED = ("name", "out_dir", "train.progress", "train.sample_grid", "train.log_every", "train.ckpt_every")
 
@@ -119,7 +119,7 @@ class ReadyRun:
     def of(cls, ref: str) -> "ReadyRun":
         """The run `ref` names; a folder without verified weights is a ConfigError saying what it lacks."""
         from shared.checkpoint import MANIFEST, CheckpointError, sha256_file
-        from shared.run import evaluation_weights
+        from shared.run_build import evaluation_weights
 
         shipped = ref.startswith(NAMED_RUN_PREFIX)
         folder = CATALOG.resolve_run(ref) if shipped else Path(ref).absolute()

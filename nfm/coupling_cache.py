@@ -11,7 +11,6 @@ disk. Training in precomputed mode loads the cache only when the manifest's spec
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -30,8 +29,10 @@ from shared.catalog import NAMED_RUN_PREFIX
 from shared.checkpoint import (CheckpointError, atomic_write_bytes, atomic_write_text, contained_file,
                                explain_disk_full, sha256_file)
 from shared.config import ConfigError, RunConfig
+from shared.device import cpu_only
+from shared.hashing import content_key
 from shared.metrics import cache_dir
-from shared.run import require_same_data
+from shared.run_build import require_same_data
 from shared.rundir import couplings_dir, folder_lock, lock_path
 
 SPEC = "spec.json"
@@ -72,7 +73,7 @@ def spec_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]
 def spec_id(spec: dict[str, Any]) -> str:
     """Short hash of the checked part of a spec, stamped into every shard."""
     checked = {k: v for k, v in spec.items() if k not in INFO_KEYS}
-    return hashlib.sha256(json.dumps(checked, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(checked, 16)
 
 
 def shard_path(root: Path, shard: int) -> Path:
@@ -162,7 +163,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
     """
     from accelerate import Accelerator
 
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
 
     coupling = getattr(cfg.method, "coupling", None)
     if not hasattr(coupling, "draws") or not hasattr(coupling, "teacher"):
@@ -171,7 +172,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
     if coupling.draws < 1 or coupling.shard < 1:
         raise ConfigError(f"method.coupling.draws ({coupling.draws}) and method.coupling.shard "
                           f"({coupling.shard}) must be >= 1 for a precomputed cache")
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu_only())
     dataset = load_dataset(cfg.data)
     teacher = load_teacher(coupling.teacher, load_run, acc.device, coupling.weights)
     require_same_data(coupling.teacher, teacher.data_fingerprint, dataset, "method.coupling.teacher")

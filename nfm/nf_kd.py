@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nfm.teacher import LEVELED_FLOWS, TeacherConfig, TeacherNLL, TeacherSampler, log_prob, unwrap
+from nfm.teacher import LEVELED_FLOWS, TeacherConfig, TeacherNLL, TeacherSampler, flow_of, log_prob
 from shared.catalog import BuildContext
 from shared.config import RunConfig
 from shared.data import Dataset
 from shared.paths import standard_normal_logprob
-from shared.run import require_same_data
+from shared.run_build import require_same_data
 
 SYNTH_NORMS = ("l1", "l2")
 
@@ -106,7 +106,7 @@ class NFKD:
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, student = self.cfg, unwrap(model)
+        cfg, student = self.cfg, flow_of(model)
         self.teacher.to(batch[0].device)
         x = self.own.perturb(student, batch[0], generator)
         dim = x[0].numel()

@@ -26,6 +26,7 @@ from shared.catalog import BuildContext
 from shared.data import Dataset, bits_per_dim, dequantize, model_to_image
 from shared.config import RunConfig
 from shared.likelihood import LikelihoodResult
+from shared.method import unwrap
 from shared.paths import standard_normal_logprob
 from shared.sampling import SampleResult
 
@@ -51,14 +52,14 @@ class TeacherConfig:
         return {}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The normalizing flow (a `FlowTeacher`: TarFlow, Glow or a user's flow) inside DDP / Accelerate wrappers."""
-    while not isinstance(model, FlowTeacher) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, FlowTeacher):
+def flow_of(model: nn.Module) -> nn.Module:
+    """The normalizing flow (a `FlowTeacher`: TarFlow, Glow or a user's flow) inside DDP / Accelerate wrappers;
+    anything else is refused."""
+    flow = unwrap(model)
+    if not isinstance(flow, FlowTeacher):
         raise TypeError(f"the nll method needs a normalizing flow (tarflow, glow or user_flow), got "
-                        f"{type(model).__name__}")
-    return model
+                        f"{type(flow).__name__}")
+    return flow
 
 
 def log_prob(flow: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -93,7 +94,7 @@ class TeacherNLL:
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean NLL in nats per dimension; logs `bpd` (of the perturbed data) for quantized data."""
-        flow = unwrap(model)
+        flow = flow_of(model)
         x = batch[0]
         y = None
         if flow.num_classes and len(batch) > 1:
@@ -129,7 +130,7 @@ class TeacherSampler:
 
         Conditional models sample `labels`, by default 0, 1, ..., C-1 repeated along the batch.
         """
-        flow = unwrap(model)
+        flow = flow_of(model)
         if flow.num_classes and labels is None:
             labels = torch.arange(noise.shape[0], device=noise.device) % flow.num_classes
         x = flow.decode(flow.scale_prior_noise(noise) * self.cfg.temperature, labels, use_cache=True,
@@ -143,7 +144,7 @@ class TeacherSampler:
     def describe_sampling(self, model: nn.Module, steps: int, solver: str, grid: str) -> tuple[str, str]:
         """(file stem, words) of a draw: one decode, plus the Tweedie step when it applies; steps, solver and
         grid do not apply, so they are not in the name."""
-        denoised = self.cfg.denoise and unwrap(model).eta > 0
+        denoised = self.cfg.denoise and flow_of(model).eta > 0
         return ("decode-denoised", "decode + Tweedie denoising") if denoised else ("decode", "decode")
 
     @torch.no_grad()
@@ -154,7 +155,7 @@ class TeacherSampler:
         Conditional models score the null-class density unless `labels` are given. A teacher trained
         with noise augmentation scores the density of eta-perturbed data.
         """
-        logp, z = log_prob(unwrap(model), x, labels)
+        logp, z = log_prob(flow_of(model), x, labels)
         return LikelihoodResult(logp, 1, z)
 
 

@@ -25,7 +25,7 @@ from nfm.coupling_cache import cache_dir_of, cache_spec, load_cache
 from nfm.couplings import Coupling, exact_assignment, squared_costs
 from nfm.teacher_pairs import NOISE_LAWS, TEACHER_DTYPES, TeacherHandle, load_teacher, perturbed, teacher_encode, teacher_sigma
 from shared.catalog import BuildContext
-from shared.run import require_same_data
+from shared.run_build import require_same_data
 
 TEACHER_MODES = ("online", "precomputed")
 

@@ -75,7 +75,7 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
 
 def teacher_of_run(run: Any, run_dir: str | Path, weights: str = "auto") -> TeacherHandle:
     """The teacher handle of a run already loaded from `run_dir` with `weights` (its model frozen here)."""
-    from shared.run import evaluation_weights
+    from shared.run_build import evaluation_weights
 
     run_dir = Path(run_dir)
     if not isinstance(run.model, FlowTeacher):

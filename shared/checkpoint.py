@@ -257,6 +257,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """`{name: {"sha256", "bytes"}}` of every file in `folder`, names sorted: the `files` of a manifest that
+    `verify_checkpoint` checks (written last, after every file it lists)."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
+
+
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies of a model's tensors (shared storage is split for safetensors)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -288,8 +294,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, ema: nn.
         if opt_state is not None:
             torch.save(opt_state, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **(trainer_state or {})}))
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": file_manifest(tmp)}, indent=1))
         for f in tmp.iterdir():
             os.chmod(f, default_file_mode())
             with open(f, "rb") as fh:

@@ -43,7 +43,7 @@ def load_yaml(text: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    """Which data set to train and evaluate on (see `shared.data.DATASETS`)."""
+    """Which data set to train and evaluate on (see `shared.data_sources.DATASETS`)."""
 
     name: str = "8gaussians"  # data set name; `flowdistill data --list` style errors list the choices
     path: str = ""  # file or folder for `cifar10` (root), `imagefolder`, `tabular`, `shards`, `imagenet_npz`

@@ -11,7 +11,6 @@ validation file or folder) or else the seeded permutation passed in as `split`.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import zipfile
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from shared.config import DataConfig
+from shared.hashing import content_key, parts_key
 from shared.image_store import LABELS, MANIFEST, ImageStore, ShardWriter, StoreError, open_shards, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -101,12 +101,7 @@ def load_imagenet_npz(path: str | Path) -> ImageStore:
     return ImageStore.from_tensor(images, 256, labels)
 
 
-# ---------------------------------------------------------------- data sets of shared.data
-
-
-def _digest(parts: list[str]) -> str:
-    """16 hex chars of sha256 over strings (a data set's identity)."""
-    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+# ---------------------------------------------------------------- data sets of shared.data_sources
 
 
 def _open_source(name: str, path: str, storage: str) -> tuple[ImageStore, list[str], dict[str, Any]]:
@@ -118,9 +113,8 @@ def _open_source(name: str, path: str, storage: str) -> tuple[ImageStore, list[s
                              f"{str(root)!r} once with `flowdistill prepare-data {root} <folder>` and train with "
                              "data.name=shards data.path=<folder>, or use data.storage=uint8")
         store = load_imagenet_npz(root)
-        digest = hashlib.sha256(store.tensor.numpy().tobytes())
-        digest.update(store.labels.numpy().tobytes())
-        return store, [digest.hexdigest()], {"source": str(root)}
+        digest = parts_key([store.tensor.numpy().tobytes(), store.labels.numpy().tobytes()], 64)
+        return store, [digest], {"source": str(root)}
     manifest = read_manifest(root)
     store = open_shards(root)
     if storage != "stream":
@@ -156,7 +150,7 @@ def read_stored(cfg: DataConfig, split: Split) -> tuple[ImageStore, ImageStore, 
         rows_train, rows_test = split(len(store))
         train, test = store.subset(rows_train), store.subset(rows_test)
         identity += [f"split/{cfg.seed}/{cfg.test_fraction}"]
-    return train, test, _digest([cfg.name] + identity), meta
+    return train, test, content_key("/".join([cfg.name] + identity), 16), meta
 
 
 # ---------------------------------------------------------------- prepare-data

@@ -16,6 +16,13 @@ from shared.likelihood import LikelihoodResult, log_likelihood
 from shared.sampling import SampleResult, sample
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / Accelerate wrappers, as a loss receives it (torch.func.jvp cannot trace through DDP)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 class Loss(Protocol):
     """What the trainer calls once per step. A loss may also define `prepare(device)`, which training
     calls once before the first step (e.g. to fit a coupling), so that work is not timed as a step."""

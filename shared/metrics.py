@@ -7,7 +7,6 @@ cached as safetensors) or `inception-clean-fid` (clean-fid's Inception-v3, from 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 from shared.checkpoint import atomic_write_via
+from shared.hashing import parts_key
 
 CACHE_ENV = "FLOWDISTILL_CACHE"  # root of the on-disk cache (classifier weights)
 INCEPTION_ENV = "FLOWDISTILL_INCEPTION"  # clean-fid's Inception torchscript file (or its folder)
@@ -266,11 +266,9 @@ def feature_identity(extractor: FeatureExtractor | None) -> str:
         return "wasserstein2"
     if not isinstance(extractor, nn.Module):
         return extractor.name
-    digest = hashlib.sha256()
-    for key, tensor in sorted(extractor.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"{extractor.name}-{digest.hexdigest()[:12]}"
+    parts = (part for key, tensor in sorted(extractor.state_dict().items())
+             for part in (key.encode(), tensor.detach().cpu().contiguous().numpy().tobytes()))
+    return f"{extractor.name}-{parts_key(parts, 12)}"
 
 
 @torch.no_grad()

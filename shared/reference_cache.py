@@ -24,7 +24,6 @@ read-only packed run) gives a warning and the computed result.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from shared.checkpoint import atomic_write_via
+from shared.hashing import content_key, parts_key
 
 CACHE = "cache"
 
@@ -47,12 +47,12 @@ def cache_dir(run_dir: str | Path) -> Path:
 
 def tensor_digest(tensors: dict[str, Tensor]) -> str:
     """Hex sha256 over named tensors: each name, dtype, shape and contiguous CPU bytes, names in sorted order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
+    def parts(name: str) -> tuple[bytes, bytes]:
         t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+        return (f"{name}|{t.dtype}|{tuple(t.shape)}|".encode(),
+                t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    return parts_key((part for name in sorted(tensors) for part in parts(name)), 64)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -69,7 +69,7 @@ def generator_digest(generator: torch.Generator | None) -> str:
     """sha256 of a generator's state ('' for none): identical states draw identical probes."""
     if generator is None:
         return ""
-    return hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()
+    return content_key(generator.get_state().numpy().tobytes(), 64)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ReferenceKey:
 
     def digest(self) -> str:
         """First 16 hex characters of the sha256 of the key parts; the cache file's name."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return content_key(asdict(self), 16)
 
 
 @dataclass

@@ -1,13 +1,12 @@
 """Runs: train the run a config describes, and rebuild a finished run from its directory.
 
-The run directory's layout lives in `shared.rundir`. Every function that builds components takes the
-application's `Catalog` (`shared.catalog`), so this module knows no model or method by name. Training
-validates data, model and loss before the run directory is touched; loading a run builds its sampler
-only, never its loss, so a student's teachers are not loaded to sample or score it.
+The run directory's layout lives in `shared.rundir`, its preparation and resume checks in
+`shared.run_prepare`, and the builders of its parts in `shared.run_build`. Training validates data,
+model and loss before the run directory is touched; loading a run builds its sampler only, never its
+loss, so a student's teachers are not loaded to sample or score it.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -16,43 +15,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from shared.catalog import BuildContext, Catalog
-from shared.checkpoint import (LATEST, MANIFEST, CheckpointError, atomic_write_text, check_writable, estimate_checkpoint_bytes,
-                               latest_checkpoint, load_weights, remove_temporaries, require_free_space,
-                               verify_checkpoint)
-from shared.config import (ConfigError, RunConfig, apply_overrides, build_run_config, dump_yaml, flatten, load_recipe,
-                           read_yaml_mapping, to_dict)
-from shared.data import Dataset, dequantize, load_dataset, random_shift
-from shared.rundir import (CHECKPOINTS, CONFIG, METRICS, PACKED_WEIGHTS, STANDARDIZATION, TRACKING, best_dir, checkpoints_dir,
-                           config_path, read_metrics, run_lock, standardization_path, tracking_dir, weights_file)
-from shared.tabular import Standardization
-
-RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.sample_grid",
-                     "data.storage", "data.workers"}  # every storage gives the same batches (shared.streaming)
-# keys newer than some saved configs: absent there means this value
-ADDED_KEYS = {"data.test_path": "", "method.coupling.weights": "auto", "data.max_train_rows": 0,
-              "data.max_test_rows": 0}
-OLD_ROW_CAPS = {"n_train": ("max_train_rows", 20000), "n_test": ("max_test_rows", 5000)}  # key: (new key, old default)
-
-
-def upgrade_saved_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A run's saved config mapping in today's keys, so an older run loads the data it was trained on.
-
-    Before data.max_train_rows / data.max_test_rows, a tabular run capped its rows with data.n_train /
-    data.n_test set away from their defaults (20000, 5000); a saved tabular config without the new keys gets
-    them from those values. Anything else is returned unchanged.
-    """
-    section = data.get("data")
-    if not isinstance(section, dict) or section.get("name") != "tabular":
-        return data
-    section = dict(section)
-    for old, (new, default) in OLD_ROW_CAPS.items():
-        if new not in section and old in section and section[old] != default:
-            section[new] = section[old]
-    return {**data, "data": section}
+from shared.checkpoint import (CheckpointError, check_writable, estimate_checkpoint_bytes, latest_checkpoint,
+                               load_weights, remove_temporaries, require_free_space, verify_checkpoint)
+from shared.config import ConfigError, RunConfig, build_run_config, flatten, read_yaml_mapping, to_dict
+from shared.data import Dataset, dequantize, random_shift
+from shared.data_sources import load_dataset
+from shared.device import cpu_only
+from shared.run_build import build_model, build_sampler, evaluation_weights, init_from_run, saved_standardization
+from shared.run_prepare import (discard_attempt, prepare_run_dir, replaced_dir, run_dir_of, unfinished_attempt,
+                                upgrade_saved_config)
+from shared.rundir import best_dir, checkpoints_dir, config_path, read_metrics, run_lock, standardization_path, tracking_dir
 
 
 @dataclass
@@ -67,180 +42,10 @@ class Run:
     step: int
 
 
-def build_model(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> nn.Module:
-    """Instantiate the model named by `cfg.model.name` for the data's per-sample shape (seeded)."""
-    torch.manual_seed(cfg.seed)
-    return catalog.models[cfg.model.name].build(cfg.model, dataset.shape)
-
-
-def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
-    """Copy the matching weights of another run's latest checkpoint (EMA if present) into `model`.
-
-    Used for staged training (e.g. a flow map started from a flow-matching teacher). Tensors whose
-    name and shape match are copied; the names left at their fresh initialisation are returned.
-    """
-    if not config_path(source).is_file():
-        raise CheckpointError(f"train.init_from={source}: no checkpoint there (not a run directory written by "
-                              "`flowdistill train`)")
-    source_state = load_file(str(evaluation_weights(source)[0]))
-    target = model.state_dict()
-    matched = {k: v for k, v in source_state.items() if k in target and target[k].shape == v.shape}
-    if not matched:
-        raise CheckpointError(f"train.init_from={source}: no tensor of that run fits this model")
-    model.load_state_dict(matched, strict=False)
-    return sorted(set(target) - set(matched))
-
-
-def evaluation_weights(run_dir: str | Path, choice: str = "auto") -> tuple[Path, int]:
-    """The verified weights file of a run's evaluation model and its step (see `shared.rundir.weights_file`)."""
-    run_dir = Path(run_dir)
-    if (run_dir / MANIFEST).is_file():  # a packed run (shipped or exported): one verified weights file
-        return run_dir / PACKED_WEIGHTS, int(verify_checkpoint(run_dir)["step"])
-    ckpt = latest_checkpoint(checkpoints_dir(run_dir))
-    if ckpt is None:
-        raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
-    steps = {ckpt: verify_checkpoint(ckpt)["step"]}
-    best = latest_checkpoint(best_dir(run_dir))
-    if best is not None:
-        steps[best] = verify_checkpoint(best)["step"]
-    path = weights_file(ckpt, best, choice)
-    return path, int(steps[path.parent])
-
-
 def build_loss(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Callable:
     """The training loss of `cfg.method` (it may load the runs the method depends on, e.g. a teacher)."""
     ctx = BuildContext(cfg, dataset, run_dir_of(cfg), partial(load_run, catalog=catalog), catalog.nested)
     return catalog.methods[cfg.method.name].build(cfg.method, ctx)
-
-
-def build_sampler(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Any:
-    """The sampler and likelihood of `cfg.method`'s model (loads no other run)."""
-    return catalog.methods[cfg.method.name].sampler(cfg.method, cfg, dataset)
-
-
-def require_same_data(source: str | Path, fingerprint: str, dataset: Dataset, what: str) -> None:
-    """Refuse a run (teacher, reference) trained on other data than `dataset`; `what` names the setting.
-
-    `fingerprint` is the other run's `Dataset.base_fingerprint`: a validation split carved from the same
-    training data does not make it other data.
-    """
-    if fingerprint != dataset.base_fingerprint:
-        raise ValueError(f"{what}={source} was trained on other data (fingerprint {fingerprint}) than this run's "
-                         f"{dataset.name!r} data ({dataset.base_fingerprint}): use the same data.* settings as "
-                         "that run")
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    """Where a config's run lives."""
-    return Path(cfg.out_dir) / cfg.name
-
-
-def resolve_config(source: str | Path, overrides: list[str], catalog: Catalog) -> RunConfig:
-    """A config from a recipe file or from an existing run directory's `config.yaml`."""
-    source = Path(source)
-    if not source.is_dir():
-        return load_recipe(source, overrides, catalog.config_choices())
-    if not config_path(source).is_file():
-        raise ConfigError(f"{source} is a folder without {CONFIG}: pass a recipe file, or a run directory "
-                          "written by `flowdistill train`")
-    saved = upgrade_saved_config(read_yaml_mapping(config_path(source), "run config", str(config_path(source))))
-    cfg = build_run_config(apply_overrides(saved, overrides), catalog.config_choices())
-    saved_out_dir = cfg.out_dir
-    cfg.out_dir, cfg.name = str(source.parent), source.name  # the folder given, wherever the run has moved
-    follow_move(cfg, saved_out_dir)
-    return cfg
-
-
-def follow_move(cfg: RunConfig, saved_out_dir: str) -> None:
-    """Point the path settings that moved together with the run (an input run next to it) at their new place:
-    those whose saved path is gone while the same place relative to the run's new out_dir exists."""
-    if os.path.abspath(saved_out_dir or ".") == os.path.abspath(cfg.out_dir):
-        return
-    for key, value in flatten(to_dict(cfg)).items():
-        if key == "out_dir" or not isinstance(value, str) or "/" not in value or Path(value).exists():
-            continue
-        moved = Path(os.path.normpath(Path(cfg.out_dir) / os.path.relpath(value, saved_out_dir or ".")))
-        if moved.exists():
-            *sections, name = key.split(".")
-            section = cfg
-            for part in sections:
-                section = getattr(section, part)
-            setattr(section, name, str(moved))
-
-
-ATTEMPT_FILES = {CONFIG, METRICS, CHECKPOINTS, TRACKING, STANDARDIZATION}  # a run that never reached a checkpoint
-
-
-def unfinished_attempt(run_dir: Path) -> bool:
-    """Whether a run directory holds only a failed or killed start: no checkpoint and nothing made from one."""
-    ckpts = checkpoints_dir(run_dir)
-    return (run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= ATTEMPT_FILES
-            and not (ckpts / LATEST).exists() and not any(ckpts.glob("step_*"))
-            and not any(ckpts.glob(".step_*.previous")))
-
-
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool = False) -> Path:
-    """Create the run directory and write `config.yaml`; refuse to mix two different runs in one folder."""
-    run_dir = run_dir_of(cfg)
-    saved_path = config_path(run_dir)
-    if saved_path.is_file() and not overwrite:
-        unfinished = unfinished_attempt(run_dir)
-        if not resume and unfinished:
-            raise ConfigError(f"run directory {run_dir} exists but has no checkpoint (a start that was killed); "
-                              "pass --resume to start it again with its config, --overwrite to replace it "
-                              "(nothing is lost), or name=<new name> for a new run")
-        if not resume:
-            raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                              f"--overwrite to start over, or name=<new name> for a new run")
-        saved = flatten(upgrade_saved_config(read_yaml_mapping(saved_path, "run config", str(saved_path))))
-        new = flatten(to_dict(cfg))
-        identity = {"name", "out_dir"}  # where the run lives, not what it trains
-        changed = sorted(k for k in set(saved) | set(new)
-                         if saved.get(k, ADDED_KEYS.get(k)) != new.get(k) and k not in RESUMABLE_CHANGES | identity
-                         and not moved_with_run(k, saved, new))
-        if changed:
-            raise ConfigError(f"cannot resume {run_dir}: config differs in {', '.join(changed)} "
-                              f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume)"
-                              + ("; it has no checkpoint yet, so --overwrite loses nothing" if unfinished else ""))
-    elif overwrite and run_dir.exists():
-        aside = replaced_dir(run_dir)
-        if aside.exists() and unfinished_attempt(run_dir):
-            shutil.rmtree(run_dir)  # a failed earlier --overwrite: the run it replaces stays aside
-        else:
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(run_dir, aside)  # removed once the new run has its first checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved_path, dump_yaml(cfg))
-    return run_dir
-
-
-def moved_with_run(key: str, saved: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a path setting (a teacher run, a run to start from) differs on resume only because it moved together
-    with the run: it lies at the same place relative to the run's out_dir in the saved and the new config."""
-    old_value, new_value = saved.get(key), new.get(key)
-    if not all(isinstance(v, str) and "/" in v for v in (old_value, new_value)):
-        return False
-    return (os.path.relpath(old_value, saved.get("out_dir") or ".")
-            == os.path.relpath(new_value, new.get("out_dir") or "."))
-
-
-def replaced_dir(run_dir: Path) -> Path:
-    """Where `--overwrite` keeps the previous run until the new one has written its first checkpoint."""
-    return run_dir.parent / f".{run_dir.name}.replaced"
-
-
-def discard_attempt(run_dir: Path) -> None:
-    """Remove the folder of a start that failed before its first checkpoint; put back the run it was replacing."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    aside = replaced_dir(run_dir)
-    if aside.is_dir() and not run_dir.exists():
-        os.replace(aside, run_dir)
-
-
-def finished_step(cfg: RunConfig) -> int:
-    """Step of a run's latest checkpoint (0 when it has none)."""
-    ckpt = latest_checkpoint(checkpoints_dir(run_dir_of(cfg)))
-    return 0 if ckpt is None else int(verify_checkpoint(ckpt)["step"])
 
 
 def check_dequantize(cfg: RunConfig, levels: int | None) -> int | None:
@@ -290,8 +95,7 @@ def train_run(cfg: RunConfig, catalog: Catalog, resume: bool = False, overwrite:
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
     check_writable(run_dir_of(cfg), f"out_dir={cfg.out_dir}")
-    # Without CUDA, ask Accelerate for CPU processes so that a multi-process launch uses gloo.
-    accelerator = make_accelerator(cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+    accelerator = make_accelerator(cfg.train.mixed_precision, cpu=cpu_only(),
                                    log_with=list(cfg.train.trackers) or None,
                                    project_dir=str(tracking_dir(run_dir_of(cfg))))
     with run_lock(run_dir_of(cfg), accelerator.is_main_process):
@@ -389,30 +193,3 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
     load_weights(path, model)
     model.to(device).eval()
     return Run(run_dir, cfg, dataset, model, build_sampler(cfg, dataset, catalog), step)
-
-
-def saved_standardization(run_dir: str | Path, cfg: RunConfig) -> Standardization | None:
-    """A tabular run's standardisation as saved at training time (None for other data, or a run saved without it)."""
-    path = standardization_path(run_dir)
-    if cfg.data.name != "tabular":
-        return None
-    if not path.is_file():
-        if config_path(run_dir).is_file() and latest_checkpoint(checkpoints_dir(run_dir)) is not None:
-            warnings.warn(f"{run_dir} has no {STANDARDIZATION} (trained before it was saved): its standardisation is "
-                          f"recomputed from data.path {cfg.data.path!r}", stacklevel=2)
-        return None
-    return Standardization.load(path)
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as torch.device(name)."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {str(name)!r} is not a device: expected auto, cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(name)!r} is not available ({torch.cuda.device_count()} CUDA device(s) here); "
-                         "use auto or cpu")
-    return device

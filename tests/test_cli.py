@@ -150,7 +150,7 @@ def test_init_from_copies_matching_weights_and_reports_new_ones(tmp_path, capsys
     import torch
 
     from flowdistill.api import load_run
-    from shared.run import init_from_run
+    from shared.run_build import init_from_run
 
     source = _train(tmp_path, TOY, "train.steps=10", "model.hidden=16", "train.sample_grid=false")
     assert main(["train", TOY, f"out_dir={tmp_path}", "name=child", "train.steps=1", "train.lr=1e-12", "model.hidden=16",
@@ -188,7 +188,7 @@ def test_nll_scores_the_whole_split_per_sample_against_the_exact_density(tmp_pat
     assert [int(r[0]) for r in rows] == list(range(120))
     assert all(abs(abs(r[1] - r[2]) - r[3]) < 1e-9 for r in rows)
     assert summary["gap_to_exact_nats"] == pytest.approx(-sum(r[1] for r in rows) / 120 - summary["exact_nll_nats"])
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
     from flowdistill.api import resolve_config
 
     data = load_dataset(resolve_config(run, []).data)

@@ -21,7 +21,7 @@ from nfm.teacher_coupling import NFTeacherCoupling, NFTeacherOTCoupling
 from shared.backbones import MLPConfig, build_mlp
 from shared.catalog import BuildContext
 from shared.config import DataConfig, RunConfig, TrainConfig
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.run import build_loss
 from shared.trainer import Trainer
 

@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 
 from shared.config import DataConfig
-from shared.data import (
-    DATASETS,
-    DataError,
-    bits_per_dim,
-    dequantize,
-    image_to_model,
-    load_dataset,
-    model_to_image,
-)
+from shared.data import DataError, bits_per_dim, dequantize, image_to_model, model_to_image
+from shared.data_sources import DATASETS, load_dataset
 
 TOYS = ["8gaussians", "moons", "checkerboard", "spirals"]
 
@@ -269,7 +262,7 @@ def test_unknown_name_lists_choices():
 
 def test_validation_split_is_disjoint_from_test_fixed_by_the_seed_and_carved_from_train():
     from shared.config import DataConfig
-    from shared.data import load_dataset
+    from shared.data_sources import load_dataset
 
     full = load_dataset(DataConfig(name="digits"))
     carved = load_dataset(DataConfig(name="digits", val_fraction=0.1))

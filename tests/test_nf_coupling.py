@@ -22,7 +22,7 @@ from nfm.coupling_cache import MANIFEST, cache_dir_of, extract, load_cache, shar
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import load_teacher, pair_noise, perturbed, teacher_encode
 from shared.checkpoint import CheckpointError
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.run import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_the_teacher_curve_scores_a_dequantized_teacher_in_bits_per_dim(bpd_teac
 def test_the_coupling_pairs_with_the_teacher_weights_it_names(tmp_path, teacher_run):
     from safetensors.torch import load_file
 
-    from shared.run import evaluation_weights
+    from shared.run_build import evaluation_weights
 
     recipe = _student_recipe(tmp_path, teacher_run, cache="")
     auto, raw = _coupling(recipe), _coupling(recipe, "method.coupling.weights=model")

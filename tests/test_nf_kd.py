@@ -15,7 +15,7 @@ from nfm.logit_map import to_logit
 from nfm.nf_kd import NFKD, NFKDConfig, check_mapping, check_weights
 from nfm.tarflow import TarFlow, TarFlowConfig
 from nfm.teacher import TeacherConfig, TeacherNLL
-from shared.run import build_model, init_from_run
+from shared.run_build import build_model, init_from_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["train.batch_size=32", "train.progress=false", "train.sample_grid=false", "train.log_every=2",

@@ -19,7 +19,7 @@ from shared.catalog import BuildContext
 from shared.checkpoint import CheckpointError
 from shared.config import RunConfig
 from shared.data import Dataset
-from shared.run import run_dir_of
+from shared.run_prepare import run_dir_of
 from shared.rundir import couplings_dir
 
 CHI2_MAX = 0.05  # fitted potentials below must reach this non-uniformity (the SD-FM paper's saturation level)

@@ -15,7 +15,8 @@ from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
 from shared.backbones import MLPConfig, build_mlp
 from shared.config import ConfigError, DataConfig, TrainConfig
-from shared.data import DataError, image_to_model, load_dataset
+from shared.data import DataError, image_to_model
+from shared.data_sources import load_dataset
 from shared.image_sources import prepare_data
 from shared.image_store import MANIFEST, ImageStore, ShardWriter, StoredImages, StoreError, open_shards, verify_shards
 from shared.streaming import DeviceBatches, LoaderBatches

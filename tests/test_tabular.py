@@ -16,7 +16,8 @@ import torch
 from flowdistill.api import load_run
 from flowdistill.cli import main
 from shared.config import DataConfig
-from shared.data import DataError, load_dataset
+from shared.data import DataError
+from shared.data_sources import load_dataset
 from shared.evaluate import score_points
 from shared.paths import standard_normal_logprob
 from shared.run import Run
@@ -86,7 +87,7 @@ def test_a_test_file_is_used_whole_whatever_the_toy_sample_counts_say(tmp_path):
 
 def test_a_run_saved_before_the_row_caps_keeps_its_rows(tmp_path):
     """An older tabular run capped rows with data.n_train / data.n_test: loading it keeps those caps."""
-    from shared.run import upgrade_saved_config
+    from shared.run_prepare import upgrade_saved_config
 
     old = {"name": "r", "data": {"name": "tabular", "n_train": 120, "n_test": 5000}}
     new = upgrade_saved_config(old)

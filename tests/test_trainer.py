@@ -208,7 +208,7 @@ class _ValidationLoss:
 
 
 def test_best_on_validation_keeps_the_weights_of_the_lowest_validation_loss(tmp_path):
-    from shared.run import evaluation_weights
+    from shared.run_build import evaluation_weights
 
     data = _data()
     val = (data[0][:32],)  # one validation batch per pass

@@ -40,9 +40,9 @@ from nfm.semidiscrete_ot import DualAscent, SemidiscretePotential
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
 from shared.checkpoint import atomic_write_text
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.machine import describe_machine
-from shared.run import build_model
+from shared.run_build import build_model
 from shared.timing import median_seconds, timed
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

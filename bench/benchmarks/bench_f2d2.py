@@ -26,7 +26,7 @@ from f2d2.losses import F2D2, F2D2Config
 from flowdistill.components import MODELS
 from nfm.couplings import IndependentCoupling
 from nfm.losses import FlowMatchingConfig, FlowMatchingLoss
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.timing import median_seconds
 
 LOSSES = {  # name -> F2D2 settings (None: plain flow matching on the same backbone without s)

@@ -20,8 +20,8 @@ from torch import Tensor
 from bench.common import add_common_args, report, selected_cases, setup
 from flowdistill.api import load_run
 from flowdistill.components import CATALOG
-from shared.data import load_dataset
-from shared.run import build_model
+from shared.data_sources import load_dataset
+from shared.run_build import build_model
 from shared.sampling import FIXED_SOLVERS, SampleResult, sample
 from shared.timing import median, timed
 

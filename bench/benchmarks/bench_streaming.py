@@ -29,7 +29,7 @@ import torch
 
 from bench.common import report, setup
 from shared.config import DataConfig
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.image_store import ShardWriter
 from shared.streaming import batch_source
 from shared.timing import sync

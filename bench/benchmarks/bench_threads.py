@@ -32,8 +32,8 @@ def measure(recipe: str, kind: str, threads: int, repeats: int, block: int) -> f
     torch.set_num_threads(threads)
     from flowdistill.api import resolve_config
     from flowdistill.components import CATALOG
-    from shared.data import load_dataset
-    from shared.run import build_model
+    from shared.data_sources import load_dataset
+    from shared.run_build import build_model
 
     cfg = resolve_config(recipe, ["train.progress=false"])
     data = load_dataset(cfg.data)
@@ -53,7 +53,7 @@ def measure(recipe: str, kind: str, threads: int, repeats: int, block: int) -> f
             loss.backward()
             opt.step()
     else:
-        from shared.run import build_sampler
+        from shared.run_build import build_sampler
 
         sampler = build_sampler(cfg, data, CATALOG)
         noise = torch.randn(100, *data.shape)

@@ -25,9 +25,11 @@ from torch import Tensor, nn
 
 from bench.common import BenchCase, add_common_args, report, selected_cases, setup
 from shared.config import RunConfig, TrainConfig
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset
+from shared.data_sources import load_dataset
 from flowdistill.components import CATALOG
-from shared.run import build_loss, build_model
+from shared.run import build_loss
+from shared.run_build import build_model
 from shared.rundir import metrics_path
 from shared.timing import median
 from shared.trainer import Trainer

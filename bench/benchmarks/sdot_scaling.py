@@ -24,7 +24,7 @@ import torch
 from bench.common import print_and_write
 from nfm.semidiscrete_ot import CHI2_TOL, fit_potential, level_sizes
 from shared.config import DataConfig
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.machine import describe_machine
 
 COLUMNS = {"case": "case", "seed": "seed", "n": "N", "dim": "d", "levels": "levels", "iters": "iters / level",

@@ -23,7 +23,7 @@ from bench.common import RESULTS, markdown_table, setup
 from flowdistill.api import load_run, resolve_config
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import load_teacher
-from shared.data import load_dataset
+from shared.data_sources import load_dataset
 from shared.machine import describe_machine
 from shared.timing import median_seconds
 

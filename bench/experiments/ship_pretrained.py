@@ -23,7 +23,7 @@ from flowdistill.packed import pack_run
 from shared.evaluate import reference_nll
 from shared.machine import describe_machine
 from shared.metrics import feature_extractor
-from shared.run import evaluation_weights
+from shared.run_build import evaluation_weights
 
 FD_SAMPLES = (500, 1000)
 
