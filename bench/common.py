@@ -25,7 +25,7 @@ class BenchCase:
     """A data set, a backbone and the batch sizes a benchmark uses for it."""
 
     note: str  # one-line description for the output
-    data: str  # data set name (shared.data.DATASETS)
+    data: str  # data set name (shared.data_sources.DATASETS)
     model: Any  # backbone config (MLPConfig or UNetConfig)
     train_batch: int  # training batch size
     sample_batch: int  # sampling batch size

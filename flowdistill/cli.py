@@ -259,8 +259,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: teacher -> NF couplings -> students with every coupling -> F2D2 -> evaluation -> report."""
-    from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
-
+    from flowdistill.pipeline import Pipeline, run_pipeline, select_stages
+    from flowdistill.pipeline_spec import load_pipeline
     from flowdistill.recipes import pipeline_spec
 
     pipeline = Pipeline(load_pipeline(pipeline_spec(args.pipeline), args.overrides))

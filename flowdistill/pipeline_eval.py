@@ -8,20 +8,16 @@ folders. Figures go to `figures-<key>/`. The report reads numbers only from this
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flowdistill.api import load_run, resolve_device
 from flowdistill.pipeline_files import evaluation_outputs, json_damage
-from flowdistill.stage import Log, ScoreContext, Stage
+from flowdistill.stage import Log, PipelineView, ScoreContext, Stage
 from shared.evaluate import write_json
 from shared.machine import describe_machine
 from shared.metrics import feature_extractor
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
 
-
-def evaluate_pipeline(pipeline: "Pipeline") -> Path:
+def evaluate_pipeline(pipeline: PipelineView) -> Path:
     """Score every stage of the pipeline and write `evaluation-<key>.json` and its figures; returns the JSON path."""
     device = resolve_device(pipeline.spec.device)
     teacher = load_run(pipeline.teacher_ref, device=device)
@@ -43,7 +39,7 @@ def evaluate_pipeline(pipeline: "Pipeline") -> Path:
     return write_json(pipeline.evaluation_path(), result)
 
 
-def status(pipeline: "Pipeline") -> str:
+def status(pipeline: PipelineView) -> str:
     path = pipeline.evaluation_path()
     damage = json_damage(path)
     if damage:
@@ -51,7 +47,7 @@ def status(pipeline: "Pipeline") -> str:
     return "done" if path.is_file() else "to run"
 
 
-def run(pipeline: "Pipeline", log: Log) -> None:
+def run(pipeline: PipelineView, log: Log) -> None:
     """Evaluate unless this evaluation's JSON exists (a figures folder left by a failed one is cleared)."""
     if status(pipeline) != "done":
         with evaluation_outputs(pipeline.root / f"figures-{pipeline.evaluation_key()}", pipeline.command):

@@ -11,18 +11,69 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from flowdistill.runs import PlannedRun
+from flowdistill.pipeline_spec import PipelineConfig
+from flowdistill.report_doc import Doc
+from flowdistill.runs import PlannedRun, RunSource
 
 if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
-    from flowdistill.report import Doc
     from shared.run import Run
 
 Log = Callable[[str], None]
+
+
+class PipelineView(Protocol):
+    """What a stage may ask of the pipeline it belongs to (`flowdistill.pipeline.Pipeline` implements it)."""
+
+    spec: PipelineConfig
+    root: Path  # the pipeline folder, `<out_dir>/<name>`
+    teacher: RunSource  # the teacher: planned by the teacher stage, or a ready run
+    command: str  # the command that reruns the pipeline (named in messages)
+    stages: dict[str, "Stage"]  # the stage table, by name, in order
+
+    @property
+    def teacher_ref(self) -> str:
+        """How the teacher is named in configs: `pretrained:<name>` or a run folder."""
+
+    @property
+    def students(self) -> list[PlannedRun]:
+        """The students stage's runs."""
+
+    @property
+    def f2d2(self) -> list[PlannedRun]:
+        """The f2d2 stage's runs."""
+
+    @property
+    def compact(self) -> list[PlannedRun]:
+        """The compact stage's runs."""
+
+    def runs_of(self, stage: str) -> list[PlannedRun]:
+        """The training runs of a stage planned so far."""
+
+    def coupling_students(self) -> list[PlannedRun]:
+        """The runs of every stage with a coupling role (scored on quality vs NFE)."""
+
+    def trained_runs(self) -> list[PlannedRun]:
+        """Every training run, stage by stage."""
+
+    def plan_run(self, stage: str, label: str, entry: str, overrides: Sequence[str] = (),
+                 inputs: Mapping[str, RunSource] | None = None, role: Mapping[str, str] | None = None) -> PlannedRun:
+        """A run of a spec entry in the pipeline's runs folder (`flowdistill.runs.plan_run`)."""
+
+    def extra_overrides(self, coupling: str) -> list[str]:
+        """The spec's extra overrides of one coupling's students."""
+
+    def evaluation_key(self) -> str:
+        """The key of the evaluation: every run's key and the scoring settings."""
+
+    def evaluation_path(self) -> Path:
+        """`<root>/evaluation-<key>.json`."""
+
+    def stage_status(self, stage: str) -> str:
+        """A stage's plan line."""
 
 
 @dataclass
@@ -48,7 +99,7 @@ class ScoreContext:
         return self._loaded[planned.dir]
 
 
-def train_planned(pipeline: "Pipeline", stage: str, log: Log) -> None:
+def train_planned(pipeline: PipelineView, stage: str, log: Log) -> None:
     """What a training stage does: train, resume or reuse each of its planned runs, in order."""
     runs = pipeline.runs_of(stage)
     for j, planned in enumerate(runs, 1):
@@ -58,7 +109,7 @@ def train_planned(pipeline: "Pipeline", stage: str, log: Log) -> None:
             planned.ensure_trained()
 
 
-def runs_done(pipeline: "Pipeline", stage: str) -> str:
+def runs_done(pipeline: PipelineView, stage: str) -> str:
     """The plan line of a training stage: how many of its runs are done."""
     runs = pipeline.runs_of(stage)
     if not runs:
@@ -80,25 +131,25 @@ class Stage:
     """
 
     name: str
-    plan: Callable[["Pipeline"], list[PlannedRun]] | None = None
-    run: Callable[["Pipeline", Log], None] | None = None
-    status: Callable[["Pipeline"], str] | None = None
-    score: Callable[["Pipeline", ScoreContext], dict[str, Any]] | None = None
-    section: Callable[["Doc", dict[str, Any]], None] | None = None
+    plan: Callable[[PipelineView], list[PlannedRun]] | None = None
+    run: Callable[[PipelineView, Log], None] | None = None
+    status: Callable[[PipelineView], str] | None = None
+    score: Callable[[PipelineView, ScoreContext], dict[str, Any]] | None = None
+    section: Callable[[Doc, dict[str, Any]], None] | None = None
     main_only: bool = False
     timed: bool = True
 
-    def line(self, pipeline: "Pipeline") -> str:
+    def line(self, pipeline: PipelineView) -> str:
         """Its plan line: what is done and what would run."""
         return self.status(pipeline) if self.status else runs_done(pipeline, self.name)
 
-    def has_work(self, pipeline: "Pipeline") -> bool:
+    def has_work(self, pipeline: PipelineView) -> bool:
         """Whether running it now would train, extract or score anything (a reused stage does not)."""
         if self.plan is None:
             return self.line(pipeline).startswith("to run")
         return any(r.status() != "done" for r in pipeline.runs_of(self.name))
 
-    def execute(self, pipeline: "Pipeline", log: Log) -> None:
+    def execute(self, pipeline: PipelineView, log: Log) -> None:
         """Run it: its own action, or train its planned runs."""
         if self.run is not None:
             self.run(pipeline, log)

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from flowdistill.cli import main
-from flowdistill.pipeline import Pipeline, load_pipeline, select_stages
+from flowdistill.pipeline import Pipeline, select_stages
+from flowdistill.pipeline_spec import load_pipeline
 from flowdistill.runs import config_key
 from shared.checkpoint import STALE_SECONDS
 from shared.config import ConfigError

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flowdistill.pipeline import Pipeline, load_pipeline, run_pipeline, select_stages
+from flowdistill.pipeline import Pipeline, run_pipeline, select_stages
+from flowdistill.pipeline_spec import load_pipeline
 from flowdistill.pipeline_stages import STAGES
 from flowdistill.stage import Stage
 from test_pipeline import tiny_spec

@@ -11,7 +11,8 @@ from flowdistill.api import load_run, resolve_config, train
 from flowdistill.cli import main
 from flowdistill.components import CATALOG, PRETRAINED
 from flowdistill.packed import CARD, read_card
-from flowdistill.pipeline import Pipeline, load_pipeline
+from flowdistill.pipeline import Pipeline
+from flowdistill.pipeline_spec import load_pipeline
 from flowdistill.runs import ReadyRun
 from flowdistill.recipes import BUNDLED_ROOT, pipeline_spec, resolve_recipe
 from nfm.coupling_cache import cache_dir_of

@@ -553,7 +553,8 @@ def stale_temporaries(env: Env) -> list[str]:
 
 def locked_student(env: Env) -> list[str]:
     """Another process trains the pipeline's second-seed student while `flowdistill run` reaches it."""
-    from flowdistill.pipeline import Pipeline, load_pipeline
+    from flowdistill.pipeline import Pipeline
+    from flowdistill.pipeline_spec import load_pipeline
     from shared.rundir import run_lock
 
     argv = env.pipeline("seeds=[0,1]", "--only", "students")
@@ -579,7 +580,8 @@ def pipeline_ctrl_c(env: Env) -> list[str]:
 
 def pipeline_rerun_finishes(env: Env, before: dict[str, str]) -> None:
     """Rerunning the pipeline, as the message says, resumes the interrupted student and finishes every run."""
-    from flowdistill.pipeline import Pipeline, load_pipeline
+    from flowdistill.pipeline import Pipeline
+    from flowdistill.pipeline_spec import load_pipeline
 
     env.mp.undo()
     assert cli(env.pipeline("seeds=[0,1]", "--only", "students")) == 0

@@ -3,24 +3,22 @@ control started from the teacher's blocks when `compact_init` is set, and with `
 on NFM pairs from the distilled flow; scored on exact NLL, sample quality at two temperatures and speed."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowdistill.api import resolve_config
 from flowdistill.flow_scores import LIKELIHOOD_ONLY, UNDISTILLED
 from flowdistill.recipes import resolve_recipe
+from flowdistill.report_doc import Doc
 from flowdistill.runs import PlannedRun, parse_entry
-from flowdistill.stage import ScoreContext, Stage
+from flowdistill.stage import PipelineView, ScoreContext, Stage
 from nfm.flow_interface import is_flow_config
 from shared.config import ConfigError
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
-    from flowdistill.report import Doc
 
 COMPACT_NFM = "nf_teacher_compact"  # the student label of NFM pairs from the distilled compact flow
 
 
-def plan_seed(pipeline: "Pipeline", seed: int) -> list[PlannedRun]:
+def plan_seed(pipeline: PipelineView, seed: int) -> list[PlannedRun]:
     """The distilled compact flow of one seed, its undistilled twin (same recipe, NLL weight 1), the control and
     the NFM student paired by the distilled flow when the spec asks for them."""
     spec = pipeline.spec
@@ -45,7 +43,7 @@ def plan_seed(pipeline: "Pipeline", seed: int) -> list[PlannedRun]:
     return runs
 
 
-def plan(pipeline: "Pipeline") -> list[PlannedRun]:
+def plan(pipeline: PipelineView) -> list[PlannedRun]:
     """Every seed's compact runs; none when the spec names no compact recipe."""
     spec = pipeline.spec
     if not spec.compact:
@@ -65,7 +63,7 @@ def depth(run: Any) -> int | None:
     return model.flow_layers() if is_flow_config(model) else None
 
 
-def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
+def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
     """Teacher vs distilled vs undistilled (vs control) compact flows: per-run rows and per-variant means."""
     from flowdistill.flow_scores import add_speedups, score_flow, summarize
 
@@ -102,7 +100,7 @@ def table(summary: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str
     return rows, ["flow", "runs", "params", "depth", *present, "sample speed-up", "encode speed-up"]
 
 
-def section(doc: "Doc", result: dict[str, Any]) -> None:
+def section(doc: Doc, result: dict[str, Any]) -> None:
     if not result.get("compact"):
         return
     metric = result["teacher"]["metric"]

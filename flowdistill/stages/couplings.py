@@ -1,22 +1,18 @@
 """The couplings stage: the teacher's NFM pairs, extracted once into the cache every NFM student reads."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from flowdistill.runs import PlannedRun
-from flowdistill.stage import Log, Stage
-
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
+from flowdistill.stage import Log, PipelineView, Stage
 
 
-def readers(pipeline: "Pipeline") -> list[PlannedRun]:
+def readers(pipeline: PipelineView) -> list[PlannedRun]:
     """The students whose pairs come from a teacher (their `run_dependencies()`) through the precomputed cache."""
     return [r for r in pipeline.students
             if "teacher" in r.dependencies() and r.config.method.coupling.mode == "precomputed"]
 
 
-def status(pipeline: "Pipeline") -> str:
+def status(pipeline: PipelineView) -> str:
     from nfm.coupling_cache import MANIFEST, cache_dir_of
 
     students = readers(pipeline)
@@ -26,7 +22,7 @@ def status(pipeline: "Pipeline") -> str:
     return "done" if (root / MANIFEST).is_file() else f"to run ({root})"
 
 
-def run(pipeline: "Pipeline", log: Log) -> None:
+def run(pipeline: PipelineView, log: Log) -> None:
     """Extract the cache (every process takes part; a complete cache is reused)."""
     from flowdistill.api import load_run
     from nfm.coupling_cache import extract

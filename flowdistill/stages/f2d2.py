@@ -2,21 +2,19 @@
 stage), scored on few-step likelihood against their ODE reference and the teacher's exact NLL."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flowdistill.report_doc import Doc
 from flowdistill.runs import PlannedRun
-from flowdistill.stage import ScoreContext, Stage
+from flowdistill.stage import PipelineView, ScoreContext, Stage
 from shared.config import ConfigError, RunConfig
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
-    from flowdistill.report import Doc
 
 COLUMNS = ("K", "nfe", "nll", "ref_nll", "nf_nll", "mae", "bpd", "ref_bpd", "naive_nll", "seconds", "ref_seconds",
            "ref_nfe", "speedup", "quality")
 
 
-def check_steps(pipeline: "Pipeline", cfg: RunConfig) -> None:
+def check_steps(pipeline: PipelineView, cfg: RunConfig) -> None:
     """Refuse, before anything trains, NFE the joint map cannot be scored at (untrained Shortcut jumps)."""
     from f2d2.flowmap import untrained_jumps
 
@@ -29,7 +27,7 @@ def check_steps(pipeline: "Pipeline", cfg: RunConfig) -> None:
                           "drop those steps or use a meanflow f2d2 recipe")
 
 
-def plan(pipeline: "Pipeline") -> list[PlannedRun]:
+def plan(pipeline: PipelineView) -> list[PlannedRun]:
     """Per coupling in `f2d2_on`: the u stage started from its seed-0 student, then the joint stage from the u stage."""
     spec, runs = pipeline.spec, []
     if not spec.f2d2_u:
@@ -47,11 +45,11 @@ def plan(pipeline: "Pipeline") -> list[PlannedRun]:
     return runs
 
 
-def joints(pipeline: "Pipeline") -> list[PlannedRun]:
+def joints(pipeline: PipelineView) -> list[PlannedRun]:
     return [r for r in pipeline.f2d2 if r.role["part"] == "joint"]
 
 
-def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
+def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
     """Few-step NLL vs the ODE reference and the teacher's exact NLL of each joint map (rows per K); its samples."""
     from flowdistill.f2d2_eval import evaluate as f2d2_evaluate
     from flowdistill.stages.students import sample_panels
@@ -67,7 +65,7 @@ def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
     return {"f2d2": out}
 
 
-def section(doc: "Doc", result: dict[str, Any]) -> None:
+def section(doc: Doc, result: dict[str, Any]) -> None:
     if not result["f2d2"]:
         return
     doc.heading("F2D2: few-step likelihood vs the ODE reference")

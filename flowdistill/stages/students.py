@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from flowdistill.components import needs_teacher
+from flowdistill.report_doc import Doc
 from flowdistill.runs import PlannedRun
 from flowdistill.scoring import Scoring, aggregate, evaluate_student, reach_table
-from flowdistill.stage import ScoreContext, Stage
+from flowdistill.stage import PipelineView, ScoreContext, Stage
 from shared.evaluate import mean_and_std
 
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
-    from flowdistill.report import Doc
 
-
-def plan(pipeline: "Pipeline") -> list[PlannedRun]:
+def plan(pipeline: PipelineView) -> list[PlannedRun]:
     """One run of the spec's student per coupling and seed; a coupling that reads a teacher gets the pipeline's."""
     spec, runs = pipeline.spec, []
     for coupling in spec.couplings:
@@ -34,12 +31,12 @@ def plan(pipeline: "Pipeline") -> list[PlannedRun]:
     return runs
 
 
-def first_seed(pipeline: "Pipeline") -> list[PlannedRun]:
+def first_seed(pipeline: PipelineView) -> list[PlannedRun]:
     """The seed-0 run of every coupling student (figures show one seed)."""
     return [r for r in pipeline.coupling_students() if r.role["seed"] == str(pipeline.spec.seeds[0])]
 
 
-def sample_panels(pipeline: "Pipeline", runs: list[PlannedRun], ctx: ScoreContext) -> None:
+def sample_panels(pipeline: PipelineView, runs: list[PlannedRun], ctx: ScoreContext) -> None:
     """One sample figure per run at each scored NFE, added to the context's sample figures."""
     from shared.evaluate import generate
     from shared.plots import save_samples_figure
@@ -57,7 +54,7 @@ def sample_panels(pipeline: "Pipeline", runs: list[PlannedRun], ctx: ScoreContex
             ctx.sample_figures[f"{planned.label} @ {steps} NFE"] = path.name
 
 
-def trajectory_figure(pipeline: "Pipeline", ctx: ScoreContext, path: Path) -> str | None:
+def trajectory_figure(pipeline: PipelineView, ctx: ScoreContext, path: Path) -> str | None:
     """2D data only: sampling trajectories of each coupling's seed-0 student (the straighter, the fewer steps)."""
     import matplotlib.pyplot as plt
 
@@ -84,7 +81,7 @@ def trajectory_figure(pipeline: "Pipeline", ctx: ScoreContext, path: Path) -> st
     return path.name
 
 
-def fit_warnings(pipeline: "Pipeline") -> list[str]:
+def fit_warnings(pipeline: PipelineView) -> list[str]:
     """One line per semidiscrete OT student whose saved potential fails the convergence check."""
     from nfm.couplings import SDOT_FILE
     from nfm.semidiscrete_ot import convergence_problem, load_potential
@@ -105,7 +102,7 @@ def fit_warnings(pipeline: "Pipeline") -> list[str]:
     return out
 
 
-def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
+def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
     """Every coupling student's quality per NFE (mean and spread over seeds), curvature, loss curve, training
     time; the quality figure (teacher included), the sample figures, the 2D trajectories, fit warnings."""
     from flowdistill.compare_plots import plot_quality
@@ -155,7 +152,7 @@ def speed_rows(students: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
     return list(rows.values()), ["coupling", "solver", "grid"] + [f"ms @ {n} NFE" for n in nfes]
 
 
-def section(doc: "Doc", result: dict[str, Any]) -> None:
+def section(doc: Doc, result: dict[str, Any]) -> None:
     teacher, metric = result["teacher"], result["teacher"]["metric"]
     doc.heading("Students: quality vs NFE")
     for solver in dict.fromkeys(r["solver"] for r in result["students"]):

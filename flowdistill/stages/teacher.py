@@ -2,34 +2,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flowdistill.report_doc import Doc
 from flowdistill.runs import PlannedRun, ReadyRun
 from flowdistill.scoring import evaluate_teacher
-from flowdistill.stage import ScoreContext, Stage, runs_done
-
-if TYPE_CHECKING:
-    from flowdistill.pipeline import Pipeline
-    from flowdistill.report import Doc
+from flowdistill.stage import PipelineView, ScoreContext, Stage, runs_done
 
 
-def plan(pipeline: "Pipeline") -> list[PlannedRun]:
+def plan(pipeline: PipelineView) -> list[PlannedRun]:
     """The teacher run to train; none when the pipeline names a shipped teacher."""
     return [] if isinstance(pipeline.teacher, ReadyRun) else [pipeline.teacher]
 
 
-def status(pipeline: "Pipeline") -> str:
+def status(pipeline: PipelineView) -> str:
     return pipeline.teacher.status() if isinstance(pipeline.teacher, ReadyRun) else runs_done(pipeline, "teacher")
 
 
-def card(pipeline: "Pipeline") -> dict[str, Any]:
+def card(pipeline: PipelineView) -> dict[str, Any]:
     """The figures of a packed teacher's model card (empty for a teacher without one)."""
     from flowdistill.packed import CARD, read_card
 
     return read_card(pipeline.teacher.dir) if (Path(pipeline.teacher.dir) / CARD).is_file() else {}
 
 
-def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
+def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
     """The teacher's sample quality, NFE and time per sample, parameters and card; its sample figure."""
     from shared.plots import save_samples_figure
 
@@ -45,7 +42,7 @@ def score(pipeline: "Pipeline", ctx: ScoreContext) -> dict[str, Any]:
     return {"teacher": {**row, "run": pipeline.teacher_ref, "card": card(pipeline)}, "dim": teacher.dataset.dim}
 
 
-def section(doc: "Doc", result: dict[str, Any]) -> None:
+def section(doc: Doc, result: dict[str, Any]) -> None:
     teacher = result["teacher"]
     doc.heading("Teacher")
     doc.table([{**teacher, "ms_per_sample": 1000 * teacher["seconds_per_sample"]}],
