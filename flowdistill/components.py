@@ -65,5 +65,4 @@ CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COU
 def needs_teacher(coupling: str) -> bool:
     """Whether a coupling's pairs come from a teacher run, read from its config's `run_dependencies()` (the one
     place that answers it; no list of names)."""
-    config = COUPLINGS[coupling].config()
-    return "teacher" in (config.run_dependencies() if hasattr(config, "run_dependencies") else {})
+    return "teacher" in COUPLINGS[coupling].config().run_dependencies()

@@ -63,8 +63,7 @@ def ensure_trained(cfg: RunConfig) -> Path:
 
 def dependencies(cfg: RunConfig) -> dict[str, str]:
     """The runs a config reads, by role (`teacher`, `nf_teacher`), from its method's own `run_dependencies()`."""
-    method = cfg.method
-    return {k: v for k, v in (method.run_dependencies() if hasattr(method, "run_dependencies") else {}).items() if v}
+    return {role: ref for role, ref in cfg.method.run_dependencies().items() if ref}
 
 
 @dataclass

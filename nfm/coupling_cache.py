@@ -166,7 +166,7 @@ def extract(cfg: RunConfig, load_run: Callable[..., Any], overwrite: bool = Fals
     from shared.data_sources import load_dataset
 
     coupling = getattr(cfg.method, "coupling", None)
-    if not hasattr(coupling, "draws") or not hasattr(coupling, "teacher"):
+    if coupling is None or "teacher" not in coupling.run_dependencies():
         raise ConfigError(f"`flowdistill couplings` extracts teacher pairs: the recipe's method.coupling is "
                           f"{getattr(coupling, 'name', coupling)!r}, expected nf_teacher or nf_teacher_ot")
     if coupling.draws < 1 or coupling.shard < 1:

@@ -40,15 +40,23 @@ from shared.rundir import couplings_dir
 SDOT_FILE = "sdot_potential.safetensors"  # default potential file inside a run's couplings folder
 
 
+class CouplingConfig:
+    """What every coupling config declares: the runs its pairs read, by role (none unless it says otherwise)."""
+
+    def run_dependencies(self) -> dict[str, str]:
+        """Runs the coupling reads during training, by role (`teacher` for pairs from a flow teacher)."""
+        return {}
+
+
 @dataclass
-class IndependentConfig:
+class IndependentConfig(CouplingConfig):
     """`coupling: {name: independent}`: no options."""
 
     name: str = "independent"
 
 
 @dataclass
-class MinibatchOTConfig:
+class MinibatchOTConfig(CouplingConfig):
     """`coupling: {name: minibatch_ot, reg: 0}`."""
 
     name: str = "minibatch_ot"
@@ -56,7 +64,7 @@ class MinibatchOTConfig:
 
 
 @dataclass
-class SemidiscreteOTConfig:
+class SemidiscreteOTConfig(CouplingConfig):
     """`coupling: {name: semidiscrete_ot, ...}`: the dual potential's fit."""
 
     name: str = "semidiscrete_ot"

@@ -43,7 +43,7 @@ class FlowMatchingConfig:
 
     def run_dependencies(self) -> dict[str, str]:
         """Runs the coupling reads during training (a teacher), by role."""
-        return self.coupling.run_dependencies() if hasattr(self.coupling, "run_dependencies") else {}
+        return self.coupling.run_dependencies()
 
 
 class FlowMatchingLoss:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from nfm.coupling_cache import cache_dir_of, cache_spec, load_cache
-from nfm.couplings import Coupling, exact_assignment, squared_costs
+from nfm.couplings import Coupling, CouplingConfig, exact_assignment, squared_costs
 from nfm.teacher_pairs import NOISE_LAWS, TEACHER_DTYPES, TeacherHandle, load_teacher, perturbed, teacher_encode, teacher_sigma
 from shared.catalog import BuildContext
 from shared.run_build import require_same_data
@@ -31,7 +31,7 @@ TEACHER_MODES = ("online", "precomputed")
 
 
 @dataclass
-class NFTeacherConfig:
+class NFTeacherConfig(CouplingConfig):
     """`coupling: {name: nf_teacher | nf_teacher_ot, teacher: RUN, ...}`: pairs from a trained flow teacher."""
 
     name: str = "nf_teacher"

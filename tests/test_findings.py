@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from flowdistill.findings import findings, warnings_of
-from flowdistill.report import Doc, build, fmt
+from flowdistill.report import build
+from flowdistill.report_doc import Doc, fmt
 from flowdistill.verdict import FAILS, HOLDS, TIE, Side, decide, p_better
 
 
