@@ -21,7 +21,7 @@ from flowdistill.api import load_run, resolve_config, resolve_device
 from flowdistill.compare_plots import plot_losses, plot_quality, plot_samples
 from flowdistill.runs import ensure_trained, parse_entry
 from flowdistill.scoring import (Scoring, aggregate, evaluate_student, evaluate_teacher, likelihood_vs_exact,
-                                 reach_table, verdict_rows)
+                                 mean_std_text, quality_grid, reach_table, verdict_rows)
 from shared.config import ConfigError, RunConfig, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from shared.evaluate import format_table, generate, mean_and_std, write_json
 from shared.metrics import feature_extractor, feature_identity
@@ -66,10 +66,6 @@ def entry_config(entry: str, common: tuple[str, ...] | list[str] = (), final: tu
     return resolve_config(recipe, [*common, *overrides, *final])
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.4g} ± {std:.2g}" if std else f"{mean:.4g}"
-
-
 def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dict[str, Any]],
              straight: list[dict[str, Any]], reach: list[dict[str, Any]], threshold: float, command: str,
              density: list[dict[str, Any]] | None = None) -> str:
@@ -81,14 +77,7 @@ def markdown(spec: CompareConfig, rows: list[dict[str, Any]], teachers: list[dic
              f"{spec.n_samples} samples per cell.", ""]
     for solver in spec.solvers:
         for grid in spec.grids:
-            sel = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
-            nfes = sorted({r["nfe"] for r in sel})
-            lines += [f"## {solver}, {grid} grid", "", "| student | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                      "|---|" + "---|" * len(nfes)]
-            for label in dict.fromkeys(r["student"] for r in sel):
-                cells = {r["nfe"]: _fmt(r["mean"], r["std"]) for r in sel if r["student"] == label}
-                lines.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in nfes) + " |")
-            lines.append("")
+            lines += [f"## {solver}, {grid} grid", "", format_table(*quality_grid(rows, solver, grid)), ""]
     lines += ["## Best student at each NFE", "", "Decided by the project's rule for \"beats\" (one-sided Welch "
               "t-test over seeds at 5 %, `docs/verdicts.md`): anything else is a tie.", "",
               format_table(verdict_rows(rows), ["setting", "nfe", "best", "runner_up", "verdict", "how"]), ""]
@@ -171,7 +160,7 @@ def run_comparison(spec: CompareConfig, command: str = "") -> Path:
             curves[label].append((res["loss_steps"], res["losses"]))
         cur = mean_and_std([r["curvature"] for r in results[label]])
         loss = mean_and_std([r["final_loss"] for r in results[label]])
-        straight.append({"student": label, "curvature": _fmt(*cur), "final_loss": _fmt(*loss),
+        straight.append({"student": label, "curvature": mean_std_text(*cur), "final_loss": mean_std_text(*loss),
                          "train_seconds": statistics.fmean(r["train_seconds"] for r in results[label])})
         run = load_run(run_dir_of(cfgs[0]), device=device)  # first seed's samples for the figure
         for steps in sorted({1, 4, max(spec.steps)} & set(spec.steps)):

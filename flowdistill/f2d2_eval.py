@@ -23,7 +23,8 @@ from flowdistill.api import load_run
 from shared.data import bits_per_dim
 from shared.evaluate import (cache_folder, evaluation_points, format_table, generate, generate_with, likelihood_key,
                              nfe_summary, run_likelihood, score_batches, standard_error, write_columns, write_json)
-from shared.likelihood import LikelihoodResult, choose_divergence, default_solver_settings, log_likelihood
+from shared.likelihood import (CONVERGED_NATS, LikelihoodResult, choose_divergence, default_solver_settings,
+                               log_likelihood, refinement_change)
 from shared.reference_cache import ReferenceScores, cached_reference
 from shared.sampling import GRIDS
 from shared.metrics import feature_extractor, sample_quality
@@ -31,6 +32,7 @@ from shared.run import Run
 from shared.run_build import require_same_data
 
 LogpFn = Callable[[Tensor, torch.Generator], LikelihoodResult]
+CHECK_POINTS = 8  # points of the ODE reference's convergence check (two more adaptive solves each)
 
 
 def score(fn: LogpFn, x: Tensor, gen: torch.Generator, batch_size: int) -> dict[str, Any]:
@@ -48,6 +50,24 @@ def reference_fn(run: Run, divergence: str) -> tuple[str, LogpFn]:
         return f"teacher {ref.config.name}", lambda x, g: ref.sampler.log_likelihood(ref.model, x, divergence, g)
     return "tangent u(x,t,t)", lambda x, g: log_likelihood(lambda y, t: run.model(y, t, t)[0], x, divergence,
                                                             generator=g)
+
+
+def reference_convergence(run: Run, x: Tensor, divergence: str) -> dict[str, Any] | None:
+    """The ODE reference's own check on the first `CHECK_POINTS` points: how far log p moves when the solver's
+    tolerances are halved (`shared.likelihood.refinement_change`), in nats per sample, against the
+    tolerance `CONVERGED_NATS`. None when the reference is exact (a normalizing-flow teacher)."""
+    teacher = run.config.method.teacher
+    if teacher:
+        ref = load_run(teacher, device=x.device)
+        if not getattr(ref.sampler, "ode_likelihood", False):
+            return None
+        field = ref.model
+    else:
+        def field(y: Tensor, t: Tensor) -> Tensor:
+            return run.model(y, t, t)[0]
+    _, change = refinement_change(field, x[:CHECK_POINTS], divergence)
+    return {"points": len(change), "max_nats": change.max().item(), "mean_nats": change.mean().item(),
+            "tolerance_nats": CONVERGED_NATS}
 
 
 def copy_generator(gen: torch.Generator) -> torch.Generator:
@@ -236,6 +256,7 @@ def evaluate(run: Run, steps: list[int], n_nll: int, n_samples: int, divergence:
     summary = {"run": run.config.name, "step": run.step, "reference": ref_name, "divergence": div, "n": len(x),
                "split": split, "grid": grid, "grid_choice": choice, "units": data.units,
                "reference_cached": ref_scores.cached, "reference_seconds": ref_scores.seconds,
+               "reference_convergence": reference_convergence(run, x, div),
                **nfe_summary(ref_scores.nfe, "reference_nfe"), "nf_teacher": nf_teacher or None,
                "exact_density": data.log_density is not None, "guidance_lr": guidance_lr,
                "guidance_steps": guidance_steps, "rows": rows}

@@ -90,6 +90,11 @@ def f2d2_findings(result: dict[str, Any]) -> list[Finding]:
     """Per F2D2 map: its few-step NLL at K = 4 against its own ODE reference (agreement within the tolerance)."""
     out = []
     for table in result.get("f2d2") or []:
+        check = table.get("reference_convergence")
+        if check and check["max_nats"] > check["tolerance_nats"]:
+            out.append(f"F2D2 ({table['on']} student): its ODE reference moves by up to {check['max_nats']:.3g} nats "
+                       f"per sample when the solver's tolerances are halved ({check['points']} points checked), above "
+                       f"the tolerance {check['tolerance_nats']:g}: the reference is uncertain by about that much")
         row = next((r for r in table["rows"] if r["K"] == F2D2_K), None)
         if row is None:
             continue
@@ -137,6 +142,11 @@ def warnings_of(result: dict[str, Any]) -> list[str]:
     """One line per estimate whose own check failed (recorded by the evaluate stage, or derived here)."""
     out = list(result.get("warnings") or [])
     for table in result.get("f2d2") or []:
+        check = table.get("reference_convergence")
+        if check and check["max_nats"] > check["tolerance_nats"]:
+            out.append(f"F2D2 ({table['on']} student): its ODE reference moves by up to {check['max_nats']:.3g} nats "
+                       f"per sample when the solver's tolerances are halved ({check['points']} points checked), above "
+                       f"the tolerance {check['tolerance_nats']:g}: the reference is uncertain by about that much")
         row = next((r for r in table["rows"] if r["K"] == F2D2_K), None)
         if row is None:
             continue

@@ -193,3 +193,22 @@ def verdict_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "runner_up": f"{second['student']} ({finding.b.text()})",
                     "verdict": "beats the runner-up" if finding.verdict == HOLDS else "tie", "how": finding.note})
     return out
+
+
+def mean_std_text(mean: float, std: float) -> str:
+    """`mean ± std` (4 and 2 significant digits), the mean alone when there is no spread."""
+    return f"{mean:.4g} ± {std:.2g}" if std else f"{mean:.4g}"
+
+
+def quality_grid(rows: list[dict[str, Any]], solver: str, grid: str, label: str = "student"
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Aggregated rows (`aggregate`) of one solver and grid as a table: one row per student (its column named
+    `label`), one column per NFE holding mean ± std over seeds; returns (rows, columns)."""
+    sel = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
+    nfes = sorted({r["nfe"] for r in sel})
+    table = []
+    for student in dict.fromkeys(r["student"] for r in sel):
+        row: dict[str, Any] = {label: student}
+        row.update({f"NFE {r['nfe']}": mean_std_text(r["mean"], r["std"]) for r in sel if r["student"] == student})
+        table.append(row)
+    return table, [label] + [f"NFE {n}" for n in nfes]

@@ -103,6 +103,17 @@ def test_f2d2_outside_its_tolerance_fails_and_warns():
     assert any("F2D2 (nf_teacher student)" in w and "above the tolerance" in w for w in warnings_of(result))
 
 
+def test_an_ode_reference_that_moves_under_refinement_is_a_warning():
+    result = evaluation()
+    assert not any("ODE reference moves" in w for w in warnings_of(result))
+    table = result["f2d2"][0]
+    table["reference_convergence"] = {"points": 8, "max_nats": 0.002, "mean_nats": 0.001, "tolerance_nats": 0.005}
+    assert not any("ODE reference moves" in w for w in warnings_of(result))
+    table["reference_convergence"]["max_nats"] = 0.04
+    (line,) = [w for w in warnings_of(result) if "ODE reference moves" in w]
+    assert "F2D2 (nf_teacher student)" in line and "0.04 nats" in line and "8 points" in line
+
+
 def test_warnings_pass_through_and_teacher_card():
     fit = "semidiscrete_ot-s0: its semidiscrete OT fit did not converge (chi^2 of the assignments 0.2 > tolerance 0.05)"
     result = evaluation(warnings=[fit])

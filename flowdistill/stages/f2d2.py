@@ -60,7 +60,7 @@ def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
         result, _ = f2d2_evaluate(run, list(spec.steps), spec.nll_points, spec.n_samples, run.config.eval.divergence,
                                   nf_teacher=pipeline.teacher_ref)
         out.append({"label": planned.label, "on": planned.role["on"], "reference": result["reference"],
-                    "n": result["n"], "rows": result["rows"]})
+                    "n": result["n"], "rows": result["rows"], "reference_convergence": result["reference_convergence"]})
     sample_panels(pipeline, joints(pipeline), ctx)
     return {"f2d2": out}
 

@@ -11,7 +11,7 @@ import torch
 from flowdistill.components import needs_teacher
 from flowdistill.report_doc import Doc
 from flowdistill.runs import PlannedRun
-from flowdistill.scoring import Scoring, aggregate, evaluate_student, reach_table
+from flowdistill.scoring import Scoring, aggregate, evaluate_student, quality_grid, reach_table
 from flowdistill.stage import PipelineView, ScoreContext, Stage
 from shared.evaluate import mean_and_std
 
@@ -127,20 +127,6 @@ def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
             "trajectories": trajectory_figure(pipeline, ctx, ctx.figures / "trajectories.png")}
 
 
-def quality_table(students: list[dict[str, Any]], solver: str, grid: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per coupling, one column per NFE: mean ± std over seeds."""
-    sel = [r for r in students if r["solver"] == solver and r["grid"] == grid]
-    nfes = sorted({r["nfe"] for r in sel})
-    rows = []
-    for coupling in dict.fromkeys(r["student"] for r in sel):
-        row: dict[str, Any] = {"coupling": coupling}
-        for r in sel:
-            if r["student"] == coupling:
-                row[f"NFE {r['nfe']}"] = f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] else f"{r['mean']:.4g}"
-        rows.append(row)
-    return rows, ["coupling"] + [f"NFE {n}" for n in nfes]
-
-
 def speed_rows(students: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Per coupling and solver/grid: milliseconds per sample at each NFE."""
     rows: dict[tuple, dict[str, Any]] = {}
@@ -157,7 +143,7 @@ def section(doc: Doc, result: dict[str, Any]) -> None:
     doc.heading("Students: quality vs NFE")
     for solver in dict.fromkeys(r["solver"] for r in result["students"]):
         for grid in dict.fromkeys(r["grid"] for r in result["students"]):
-            rows, cols = quality_table(result["students"], solver, grid)
+            rows, cols = quality_grid(result["students"], solver, grid, "coupling")
             doc.text(f"{solver} solver, {grid} time grid ({metric}, mean ± std over seeds):")
             doc.table(rows, cols)
     doc.image("quality vs NFE", result["quality_figure"])
