@@ -107,11 +107,12 @@ def test_an_ode_reference_that_moves_under_refinement_is_a_warning():
     result = evaluation()
     assert not any("ODE reference moves" in w for w in warnings_of(result))
     table = result["f2d2"][0]
-    table["reference_convergence"] = {"points": 8, "max_nats": 0.002, "mean_nats": 0.001, "tolerance_nats": 0.005}
-    assert not any("ODE reference moves" in w for w in warnings_of(result))
-    table["reference_convergence"]["max_nats"] = 0.04
+    table["reference_convergence"] = {"points": 8, "max_nats": 0.008, "mean_nats": 0.002, "tolerance_nats": 0.005}
+    assert not any("ODE reference moves" in w for w in warnings_of(result))  # one point alone does not count
+    table["reference_convergence"].update(mean_nats=0.03, max_nats=0.04)
     (line,) = [w for w in warnings_of(result) if "ODE reference moves" in w]
-    assert "F2D2 (nf_teacher student)" in line and "0.04 nats" in line and "8 points" in line
+    assert "F2D2 (nf_teacher student)" in line and "0.03 nats" in line and "at most 0.04" in line
+    assert "8 points" in line
 
 
 def test_warnings_pass_through_and_teacher_card():
