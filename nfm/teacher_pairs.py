@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from nfm.flow_interface import FlowTeacher
 from nfm.tarflow import encode_batched
-from shared.checkpoint import sha256_file
 from shared.rundir import config_path
 
 SIGMA_POINTS = 4096  # training images (draw 0) whose teacher outputs define sigma_f
@@ -70,21 +69,19 @@ def load_teacher(run_dir: str | Path, load_run: Callable[..., Any], device: torc
                          "(from `flowdistill train recipes/.../teacher.yaml`) or a shipped one (pretrained:<name>); "
                          + (f"{given!r} is not one" if given else "it is not set"))
     run = load_run(given, weights=weights, device=device)
-    return teacher_of_run(run, run.dir, weights)
+    return teacher_of_run(run, run.dir)
 
 
-def teacher_of_run(run: Any, run_dir: str | Path, weights: str = "auto") -> TeacherHandle:
-    """The teacher handle of a run already loaded from `run_dir` with `weights` (its model frozen here)."""
-    from shared.run_build import evaluation_weights
-
+def teacher_of_run(run: Any, run_dir: str | Path) -> TeacherHandle:
+    """The teacher handle of a run already loaded from `run_dir` (its model frozen here); the weights' digest
+    is the one its load verified."""
     run_dir = Path(run_dir)
     if not isinstance(run.model, FlowTeacher):
         raise ValueError(f"method.coupling.teacher={run_dir} is a {run.config.model.name} run; "
                          "NFM couplings need a normalizing-flow teacher")
-    path, _ = evaluation_weights(run_dir, weights)
     run.model.requires_grad_(False)
     levels = run.dataset.levels if getattr(run.config.method, "dequantize", False) else None
-    return TeacherHandle(run.model, run_dir, run.step, sha256_file(path), run.dataset.base_fingerprint, levels)
+    return TeacherHandle(run.model, run_dir, run.step, run.weights_sha256, run.dataset.base_fingerprint, levels)
 
 
 def pair_seed(seed: int, index: int, draw: int) -> int:

@@ -402,18 +402,24 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
                           "directory is incomplete; train it again with --overwrite")
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest (its step and every file's size and sha256), read without hashing the files."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        manifest["files"].items()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not a flowdistill checkpoint") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err}); the checkpoint is corrupt") from None
+    return manifest
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check every file of a checkpoint against its manifest; return the manifest."""
     path = Path(path)
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not a flowdistill checkpoint") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err}); the checkpoint is corrupt") from None
-    for name, info in files.items():
+    manifest = read_manifest(path)
+    for name, info in manifest["files"].items():
         f = contained_file(path, name, f"checkpoint {path}: {MANIFEST}", "the checkpoint is corrupt or was edited")
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")

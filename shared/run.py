@@ -24,7 +24,8 @@ from shared.config import ConfigError, RunConfig, build_run_config, flatten, rea
 from shared.data import Dataset, dequantize, random_shift
 from shared.data_sources import load_dataset
 from shared.device import cpu_only
-from shared.run_build import build_model, build_sampler, evaluation_weights, init_from_run, saved_standardization
+from shared.run_build import (build_model, build_sampler, evaluation_weights, init_from_run, saved_standardization,
+                              weights_sha256)
 from shared.run_prepare import (discard_attempt, prepare_run_dir, replaced_dir, run_dir_of, unfinished_attempt,
                                 upgrade_saved_config)
 from shared.rundir import best_dir, checkpoints_dir, config_path, read_metrics, run_lock, standardization_path, tracking_dir
@@ -40,6 +41,7 @@ class Run:
     model: nn.Module
     sampler: Any  # shared.method.Sampler: prior_sample, sample, log_likelihood
     step: int
+    weights_sha256: str = ""  # sha256 of the weights file loaded (from its verified checkpoint's manifest)
 
 
 def build_loss(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Callable:
@@ -192,4 +194,4 @@ def load_run(run_dir: str | Path, catalog: Catalog, weights: str = "auto", devic
     model = build_model(cfg, dataset, catalog)
     load_weights(path, model)
     model.to(device).eval()
-    return Run(run_dir, cfg, dataset, model, build_sampler(cfg, dataset, catalog), step)
+    return Run(run_dir, cfg, dataset, model, build_sampler(cfg, dataset, catalog), step, weights_sha256(path))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from shared.catalog import Catalog
-from shared.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, verify_checkpoint
+from shared.checkpoint import MANIFEST, CheckpointError, latest_checkpoint, read_manifest, verify_checkpoint
 from shared.config import RunConfig
 from shared.data import Dataset
 from shared.rundir import (PACKED_WEIGHTS, STANDARDIZATION, best_dir, checkpoints_dir, config_path,
@@ -47,19 +47,24 @@ def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
 
 
 def evaluation_weights(run_dir: str | Path, choice: str = "auto") -> tuple[Path, int]:
-    """The verified weights file of a run's evaluation model and its step (see `shared.rundir.weights_file`)."""
+    """The verified weights file of a run's evaluation model and its step (see `shared.rundir.weights_file`).
+
+    Only the checkpoint the weights come from is hashed (every file of it); the other one, latest or best,
+    is only asked its step."""
     run_dir = Path(run_dir)
     if (run_dir / MANIFEST).is_file():  # a packed run (shipped or exported): one verified weights file
         return run_dir / PACKED_WEIGHTS, int(verify_checkpoint(run_dir)["step"])
     ckpt = latest_checkpoint(checkpoints_dir(run_dir))
     if ckpt is None:
         raise CheckpointError(f"run {run_dir} has no checkpoint yet; train it first")
-    steps = {ckpt: verify_checkpoint(ckpt)["step"]}
     best = latest_checkpoint(best_dir(run_dir))
-    if best is not None:
-        steps[best] = verify_checkpoint(best)["step"]
     path = weights_file(ckpt, best, choice)
-    return path, int(steps[path.parent])
+    return path, int(verify_checkpoint(path.parent)["step"])
+
+
+def weights_sha256(path: Path) -> str:
+    """The sha256 of a verified weights file, as its checkpoint's manifest records it (no second hash)."""
+    return read_manifest(path.parent)["files"][path.name]["sha256"]
 
 
 def build_sampler(cfg: RunConfig, dataset: Dataset, catalog: Catalog) -> Any:

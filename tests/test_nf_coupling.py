@@ -266,3 +266,19 @@ def test_the_coupling_pairs_with_the_teacher_weights_it_names(tmp_path, teacher_
     assert cache_dir_of(resolve_config(recipe).method.coupling).name == "nf_teacher-d3-s0"
     with pytest.raises(ValueError, match="weights must be one of auto, best, ema, model"):
         _coupling(recipe, "method.coupling.weights=final")
+
+
+def test_a_teacher_load_hashes_each_weights_file_once(teacher_run, monkeypatch):
+    """Loading a teacher verifies the checkpoint its weights come from, once, and takes the weights' digest
+    from that verified manifest: no file is hashed twice."""
+    import shared.checkpoint as checkpoint
+
+    hashed: list[str] = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(str(path)) or real(path))
+    teacher = load_teacher(str(teacher_run), load_run, torch.device("cpu"))
+    from shared.run_build import evaluation_weights
+
+    assert hashed and len(hashed) == len(set(hashed)), hashed
+    path, _ = evaluation_weights(teacher_run)
+    assert str(path) in hashed and teacher.weights_sha256 == real(path)

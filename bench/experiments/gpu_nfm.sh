@@ -46,7 +46,7 @@ else
   CHECK=()
 fi
 QUIET="train.progress=false train.sample_grid=false"
-PIPE=(recipes/mnist/pipeline.yaml name=mnist-gpu "out_dir=$RUNS" "teacher=$TEACHER $QUIET" "student=$STUDENT $QUIET"
+PIPE=(recipes/mnist/pipeline_gpu.yaml name=mnist-gpu "out_dir=$RUNS" "teacher=$TEACHER $QUIET" "student=$STUDENT $QUIET"
       'solvers=[euler]' 'grids=[linear]' "${SCORE[@]}")
 
 say "phase 1: NFM teacher and pairs | likelihood teacher (deadline ${DEADLINE} s)"

@@ -30,7 +30,7 @@ def teacher_rows(entry: str, draws: int, seed: int, device: Any) -> list[dict[st
     non-test images, and on its held-out validation images if any."""
     run_dir, _, weights = entry.partition("@")
     run = load_run(run_dir, weights=weights or "auto", device=device)
-    teacher = teacher_of_run(run, run_dir, weights or "auto")
+    teacher = teacher_of_run(run, run_dir)
     parts = {"all non-test (the student's)": run.dataset.fit_split()[0]}
     if run.dataset.val is not None:
         parts["validation (unseen by the teacher)"] = run.dataset.val
