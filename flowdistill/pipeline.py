@@ -19,7 +19,6 @@ reruns exactly the runs whose config it changes and everything downstream of the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import time
@@ -33,6 +32,7 @@ from flowdistill.pipeline_spec import PipelineConfig
 from flowdistill.runs import PlannedRun, ReadyRun, RunSource, plan_run
 from flowdistill.stage import Stage
 from shared.config import ConfigError, to_dict
+from shared.hashing import content_key
 
 
 class Pipeline:
@@ -103,7 +103,7 @@ class Pipeline:
         if isinstance(self.teacher, ReadyRun):  # not trained here: its weights' manifest stands for it
             keys.insert(0, self.teacher.key)
         settings = {k: v for k, v in to_dict(self.spec).items() if k not in ("name", "out_dir", "device", "spec_dir")}
-        return hashlib.sha256(json.dumps([keys, settings], sort_keys=True).encode()).hexdigest()[:10]
+        return content_key([keys, settings], 10)
 
     def evaluation_path(self) -> Path:
         return self.root / f"evaluation-{self.evaluation_key()}.json"

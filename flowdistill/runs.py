@@ -11,7 +11,6 @@ components' own `run_dependencies()`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from flowdistill.pipeline_files import root_relative
 from flowdistill.recipes import resolve_recipe
 from shared.catalog import NAMED_RUN_PREFIX
 from shared.config import ConfigError, RunConfig, flatten, to_dict
+from shared.hashing import content_key
 from shared.rundir import config_path
 from shared.run_prepare import finished_step, run_dir_of
 
@@ -44,7 +44,7 @@ def config_key(cfg: RunConfig, root: Path | None = None) -> str:
     flat = {k: v if root is None else root_relative(v, root) for k, v in flatten(to_dict(cfg)).items()}
     for k in UNKEYED:
         flat.pop(k, None)
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return content_key(json.dumps(flat, sort_keys=True, default=str), 10)
 
 
 def ensure_trained(cfg: RunConfig) -> Path:
