@@ -40,6 +40,7 @@ def evaluate_pipeline(pipeline: PipelineView) -> Path:
 
 
 def status(pipeline: PipelineView) -> str:
+    """`done` when this evaluation's JSON exists and reads back, else `to run` (saying why when damaged)."""
     path = pipeline.evaluation_path()
     damage = json_damage(path)
     if damage:

@@ -95,12 +95,14 @@ def write_report(pipeline: PipelineView, command: str = "") -> Path:
 
 
 def status(pipeline: PipelineView) -> str:
+    """`done` when the report of the current evaluation exists; it waits for the evaluation."""
     if pipeline.stage_status("evaluate") != "done":
         return "to run (after evaluate)"
     return "done" if (pipeline.root / "report" / "report.html").is_file() else "to run"
 
 
 def run(pipeline: PipelineView, log: Log) -> None:
+    """Write the report and say where."""
     log(f"wrote {write_report(pipeline, pipeline.command)}")
 
 

@@ -101,6 +101,7 @@ def table(summary: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str
 
 
 def section(doc: Doc, result: dict[str, Any]) -> None:
+    """The distillation table, when the pipeline trained compact flows."""
     if not result.get("compact"):
         return
     metric = result["teacher"]["metric"]

@@ -13,6 +13,7 @@ def readers(pipeline: PipelineView) -> list[PlannedRun]:
 
 
 def status(pipeline: PipelineView) -> str:
+    """`done` when the cache is complete, `to run (<cache>)` otherwise, or `nothing to precompute`."""
     from nfm.coupling_cache import MANIFEST, cache_dir_of
 
     students = readers(pipeline)

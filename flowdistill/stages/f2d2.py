@@ -46,6 +46,7 @@ def plan(pipeline: PipelineView) -> list[PlannedRun]:
 
 
 def joints(pipeline: PipelineView) -> list[PlannedRun]:
+    """The joint (u + D) maps: the ones scored and shown."""
     return [r for r in pipeline.f2d2 if r.role["part"] == "joint"]
 
 
@@ -66,6 +67,7 @@ def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
 
 
 def section(doc: Doc, result: dict[str, Any]) -> None:
+    """One few-step likelihood table per joint map."""
     if not result["f2d2"]:
         return
     doc.heading("F2D2: few-step likelihood vs the ODE reference")

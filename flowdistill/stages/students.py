@@ -139,6 +139,7 @@ def speed_rows(students: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
 
 
 def section(doc: Doc, result: dict[str, Any]) -> None:
+    """Quality vs NFE per solver and grid, straightness, sampling time, NFE to reach the teacher, trajectories."""
     teacher, metric = result["teacher"], result["teacher"]["metric"]
     doc.heading("Students: quality vs NFE")
     for solver in dict.fromkeys(r["solver"] for r in result["students"]):

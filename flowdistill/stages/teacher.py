@@ -16,6 +16,7 @@ def plan(pipeline: PipelineView) -> list[PlannedRun]:
 
 
 def status(pipeline: PipelineView) -> str:
+    """`shipped (...)` / `given (...)` for a ready teacher, else whether its run is done."""
     return pipeline.teacher.status() if isinstance(pipeline.teacher, ReadyRun) else runs_done(pipeline, "teacher")
 
 
@@ -43,6 +44,7 @@ def score(pipeline: PipelineView, ctx: ScoreContext) -> dict[str, Any]:
 
 
 def section(doc: Doc, result: dict[str, Any]) -> None:
+    """The teacher's row: parameters, eta, NFE, quality and time per sample."""
     teacher = result["teacher"]
     doc.heading("Teacher")
     doc.table([{**teacher, "ms_per_sample": 1000 * teacher["seconds_per_sample"]}],
