@@ -88,3 +88,41 @@ def test_what_adding_x_touches_names_tests_that_exist():
         for path, test in cited:
             assert (ROOT / path).is_file(), path
             assert not test or f"def {test}(" in (ROOT / path).read_text(), f"{path}::{test}"
+
+
+RESULTS_PAGES = ["nfm_comparison.md", "benchmarks.md", "likelihood.md", "nfkd/README.md"]
+RESULTS_GLOBS = ["nfkd/*_*.md", "nfkd/sweep/*.md", "nfm/*/comparison.md", "nfm/*/teacher_curve.md",
+                 "nfm/digits/teacher_curve_runs/comparison.md", "nfm/teachers/digits_*.md"]
+
+
+def results_pages() -> list[Path]:
+    docs = ROOT / "docs"
+    pages = {docs / p for p in RESULTS_PAGES} | {p for g in RESULTS_GLOBS for p in docs.glob(g)}
+    return sorted(pages)
+
+
+def test_every_results_table_names_its_source_and_commit():
+    """Each Markdown table of a results page has a `Source:` line with `commit <hash>` within 2 lines; the hashes exist."""
+    import re
+
+    hashes: set[str] = set()
+    for page in results_pages():
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not (line.startswith("|") and i + 1 < len(lines) and re.match(r"\|\s*:?-", lines[i + 1])
+                    and (i == 0 or not lines[i - 1].startswith("|"))):
+                continue
+            end = i
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            near = lines[max(0, i - 2):i] + lines[end:end + 2]
+            found = [m.group(1) for s in near if s.startswith("Source:")
+                     for m in [re.search(r"commit ([0-9a-f]{7,40})\b", s)] if m]
+            assert found, f"{page.relative_to(ROOT)}:{i + 1}: table without a `Source: ... commit <hash>` line"
+            hashes.update(found)
+    assert hashes
+    if not (ROOT / ".git").exists():
+        return  # an installed copy: no history to check the hashes against
+    for h in sorted(hashes):
+        done = subprocess.run(["git", "cat-file", "-e", f"{h}^{{commit}}"], cwd=ROOT, capture_output=True)
+        assert done.returncode == 0, f"commit {h} named in a Source line is not in the repository"
