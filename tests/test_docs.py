@@ -90,7 +90,8 @@ def test_what_adding_x_touches_names_tests_that_exist():
             assert not test or f"def {test}(" in (ROOT / path).read_text(), f"{path}::{test}"
 
 
-RESULTS_PAGES = ["nfm_comparison.md", "benchmarks.md", "likelihood.md", "nfkd/README.md"]
+RESULTS_PAGES = ["nfm_comparison.md", "benchmarks.md", "likelihood.md", "nfkd/README.md", "nfm/teachers/README.md",
+                 "nf_distillation.md"]
 RESULTS_GLOBS = ["nfkd/*_*.md", "nfkd/sweep/*.md", "nfm/*/comparison.md", "nfm/*/teacher_curve.md",
                  "nfm/digits/teacher_curve_runs/comparison.md", "nfm/teachers/digits_*.md"]
 
