@@ -121,7 +121,9 @@ def test_nll_reports_nfe_per_point_and_f2d2_eval_reuses_the_teachers_reference(r
     assert main(["f2d2-eval", str(f2d2), "--steps", "1,2", "--n", "16", "--n-samples", "50", "--grid", "linear",
                  "--divergence", "exact"]) == 0
     result = json.loads((f2d2 / "f2d2-eval-linear.json").read_text())
-    assert solves[0] == 1 and result["reference_cached"]
+    # the reference is read; the only solves are its convergence check's: two, on its first points
+    assert solves[0] == 1 + 2 and result["reference_cached"]
+    assert result["reference_convergence"]["points"] == 8
     assert result["rows"][0]["ref_nll"] == pytest.approx(res["nll_nats"], abs=1e-9)
     assert result["reference_nfe_mean"] == pytest.approx(res["nfe_mean"])
     assert result["grid_choice"]["chosen_by"] == "given"  # --grid: no choice, no validation reference
