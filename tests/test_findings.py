@@ -10,7 +10,7 @@ from scipy import stats
 from flowdistill.findings import findings, warnings_of
 from flowdistill.report import build
 from flowdistill.report_doc import Doc, fmt
-from flowdistill.verdict import FAILS, HOLDS, TIE, Side, decide, p_better
+from flowdistill.verdict import FAILS, HOLDS, TIE, Finding, Side, decide, p_better
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -111,6 +111,7 @@ def test_an_ode_reference_that_moves_under_refinement_is_a_warning():
     assert not any("ODE reference moves" in w for w in warnings_of(result))  # one point alone does not count
     table["reference_convergence"].update(mean_nats=0.03, max_nats=0.04)
     (line,) = [w for w in warnings_of(result) if "ODE reference moves" in w]
+    assert all(isinstance(f, Finding) for f in findings(result))  # a warning, never a claim
     assert "F2D2 (nf_teacher student)" in line and "0.03 nats" in line and "at most 0.04" in line
     assert "8 points" in line
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from bench.experiments.readme_findings import EVALUATION, README, readme_with_findings
+from bench.experiments.readme_findings import EVALUATION, MNIST_EVALUATION, MNIST_PAGE, README, readme_with_findings
 
 
 def test_readme_findings_are_those_of_the_committed_evaluation():
@@ -12,6 +12,14 @@ def test_readme_findings_are_those_of_the_committed_evaluation():
     hardware = json.loads(EVALUATION.read_text())["hardware"]
     machine = f"{hardware['cpu'].split()[0]} {hardware['cpu'].split()[1]}, {hardware['cores']} cores"
     assert machine in text and f"{hardware['threads']} thread" in text
+
+
+def test_the_mnist_findings_quoted_in_the_pipeline_guide_are_those_of_its_committed_evaluation():
+    text = MNIST_PAGE.read_text()
+    assert text == readme_with_findings(text, MNIST_EVALUATION, "findings:mnist"), \
+        "run `python -m bench.experiments.readme_findings --write`"
+    hardware = json.loads(MNIST_EVALUATION.read_text())["hardware"]
+    assert f"{hardware['cores']} cores" in text and f"{hardware['threads']} thread" in text
 
 
 def test_readme_opens_with_the_two_commands_and_fits_a_short_read():
