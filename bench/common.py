@@ -119,13 +119,15 @@ def print_and_write(rows: list[dict[str, Any]], columns: dict[str, str], payload
 
 
 def report(bench: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
-           columns: dict[str, str], notes: list[str], tag: str = "") -> dict[str, Any]:
-    """Print the machine, a Markdown table and notes; write everything as JSON to --out; return it."""
+           columns: dict[str, str], notes: list[str], tag: str = "",
+           extra: dict[str, tuple[list[dict[str, Any]], dict[str, str]]] | None = None) -> dict[str, Any]:
+    """Print the machine, a Markdown table (and the `extra` tables: JSON key -> (rows, columns)) and notes; write
+    everything as JSON to --out; return it."""
     payload = {"bench": bench, "machine": describe_machine(device), "settings": vars(args), "notes": notes,
-               "rows": rows}
+               "rows": rows, **{key: table for key, (table, _) in (extra or {}).items()}}
     info = payload["machine"]
     print(f"\n{bench} on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
-    print(markdown_table(rows, columns))
+    print("\n\n".join(markdown_table(t, c) for t, c in [(rows, columns), *(extra or {}).values()]))
     for note in notes:
         print(f"- {note}")
     out = Path(args.out) if args.out else RESULTS / f"{bench}-{device.type}{tag}.json"

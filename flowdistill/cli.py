@@ -598,6 +598,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Leave the process group of a multi-process launch, if this process joined one, before the interpreter exits:
+    a gloo process that exits with its group still open can abort (exit code -6) after its work is done."""
+    dist = sys.modules.get("torch.distributed")  # nothing to leave when no command imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

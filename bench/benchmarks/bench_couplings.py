@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, add_common_args, markdown_table, setup
+from bench.common import add_common_args, report, setup
 from flowdistill.api import resolve_config
 from flowdistill.components import CATALOG
 from nfm.couplings import IndependentCoupling, MinibatchOTCoupling, SemidiscreteOTCoupling
@@ -39,9 +39,7 @@ from nfm.mips import InnerProductSearch
 from nfm.semidiscrete_ot import DualAscent, SemidiscretePotential
 from nfm.teacher_coupling import NFTeacherCoupling
 from nfm.teacher_pairs import TeacherHandle, perturbed, teacher_encode
-from shared.checkpoint import atomic_write_text
 from shared.data_sources import load_dataset
-from shared.machine import describe_machine
 from shared.run_build import build_model
 from shared.timing import median_seconds, timed
 
@@ -227,18 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "default), without the final evaluation"]
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     scaling = bench_scaling(sizes, args.dim, args.fit_batch, device, args.seconds)
-    payload = {"bench": "bench_couplings", "machine": describe_machine(device), "settings": vars(args), "notes": notes,
-               "rows": rows, "fit_rows": fits, "scaling_rows": scaling}
-    info = payload["machine"]
-    print(f"\nbench_couplings on {info['device']}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "device"))
-    print(markdown_table(rows, COLUMNS) + "\n\n" + markdown_table(fits, FIT_COLUMNS) + "\n\n"
-          + markdown_table(scaling, SCALING_COLUMNS))
-    for note in notes:
-        print(f"- {note}")
-    out = Path(args.out) if args.out else RESULTS / f"bench_couplings-{device.type}.json"
-    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
-    return payload
+    return report("bench_couplings", args, device, rows, COLUMNS, notes,
+                  extra={"fit_rows": (fits, FIT_COLUMNS), "scaling_rows": (scaling, SCALING_COLUMNS)})
 
 
 if __name__ == "__main__":
