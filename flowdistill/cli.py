@@ -285,7 +285,9 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
 
     for name, folder in PRETRAINED.items():
         row = describe(name, folder)
-        figures = ", ".join(f"{k} {row[k]}" for k in ("test_bits_per_dim", "sample_fd", "parameters") if k in row)
+        named = (("test bits/dim", "test_bits_per_dim", "{:.4g}"), ("sample FD", "sample_fd", "{:.4g}"),
+                 ("parameters", "parameters", "{:,}"))
+        figures = ", ".join(f"{label} {form.format(row[key])}" for label, key, form in named if key in row)
         print(f"{row['ref']:<32} {row['status']}: {row.get('summary', '')} ({figures})")
         if args.verbose:
             print(f"    folder {folder}\n    recipe {row.get('recipe', '?')}, reproduce: {row.get('command', '?')}")
