@@ -152,7 +152,7 @@ def test_fm_loss_trains_with_every_data_only_coupling(name, tmp_path):
 
 
 def _nf_coupling(teacher: Path, tmp_path: Path, name: str, *overrides: str) -> NFTeacherCoupling:
-    """The `name` coupling (nf_teacher or nf_teacher_ot) of a small student of the session's tiny teacher."""
+    """The `name` coupling (nf_teacher or nf_teacher_ot) of a small student of the suite's tiny teacher (a pytest session-scoped fixture)."""
     cfg = resolve_config(ROOT / "recipes" / "toy2d" / "fm_nf_teacher.yaml",
                          [f"out_dir={tmp_path}", "data.n_train=1000", "data.n_test=200", f"method.coupling.name={name}",
                           f"method.coupling.teacher={teacher}", "method.coupling.draws=3", *overrides])

@@ -1,6 +1,6 @@
 """NFM coupling from a TarFlow teacher: round trip, online == precomputed, cache checks, resume, sharding.
 
-The teacher run comes from the session fixtures `nf_teacher_run` / `train_tiny_teacher` (tests/conftest.py).
+The teacher run comes from the suite-wide (session-scoped) fixtures `nf_teacher_run` / `train_tiny_teacher` (tests/conftest.py).
 """
 from __future__ import annotations
 
