@@ -8,7 +8,7 @@ Parts (each in its own try/except with a time budget, so one failure keeps the o
     teacher_encode    TarFlow teacher encode img/s (fp32 and bf16)
     f2d2_meanflow     MeanFlow-F2D2 (jvp) step time and peak CUDA memory (bench.benchmarks.bench_f2d2's loss table)
     accelerate        a 2-process `accelerate launch --multi_gpu` of a tiny `flowdistill train` on two GPUs, and a
-                      2-process CPU run (torchrun, gloo) if it fails, with one GPU, or in --smoke
+                      2-process CPU run (gloo) if it fails, with one GPU, or in --smoke
 
     python -m bench.benchmarks.gpu_check [--smoke] [--out FILE] [--parts cuda_tests,student_train,...]
 
@@ -212,13 +212,12 @@ def _launch(cpu: bool, sizes: Sizes, out_dir: Path, timeout: float) -> dict[str,
     """Two processes of a tiny toy2d `flowdistill train`; return code, processes the run reports, output tail.
 
     On the GPU: `accelerate launch --multi_gpu --num_processes 2` (one device per process);
-    on the CPU: torchrun with 2 processes and no visible GPU (Accelerate then uses gloo), since
-    `accelerate launch --cpu` starts a single process.
+    on the CPU: the same launch with no visible GPU (Accelerate then uses gloo; `accelerate launch --cpu` would
+    start a single process).
     """
     name = "cpu" if cpu else "gpu"
-    launcher = (["torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if cpu else
-                ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"])
+    launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = [sys.executable, "-m", *launcher, "-m", "flowdistill.cli", "train", "recipes/toy2d/fm_independent.yaml",
            f"out_dir={out_dir}", f"name={name}", f"train.steps={sizes.train_steps}", "train.batch_size=64",
            "train.log_every=1", "train.progress=false", "train.sample_grid=false", "data.n_train=1024",
