@@ -10,6 +10,10 @@ the affine map with a monotone rational-quadratic spline whose knots are predict
 The output projection and those token-0 parameters start at zero, so every block starts as the
 identity. Encoding (data -> noise) is one parallel pass; decoding inverts the blocks in reverse order,
 one token at a time, with a key/value cache.
+With `model.interleave` (vectors with token_dim k > 1), blocks 2 and 3 of every 4 group the D = N k
+coordinates the other way, coordinates j, j + N, j + 2N, ... into token j: coordinates that share a
+token (and so never condition on each other) in one grouping condition on each other in the other.
+A permutation, it adds nothing to log|det|.
 With `model.logit_alpha` a > 0 the blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] instead
 of x (RealNVP's preprocessing for dequantized images, `nfm.logit_map`); its log-Jacobian is part of
 log|det dz/dx|.
@@ -51,6 +55,7 @@ class TarFlowConfig:
     logit_alpha: float = 0.0  # > 0: blocks see logit(a + (1 - 2a)(x + 1)/2) of data in [-1, 1] (RealNVP); 0: x itself
     final_norm: bool = True  # a LayerNorm before each block's output projection (false: none, as in ml-tarflow)
     prior_var: bool = False  # a (N, d) buffer `prior_var`: sampling scales the noise by its sqrt (ml-tarflow's `var`)
+    interleave: bool = False  # vectors: blocks 2-3 of every 4 put coordinates j, j+N, j+2N, ... into token j
 
     def flow_layers(self) -> int:
         """Flow layers: blocks x causal transformer layers per block."""
@@ -124,16 +129,28 @@ class Layer(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
+def interleave(tokens: Tensor) -> Tensor:
+    """Tokens (B, N, k) of consecutive coordinates -> (B, N, k) whose token j holds coordinates j, j + N, ..."""
+    b, n, k = tokens.shape
+    return tokens.reshape(b, k, n).transpose(1, 2)
+
+
+def deinterleave(tokens: Tensor) -> Tensor:
+    """The inverse of `interleave`."""
+    b, n, k = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, n, k)
+
+
 class FlowBlock(nn.Module):
-    """One autoregressive block on tokens (B, N, d), permuting them first when `flip` is set.
+    """One autoregressive block on tokens (B, N, d), regrouping (`regroup`) and reversing (`flip`) them first.
 
     The per-value map (affine or spline) is `nfm.token_transforms`; its P parameters per value are
     predicted as (P, d) per token.
     """
 
-    def __init__(self, cfg: TarFlowConfig, n_tokens: int, token_dim: int, flip: bool):
+    def __init__(self, cfg: TarFlowConfig, n_tokens: int, token_dim: int, flip: bool, regroup: bool = False):
         super().__init__()
-        self.flip, self.num_classes = flip, cfg.num_classes
+        self.flip, self.regroup, self.num_classes = flip, regroup, cfg.num_classes
         self.transform, self.bins, self.bound = cfg.transform, cfg.spline_bins, cfg.spline_bound
         self.n_params = params_per_value(cfg.transform, cfg.spline_bins)
         self.inp = nn.Linear(token_dim, cfg.width)
@@ -147,7 +164,14 @@ class FlowBlock(nn.Module):
         self.first = nn.Parameter(torch.zeros(self.n_params * token_dim))  # the map's parameters for token 0
 
     def _permute(self, tokens: Tensor) -> Tensor:
+        """Tokens in the model's layout -> the block's order (regrouped, then reversed)."""
+        tokens = interleave(tokens) if self.regroup else tokens
         return tokens.flip(1) if self.flip else tokens
+
+    def _unpermute(self, tokens: Tensor) -> Tensor:
+        """The inverse of `_permute`."""
+        tokens = tokens.flip(1) if self.flip else tokens
+        return deinterleave(tokens) if self.regroup else tokens
 
     def _inputs(self, x: Tensor, y: Tensor | None, guidance: float, start: int) -> Tensor:
         """Embedded tokens x (B, L, d) from position `start`; doubled to [cond; null] under guidance."""
@@ -191,7 +215,7 @@ class FlowBlock(nn.Module):
         out = self.outputs(x[:, :-1], y, guidance).to(x.dtype)  # the last token predicts nothing
         params = torch.cat([self.first.to(x.dtype).expand(x.shape[0], 1, -1), out], 1)
         z, logdet = token_transforms.forward(x, self._params(params), self.transform, self.bins, self.bound)
-        return self._permute(z), logdet.sum((1, 2))
+        return self._unpermute(z), logdet.sum((1, 2))
 
     def inverse(self, z: Tensor, y: Tensor | None = None, guidance: float = 0.0, use_cache: bool = True) -> Tensor:
         """Invert `forward` token by token (x_i = z_i * exp(alpha_i) + mu_i when affine), N - 1 sequential passes."""
@@ -208,7 +232,7 @@ class FlowBlock(nn.Module):
             else:
                 out = self.outputs(x[:, :i + 1], y, guidance)[:, -1]
             x[:, i + 1] = invert(z[:, i + 1], self._params(out.to(z.dtype)), self.transform, self.bins, self.bound)
-        return self._permute(x)
+        return self._unpermute(x)
 
 
 class TarFlow(nn.Module):
@@ -225,6 +249,8 @@ class TarFlow(nn.Module):
             if h % p or w % p:
                 raise ValueError(f"tarflow patch {p} must divide the image height {h} and width {w}")
             self.n_tokens, self.token_dim = (h // p) * (w // p), c * p * p
+            if cfg.interleave:
+                raise ValueError("tarflow interleave regroups the coordinates of vectors; images have patch tokens")
         elif len(self.data_shape) == 1:
             (d,) = self.data_shape
             if d % cfg.token_dim:
@@ -233,7 +259,8 @@ class TarFlow(nn.Module):
         else:
             raise ValueError(f"tarflow takes images (C, H, W) or vectors (D,), got data shape {self.data_shape}")
         self.blocks = nn.ModuleList(
-            FlowBlock(cfg, self.n_tokens, self.token_dim, flip=t % 2 == 1) for t in range(cfg.blocks))
+            FlowBlock(cfg, self.n_tokens, self.token_dim, flip=t % 2 == 1, regroup=cfg.interleave and t % 4 >= 2)
+            for t in range(cfg.blocks))
         if cfg.prior_var:
             self.register_buffer("prior_var", torch.ones(self.n_tokens, self.token_dim))
 

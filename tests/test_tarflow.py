@@ -23,6 +23,8 @@ CASES = [  # (data shape, config overrides): vectors of scalar and pair tokens, 
     ((1, 4, 4), dict(patch=2, transform="spline", spline_bins=4, spline_bound=1.0, num_classes=3)),
     ((1, 4, 4), dict(patch=2, logit_alpha=0.05)),
     ((3,), dict(token_dim=1, logit_alpha=0.01, transform="spline", spline_bins=4, spline_bound=3.0)),
+    ((8,), dict(token_dim=2, blocks=4, interleave=True)),
+    ((12,), dict(token_dim=3, blocks=4, interleave=True, transform="spline", spline_bins=4, spline_bound=2.0)),
 ]
 
 
@@ -105,6 +107,27 @@ def test_one_block_is_causal_and_triangular():
             assert (dz[j:] > 0).all()
 
 
+def test_interleaved_blocks_let_coordinates_of_one_token_condition_on_each_other():
+    """D = 8 as N = 4 tokens of k = 2: a plain block never lets coordinates 2i and 2i + 1 (one token) depend on
+    each other, a regrouping block (token j = coordinates j, j + 4) never j and j + 4, but it links 0 and 1;
+    the composed flow's Jacobian is dense, and every block's log-det equals its brute-force Jacobian's."""
+    flow = make((8,), token_dim=2, blocks=4, interleave=True).double()
+    assert [b.regroup for b in flow.blocks] == [False, False, True, True]
+    x = torch.randn(1, 4, 2, dtype=torch.float64)
+    for block in flow.blocks:
+        jac = jacobian(lambda v: block(v)[0], x).reshape(8, 8)
+        torch.testing.assert_close(torch.linalg.slogdet(jac)[1], block(x)[1][0])
+        if block.regroup:  # coordinates j and j + 4 share a token: neither depends on the other
+            assert all(jac[j, j + 4] == 0 and jac[j + 4, j] == 0 for j in range(4))
+            assert jac[0, 1] != 0 or jac[1, 0] != 0  # 0 and 1 sit in different tokens here
+        else:  # coordinates 2i and 2i + 1 share a token
+            assert all(jac[2 * i, 2 * i + 1] == 0 and jac[2 * i + 1, 2 * i] == 0 for i in range(4))
+    full = jacobian(lambda v: flow.encode(v)[0], x.reshape(1, 8)).reshape(8, 8)
+    assert (full.abs() > 0).all()
+    plain = make((8,), token_dim=2, blocks=4).double()
+    assert not any(b.regroup for b in plain.blocks)
+
+
 def test_attention_is_causal_in_the_parallel_pass():
     flow = make((1, 8, 8), patch=2)
     block = flow.blocks[0]
@@ -177,6 +200,7 @@ def test_guidance_and_null_labels_validation():
     ((5,), dict(token_dim=2), "token_dim 2 must divide the vector size 5"),
     ((4,), dict(width=24, head_dim=16), "head_dim 16 must divide width 24"),
     ((2, 3), dict(), "images .* or vectors"),
+    ((1, 4, 4), dict(patch=2, interleave=True), "interleave regroups the coordinates of vectors"),
 ])
 def test_bad_shapes_are_rejected(shape, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,141 @@
+"""Gaussian mixtures the recipes were never tuned on, written as a user's tabular files, and the scores of
+likelihood runs on them against the exact density.
+
+    python -m bench.experiments.heldout_mixtures make --dim 16 --seed 101 --out mixtures/d16-s101
+    flowdistill train recipes/density/fm.yaml data.name=tabular data.path=mixtures/d16-s101/train.npy \\
+        data.test_path=mixtures/d16-s101/test.npy ...
+    python -m bench.experiments.heldout_mixtures score mixtures/d16-s101 runs/RUN [--csv f2d2-eval.csv]
+
+`make` draws a mixture with full covariances, unlike the bundled isotropic `gmm<D>` sets
+(shared/densities.py): the number of components k is drawn from 3..8 (or --components), weights from a
+Dirichlet(2) distribution, means from N(0, (spread^2 / d) I) (mean distance about spread * sqrt(2) whatever d,
+as for the bundled sets; --spread 3 by default), and each covariance is
+R diag(s^2) R^T with R a random rotation and s log-uniform on [0.15, 1]. It writes train.npy (20,000 x d
+float32), test.npy (2,000 x d), test_logp.npy (the exact log p of each test row, float64, nats in the
+file's units) and mixture.json (the parameters).
+
+`score` reads a run's per-point table (default: f2d2-eval.csv, else nll-test.csv, whichever exists) and
+reports, for every log p column, the gap (model NLL - exact NLL, nats per sample; negative: the model
+claims more density than the truth) with its paired standard error and the mean |error|, and writes
+<run>/heldout-score.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.evaluate import standard_error
+
+N_TRAIN, N_TEST = 20000, 2000
+
+
+def draw_mixture(dim: int, seed: int, components: int = 0, spread: float = 3.0) -> dict[str, Tensor]:
+    """Weights (k,), means (k, d), covariance factors (k, d, d) with cov_k = A_k A_k^T, float64."""
+    g = torch.Generator().manual_seed(seed)
+    k = components or int(torch.randint(3, 9, (1,), generator=g))
+    gamma = -torch.log(torch.rand(k, 2, generator=g, dtype=torch.float64)).sum(1)  # Gamma(2, 1): Dirichlet(2)
+    weights = gamma / gamma.sum()
+    means = spread / math.sqrt(dim) * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    rotations = torch.linalg.qr(torch.randn(k, dim, dim, generator=g, dtype=torch.float64))[0]
+    scales = torch.exp(torch.empty(k, dim, dtype=torch.float64).uniform_(math.log(0.15), 0.0, generator=g))
+    return {"weights": weights, "means": means, "factors": rotations * scales[:, None, :]}
+
+
+def mixture_log_prob(mix: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Exact log p(x) (N,) in nats per sample, float64: log-sum-exp over components of log N(x; mu_k, A_k A_k^T)."""
+    comps = torch.distributions.MultivariateNormal(mix["means"], scale_tril=torch.linalg.cholesky(
+        mix["factors"] @ mix["factors"].transpose(1, 2)))
+    return torch.logsumexp(comps.log_prob(x.double()[:, None, :]) + mix["weights"].log(), dim=1)
+
+
+def sample_mixture(mix: dict[str, Tensor], n: int, g: torch.Generator) -> Tensor:
+    """n points (n, d) float64."""
+    k = torch.multinomial(mix["weights"], n, replacement=True, generator=g)
+    eps = torch.randn(n, mix["means"].shape[1], generator=g, dtype=torch.float64)
+    return mix["means"][k] + torch.einsum("nij,nj->ni", mix["factors"][k], eps)
+
+
+def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.0) -> dict[str, Any]:
+    """Write train.npy, test.npy, test_logp.npy and mixture.json under out; return the description."""
+    mix = draw_mixture(dim, seed, components, spread)
+    g = torch.Generator().manual_seed(seed + 7919)
+    train, test = sample_mixture(mix, N_TRAIN, g).float(), sample_mixture(mix, N_TEST, g).float()
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train.npy", train.numpy())
+    np.save(out / "test.npy", test.numpy())
+    logp = mixture_log_prob(mix, test)  # of the float32 rows the file holds
+    np.save(out / "test_logp.npy", logp.numpy())
+    info = {"dim": dim, "seed": seed, "components": len(mix["weights"]), "spread": spread, "weights": mix["weights"].tolist(),
+            "exact_test_nll": -logp.mean().item(), "n_train": N_TRAIN, "n_test": N_TEST}
+    (out / "mixture.json").write_text(json.dumps({**info, "means": mix["means"].tolist(),
+                                                  "factors": mix["factors"].tolist()}) + "\n")
+    return info
+
+
+def read_columns(path: Path) -> dict[str, np.ndarray]:
+    """A per-point CSV written by f2d2-eval or nll: column name -> float array."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {name: np.array([float(r[name]) for r in rows]) for name in rows[0]}
+
+
+def score(mixture_dir: Path, run_dir: Path, csv_name: str = "") -> dict[str, Any]:
+    """Gap to the exact NLL (± paired s.e.) and mean |error| of every `*logp_nats` column of the run's table."""
+    exact = torch.from_numpy(np.load(mixture_dir / "test_logp.npy"))
+    names = [csv_name] if csv_name else ["f2d2-eval.csv", "nll-test.csv"]
+    path = next((run_dir / n for n in names if (run_dir / n).is_file()), None)
+    if path is None:
+        raise SystemExit(f"{run_dir}: none of {', '.join(names)} found; run f2d2-eval or nll on the test split first")
+    cols = read_columns(path)
+    index = cols["index"].astype(int)
+    rows = {}
+    for name, values in cols.items():
+        if not name.endswith("logp_nats") or name.startswith("exact"):
+            continue
+        diff = exact[index] - torch.from_numpy(values)
+        rows[name.removesuffix("_logp_nats")] = {"gap": diff.mean().item(), "gap_se": standard_error(diff),
+                                                 "mean_abs_error": diff.abs().mean().item()}
+    result = {"mixture": str(mixture_dir), "run": str(run_dir), "table": path.name, "n": len(index),
+              "n_test": len(exact), "exact_nll": -exact[index].mean().item(), "rows": rows}
+    (run_dir / "heldout-score.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make", help="write a mixture's train/test files and exact test log p")
+    mk.add_argument("--dim", type=int, required=True)
+    mk.add_argument("--seed", type=int, required=True)
+    mk.add_argument("--components", type=int, default=0, help="0: drawn from 3..8")
+    mk.add_argument("--spread", type=float, default=3.0, help="typical norm of a component mean (the means' "
+                    "per-coordinate std is spread / sqrt(d))")
+    mk.add_argument("--out", type=Path, required=True)
+    sc = sub.add_parser("score", help="score a run's per-point table against the exact density")
+    sc.add_argument("mixture", type=Path)
+    sc.add_argument("run", type=Path)
+    sc.add_argument("--csv", default="")
+    args = parser.parse_args(argv)
+    if args.command == "make":
+        info = make(args.dim, args.seed, args.out, args.components, args.spread)
+        print(f"{args.out}: d {info['dim']}, {info['components']} components, exact test NLL "
+              f"{info['exact_test_nll']:.4f} nats")
+        return 0
+    result = score(args.mixture, args.run, args.csv)
+    print(f"{result['run']} ({result['table']}, {result['n']} of {result['n_test']} test points): exact NLL "
+          f"{result['exact_nll']:.4f}")
+    for name, r in result["rows"].items():
+        print(f"  {name:>10}: gap {r['gap']:+.4f} ± {r['gap_se']:.4f}, mean |error| {r['mean_abs_error']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
