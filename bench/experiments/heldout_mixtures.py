@@ -6,11 +6,14 @@ likelihood runs on them against the exact density.
         data.test_path=mixtures/d16-s101/test.npy ...
     python -m bench.experiments.heldout_mixtures score mixtures/d16-s101 runs/RUN [--csv f2d2-eval.csv]
 
-`make` draws a mixture with full covariances, unlike the bundled isotropic `gmm<D>` sets
-(shared/densities.py): the number of components k is drawn from 3..8 (or --components), weights from a
-Dirichlet(2) distribution, means from N(0, (spread^2 / d) I) (mean distance about spread * sqrt(2) whatever d,
-as for the bundled sets; --spread 3 by default), and each covariance is
-R diag(s^2) R^T with R a random rotation and s log-uniform on [0.15, 1]. It writes train.npy (20,000 x d
+`make` draws a mixture other than the bundled `gmm<D>` sets (shared/densities.py): the number of
+components k is drawn from 3..8 (or --components), weights from a Dirichlet(2) distribution, means from
+N(0, (spread^2 / d) I) (mean distance about spread * sqrt(2) whatever d, as for the bundled sets; --spread 3
+by default), and covariances by --covariance:
+    isotropic   s_k^2 I, s_k log-uniform on [0.25, 0.8] (the bundled sets' range of scales);
+    full        R_k diag(s^2) R_k^T, R_k a random rotation, s log-uniform on [0.15, 1] per direction: thin,
+                tilted components, d (d + 1) / 2 parameters each (a harder case: more to learn per point).
+It writes train.npy (20,000 x d
 float32), test.npy (2,000 x d), test_logp.npy (the exact log p of each test row, float64, nats in the
 file's units) and mixture.json (the parameters).
 
@@ -37,13 +40,19 @@ from shared.evaluate import standard_error
 N_TRAIN, N_TEST = 20000, 2000
 
 
-def draw_mixture(dim: int, seed: int, components: int = 0, spread: float = 3.0) -> dict[str, Tensor]:
+def draw_mixture(dim: int, seed: int, components: int = 0, spread: float = 3.0, covariance: str = "isotropic"
+                 ) -> dict[str, Tensor]:
     """Weights (k,), means (k, d), covariance factors (k, d, d) with cov_k = A_k A_k^T, float64."""
     g = torch.Generator().manual_seed(seed)
     k = components or int(torch.randint(3, 9, (1,), generator=g))
     gamma = -torch.log(torch.rand(k, 2, generator=g, dtype=torch.float64)).sum(1)  # Gamma(2, 1): Dirichlet(2)
     weights = gamma / gamma.sum()
     means = spread / math.sqrt(dim) * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    if covariance == "isotropic":
+        scales = torch.exp(torch.empty(k, dtype=torch.float64).uniform_(math.log(0.25), math.log(0.8), generator=g))
+        return {"weights": weights, "means": means, "factors": scales[:, None, None] * torch.eye(dim, dtype=torch.float64)}
+    if covariance != "full":
+        raise ValueError(f"covariance must be isotropic or full, got {covariance!r}")
     rotations = torch.linalg.qr(torch.randn(k, dim, dim, generator=g, dtype=torch.float64))[0]
     scales = torch.exp(torch.empty(k, dim, dtype=torch.float64).uniform_(math.log(0.15), 0.0, generator=g))
     return {"weights": weights, "means": means, "factors": rotations * scales[:, None, :]}
@@ -63,9 +72,10 @@ def sample_mixture(mix: dict[str, Tensor], n: int, g: torch.Generator) -> Tensor
     return mix["means"][k] + torch.einsum("nij,nj->ni", mix["factors"][k], eps)
 
 
-def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.0) -> dict[str, Any]:
+def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.0, covariance: str = "isotropic"
+         ) -> dict[str, Any]:
     """Write train.npy, test.npy, test_logp.npy and mixture.json under out; return the description."""
-    mix = draw_mixture(dim, seed, components, spread)
+    mix = draw_mixture(dim, seed, components, spread, covariance)
     g = torch.Generator().manual_seed(seed + 7919)
     train, test = sample_mixture(mix, N_TRAIN, g).float(), sample_mixture(mix, N_TEST, g).float()
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +83,8 @@ def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.
     np.save(out / "test.npy", test.numpy())
     logp = mixture_log_prob(mix, test)  # of the float32 rows the file holds
     np.save(out / "test_logp.npy", logp.numpy())
-    info = {"dim": dim, "seed": seed, "components": len(mix["weights"]), "spread": spread, "weights": mix["weights"].tolist(),
+    info = {"dim": dim, "seed": seed, "components": len(mix["weights"]), "spread": spread,
+            "covariance": covariance, "weights": mix["weights"].tolist(),
             "exact_test_nll": -logp.mean().item(), "n_train": N_TRAIN, "n_test": N_TEST}
     (out / "mixture.json").write_text(json.dumps({**info, "means": mix["means"].tolist(),
                                                   "factors": mix["factors"].tolist()}) + "\n")
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--components", type=int, default=0, help="0: drawn from 3..8")
     mk.add_argument("--spread", type=float, default=3.0, help="typical norm of a component mean (the means' "
                     "per-coordinate std is spread / sqrt(d))")
+    mk.add_argument("--covariance", choices=("isotropic", "full"), default="isotropic")
     mk.add_argument("--out", type=Path, required=True)
     sc = sub.add_parser("score", help="score a run's per-point table against the exact density")
     sc.add_argument("mixture", type=Path)
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--csv", default="")
     args = parser.parse_args(argv)
     if args.command == "make":
-        info = make(args.dim, args.seed, args.out, args.components, args.spread)
+        info = make(args.dim, args.seed, args.out, args.components, args.spread, args.covariance)
         print(f"{args.out}: d {info['dim']}, {info['components']} components, exact test NLL "
               f"{info['exact_test_nll']:.4f} nats")
         return 0

@@ -1,0 +1,99 @@
+"""The held-out mixture files and their scorer, the density step-time and student-speed benchmarks (tiny runs)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+@pytest.mark.parametrize("covariance", ["isotropic", "full"])
+def test_mixture_log_prob_matches_scipy_and_the_files_hold_what_make_says(tmp_path, bench_path, covariance):
+    from bench.experiments.heldout_mixtures import draw_mixture, make, mixture_log_prob
+
+    mix = draw_mixture(5, seed=3, covariance=covariance)
+    k = len(mix["weights"])
+    assert 3 <= k <= 8 and math.isclose(mix["weights"].sum().item(), 1.0, rel_tol=1e-12)
+    x = torch.randn(50, 5, dtype=torch.float64)
+    pdf = sum(w.item() * multivariate_normal(m.numpy(), (a @ a.T).numpy()).pdf(x.numpy())
+              for w, m, a in zip(mix["weights"], mix["means"], mix["factors"]))
+    np.testing.assert_allclose(mixture_log_prob(mix, x).numpy(), np.log(pdf), rtol=1e-10)
+    if covariance == "isotropic":  # a scaled identity per component
+        for a in mix["factors"]:
+            assert torch.allclose(a, a[0, 0] * torch.eye(5, dtype=torch.float64)) and 0.25 <= a[0, 0] <= 0.8
+    info = make(5, 3, tmp_path / "m", covariance=covariance)
+    train, test = np.load(tmp_path / "m" / "train.npy"), np.load(tmp_path / "m" / "test.npy")
+    assert train.shape == (20000, 5) and test.shape == (2000, 5) and train.dtype == np.float32
+    logp = np.load(tmp_path / "m" / "test_logp.npy")
+    np.testing.assert_allclose(logp, mixture_log_prob(mix, torch.from_numpy(test)).numpy())
+    assert math.isclose(info["exact_test_nll"], -logp.mean()) and info["components"] == k
+    # the sample's mean matches the mixture's (4 standard errors of the largest coordinate variance)
+    mean = (mix["weights"][:, None] * mix["means"]).sum(0).numpy()
+    assert np.abs(train.mean(0) - mean).max() < 4 * np.sqrt(train.var(0).max() / len(train))
+
+
+def test_score_reports_gap_standard_error_and_mean_abs_error_of_every_logp_column(tmp_path, bench_path):
+    from bench.experiments.heldout_mixtures import score
+
+    mix_dir, run_dir = tmp_path / "m", tmp_path / "run"
+    mix_dir.mkdir(), run_dir.mkdir()
+    exact = np.array([-1.0, -2.0, -3.0, -4.0])
+    np.save(mix_dir / "test_logp.npy", exact)
+    # points 3, 0, 1 scored (in that order); K4 is exact - 0.5 everywhere, ref alternates +-0.2 around exact
+    (run_dir / "f2d2-eval.csv").write_text("index,ref_logp_nats,K4_logp_nats,exact_logp_nats\n"
+                                           "3,-3.8,-4.5,-4\n0,-1.2,-1.5,-1\n1,-1.8,-2.5,-2\n")
+    result = score(mix_dir, run_dir)
+    assert set(result["rows"]) == {"ref", "K4"} and result["n"] == 3 and result["n_test"] == 4
+    assert math.isclose(result["exact_nll"], (4 + 1 + 2) / 3)
+    k4, ref = result["rows"]["K4"], result["rows"]["ref"]
+    assert math.isclose(k4["gap"], 0.5) and math.isclose(k4["gap_se"], 0.0, abs_tol=1e-12)
+    assert math.isclose(k4["mean_abs_error"], 0.5)
+    diffs = np.array([-0.2, 0.2, -0.2])  # exact - ref per point
+    assert math.isclose(ref["gap"], diffs.mean()) and math.isclose(ref["mean_abs_error"], 0.2)
+    assert math.isclose(ref["gap_se"], diffs.std(ddof=1) / math.sqrt(3))
+    assert json.loads((run_dir / "heldout-score.json").read_text()) == result
+
+
+def test_density_step_time_trains_each_recipe_of_the_chain_and_reports_its_cost(tmp_path, bench_path):
+    from bench.benchmarks import density_step_time
+
+    out = tmp_path / "d.json"
+    payload = density_step_time.main(["--dims", "8", "--recipes", "fm,f2d2_u,tarflow_tabular", "--steps", "4",
+                                      "--log-every", "1", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    rows = payload["rows"]
+    assert [r["recipe"] for r in rows] == ["fm", "f2d2_u", "tarflow_tabular"] and {r["dim"] for r in rows} == {8}
+    for row in rows:
+        assert row["ms_per_step"] > 0 and row["params"] > 0 and row["intervals"] == 3
+        assert math.isclose(row["recipe_minutes"], row["ms_per_step"] * row["recipe_steps"] / 60000)
+    with pytest.raises(SystemExit, match="f2d2_u trains from fm"):
+        density_step_time.main(["--recipes", "f2d2_u", "--out", str(out)])
+
+
+def test_student_speed_times_both_sides_in_each_mode_and_derives_the_speed_ups(tmp_path, bench_path):
+    from bench.benchmarks import student_speed
+
+    out = tmp_path / "s.json"
+    payload = student_speed.main(["--family", "digits", "--patch", "4", "--batch", "2", "--modes",
+                                  "fp32,channels_last", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    rows = payload["rows"]
+    assert {(r["side"], r["mode"]) for r in rows} == {("teacher", "fp32"), ("teacher", "bf16"),
+                                                      ("student", "fp32"), ("student", "channels_last")}
+    for summary in payload["summary"]:
+        teacher = min(r["ms_per_sample"] for r in rows if r["side"] == "teacher" and r["batch"] == summary["batch"])
+        assert math.isclose(summary["teacher_best_ms"], teacher)
+        assert math.isclose(summary["speedup_nfe4"], teacher / (4 * summary["student_best_ms"]))
+    with pytest.raises(SystemExit, match="--modes must include fp32"):
+        student_speed.main(["--modes", "bf16", "--out", str(out)])
