@@ -14,7 +14,7 @@ by default), and covariances by --covariance:
     full        R_k diag(s^2) R_k^T, R_k a random rotation, s log-uniform on [0.15, 1] per direction: thin,
                 tilted components, d (d + 1) / 2 parameters each (a harder case: more to learn per point).
 It writes train.npy (20,000 x d
-float32), test.npy (2,000 x d), test_logp.npy (the exact log p of each test row, float64, nats in the
+float32; --n-train), test.npy (2,000 x d), test_logp.npy (the exact log p of each test row, float64, nats in the
 file's units) and mixture.json (the parameters).
 
 `score` reads a run's per-point table (default: f2d2-eval.csv, else nll-test.csv, whichever exists) and
@@ -72,12 +72,12 @@ def sample_mixture(mix: dict[str, Tensor], n: int, g: torch.Generator) -> Tensor
     return mix["means"][k] + torch.einsum("nij,nj->ni", mix["factors"][k], eps)
 
 
-def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.0, covariance: str = "isotropic"
-         ) -> dict[str, Any]:
+def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.0, covariance: str = "isotropic",
+         n_train: int = N_TRAIN) -> dict[str, Any]:
     """Write train.npy, test.npy, test_logp.npy and mixture.json under out; return the description."""
     mix = draw_mixture(dim, seed, components, spread, covariance)
     g = torch.Generator().manual_seed(seed + 7919)
-    train, test = sample_mixture(mix, N_TRAIN, g).float(), sample_mixture(mix, N_TEST, g).float()
+    train, test = sample_mixture(mix, n_train, g).float(), sample_mixture(mix, N_TEST, g).float()
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "train.npy", train.numpy())
     np.save(out / "test.npy", test.numpy())
@@ -85,7 +85,7 @@ def make(dim: int, seed: int, out: Path, components: int = 0, spread: float = 3.
     np.save(out / "test_logp.npy", logp.numpy())
     info = {"dim": dim, "seed": seed, "components": len(mix["weights"]), "spread": spread,
             "covariance": covariance, "weights": mix["weights"].tolist(),
-            "exact_test_nll": -logp.mean().item(), "n_train": N_TRAIN, "n_test": N_TEST}
+            "exact_test_nll": -logp.mean().item(), "n_train": n_train, "n_test": N_TEST}
     (out / "mixture.json").write_text(json.dumps({**info, "means": mix["means"].tolist(),
                                                   "factors": mix["factors"].tolist()}) + "\n")
     return info
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--spread", type=float, default=3.0, help="typical norm of a component mean (the means' "
                     "per-coordinate std is spread / sqrt(d))")
     mk.add_argument("--covariance", choices=("isotropic", "full"), default="isotropic")
+    mk.add_argument("--n-train", type=int, default=N_TRAIN, help="training rows")
     mk.add_argument("--out", type=Path, required=True)
     sc = sub.add_parser("score", help="score a run's per-point table against the exact density")
     sc.add_argument("mixture", type=Path)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--csv", default="")
     args = parser.parse_args(argv)
     if args.command == "make":
-        info = make(args.dim, args.seed, args.out, args.components, args.spread, args.covariance)
+        info = make(args.dim, args.seed, args.out, args.components, args.spread, args.covariance, args.n_train)
         print(f"{args.out}: d {info['dim']}, {info['components']} components, exact test NLL "
               f"{info['exact_test_nll']:.4f} nats")
         return 0
