@@ -112,7 +112,7 @@ def score(mixture_dir: Path, run_dir: Path, csv_name: str = "") -> dict[str, Any
         if not name.endswith("logp_nats") or name.startswith("exact"):
             continue
         diff = exact[index] - torch.from_numpy(values)
-        rows[name.removesuffix("_logp_nats")] = {"gap": diff.mean().item(), "gap_se": standard_error(diff),
+        rows[name.removesuffix("logp_nats").rstrip("_") or "logp"] = {"gap": diff.mean().item(), "gap_se": standard_error(diff),
                                                  "mean_abs_error": diff.abs().mean().item()}
     result = {"mixture": str(mixture_dir), "run": str(run_dir), "table": path.name, "n": len(index),
               "n_test": len(exact), "exact_nll": -exact[index].mean().item(), "rows": rows}
