@@ -69,11 +69,14 @@ def test_density_step_time_trains_each_recipe_of_the_chain_and_reports_its_cost(
     from bench.benchmarks import density_step_time
 
     out = tmp_path / "d.json"
-    payload = density_step_time.main(["--dims", "8", "--recipes", "fm,f2d2_u,tarflow_tabular", "--steps", "4",
+    payload = density_step_time.main(["--dims", "2,8", "--recipes", "fm,f2d2_u,tarflow_tabular", "--steps", "4",
                                       "--log-every", "1", "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == payload
-    rows = payload["rows"]
+    skipped = payload["rows"][2]  # token_dim 4 does not divide d = 2: a row that says so
+    assert (skipped["recipe"], skipped["dim"]) == ("tarflow_tabular", 2) and "must divide" in skipped["note"]
+    rows = payload["rows"][3:]
     assert [r["recipe"] for r in rows] == ["fm", "f2d2_u", "tarflow_tabular"] and {r["dim"] for r in rows} == {8}
+    assert [(r["recipe"], r["dim"]) for r in payload["rows"][:2]] == [("fm", 2), ("f2d2_u", 2)]
     for row in rows:
         assert row["ms_per_step"] > 0 and row["params"] > 0 and row["intervals"] == 3
         assert math.isclose(row["recipe_minutes"], row["ms_per_step"] * row["recipe_steps"] / 60000)

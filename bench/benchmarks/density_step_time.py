@@ -28,7 +28,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "density"
 RECIPES = ("fm", "f2d2_u", "f2d2_joint", "tarflow_spline", "tarflow_tabular")
 CHAIN = {"f2d2_u": "fm", "f2d2_joint": "f2d2_u"}  # stage -> the run it starts from
 COLUMNS = {"recipe": "recipe", "dim": "d", "params": "parameters", "batch": "batch", "ms_per_step": "ms / step",
-           "recipe_steps": "recipe steps", "recipe_minutes": "recipe minutes"}
+           "recipe_steps": "recipe steps", "recipe_minutes": "recipe minutes", "note": "note"}
 
 
 def recipe_overrides(name: str, dim: int, data_dir: Path, out_dir: Path, steps: int, log_every: int,
@@ -86,7 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             make(dim, seed=500 + dim, out=data_dir)
             runs: dict[str, Path] = {}
             for name in [n for n in RECIPES if n in names]:  # chain order
-                rows.append(measure(name, dim, data_dir, Path(tmp) / "runs", args.steps, args.log_every, runs))
+                if name in CHAIN and CHAIN[name] not in runs:
+                    continue  # the run it starts from could not be built for this d
+                try:
+                    rows.append(measure(name, dim, data_dir, Path(tmp) / "runs", args.steps, args.log_every, runs))
+                except ValueError as err:  # e.g. a token_dim that does not divide d
+                    rows.append({"recipe": name, "dim": dim, "note": f"not for d = {dim}: {err}"})
+                    print(f"{name} d={dim}: {rows[-1]['note']}", flush=True)
+                    continue
                 print(f"{name} d={dim}: {rows[-1]['ms_per_step']:.1f} ms / step", flush=True)
     notes = ["ms / step: median over the trainer's log intervals after the first; recipe minutes: ms / step x the "
              "recipe's own train.steps (its default budget), training only (no evaluation)"]
