@@ -21,6 +21,9 @@ file's units) and mixture.json (the parameters).
 reports, for every log p column, the gap (model NLL - exact NLL, nats per sample; negative: the model
 claims more density than the truth) with its paired standard error and the mean |error|, and writes
 <run>/heldout-score.json.
+
+`table` gathers the scores of the runs `heldout_density.sh` wrote under RUNS/<name>/ for the mixtures
+MIXTURES/heldout-<name>/ into one JSON and prints the Markdown table docs/likelihood.md quotes.
 """
 from __future__ import annotations
 
@@ -120,6 +123,30 @@ def score(mixture_dir: Path, run_dir: Path, csv_name: str = "") -> dict[str, Any
     return result
 
 
+RUN_ROWS = (("fm", "logp", "FM field, ODE (dopri5)"), ("f2d2_joint", "K1", "F2D2, K = 1"),
+            ("f2d2_joint", "K2", "F2D2, K = 2"), ("f2d2_joint", "K4", "F2D2, K = 4"), ("f2d2_joint", "K8", "F2D2, K = 8"),
+            ("tarflow", "logp", "TarFlow (exact, one pass)"))
+
+
+def gather(runs_root: Path, mixtures_root: Path) -> list[dict[str, Any]]:
+    """One row per (mixture, estimate) found: the mixture's description, the gap, its s.e., the mean |error|."""
+    rows = []
+    for run_dir in sorted(p for p in runs_root.iterdir() if p.is_dir()):
+        info = json.loads((mixtures_root / f"heldout-{run_dir.name}" / "mixture.json").read_text())
+        for run, column, label in RUN_ROWS:
+            path = run_dir / run / "heldout-score.json"
+            if not path.is_file():
+                continue
+            scored = json.loads(path.read_text())
+            row = {"mixture": run_dir.name, "dim": info["dim"], "components": info["components"],
+                   "covariance": info.get("covariance", "isotropic"), "exact_nll": scored["exact_nll"],
+                   "estimate": label, "points": scored["n"], **scored["rows"][column]}
+            if run == "f2d2_joint":
+                row["grid"] = json.loads((run_dir / run / "f2d2-eval.json").read_text())["grid"]
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,7 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("mixture", type=Path)
     sc.add_argument("run", type=Path)
     sc.add_argument("--csv", default="")
+    tb = sub.add_parser("table", help="gather the scores of heldout_density.sh runs into one JSON and a table")
+    tb.add_argument("runs", type=Path, help="folder of <name>/ run folders")
+    tb.add_argument("--mixtures", type=Path, required=True, help="folder of heldout-<name>/ mixture folders")
+    tb.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "table":
+        rows = gather(args.runs, args.mixtures)
+        args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        print("| mixture | d | components | exact NLL | estimate | gap ± s.e. | mean abs. error |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['mixture']} | {r['dim']} | {r['components']} ({r['covariance']}) | {r['exact_nll']:.3f} | "
+                  f"{r['estimate']} | {r['gap']:+.3f} ± {r['gap_se']:.3f} | {r['mean_abs_error']:.3f} |")
+        return 0
     if args.command == "make":
         info = make(args.dim, args.seed, args.out, args.components, args.spread, args.covariance, args.n_train)
         print(f"{args.out}: d {info['dim']}, {info['components']} components, exact test NLL "
