@@ -100,3 +100,30 @@ def test_student_speed_times_both_sides_in_each_mode_and_derives_the_speed_ups(t
         assert math.isclose(summary["speedup_nfe4"], teacher / (4 * summary["student_best_ms"]))
     with pytest.raises(SystemExit, match="--modes must include fp32"):
         student_speed.main(["--modes", "bf16", "--out", str(out)])
+
+
+def test_table_gathers_each_mixtures_estimates_into_one_line(tmp_path, bench_path):
+    from bench.experiments.heldout_mixtures import gather, main, markdown_table
+
+    runs, mixtures = tmp_path / "runs", tmp_path / "mixtures"
+    (mixtures / "heldout-a").mkdir(parents=True)
+    (mixtures / "heldout-a" / "mixture.json").write_text(json.dumps({"dim": 4, "components": 3}))
+    score = {"exact_nll": 5.0, "n": 10, "rows": {"logp": {"gap": 0.25, "gap_se": 0.01, "mean_abs_error": 0.5},
+                                                   "K4": {"gap": -0.125, "gap_se": 0.02, "mean_abs_error": 0.4}}}
+    for run in ("fm", "f2d2_joint"):
+        (runs / "a" / run).mkdir(parents=True)
+        (runs / "a" / run / "heldout-score.json").write_text(json.dumps(score))
+    (runs / "a" / "f2d2_joint" / "f2d2-eval.json").write_text(json.dumps({"grid": "geometric"}))
+    with pytest.raises(KeyError):  # an F2D2 table without the K = 1 column is not silently dropped
+        gather(runs, mixtures)
+    score["rows"].update({f"K{k}": score["rows"]["K4"] for k in (1, 2, 8)})
+    (runs / "a" / "f2d2_joint" / "heldout-score.json").write_text(json.dumps(score))
+    rows = gather(runs, mixtures)
+    assert [r["estimate"] for r in rows] == ["FM field, ODE (dopri5)", "F2D2, K = 1", "F2D2, K = 2", "F2D2, K = 4",
+                                            "F2D2, K = 8"]
+    assert rows[0]["gap"] == 0.25 and rows[3]["gap"] == -0.125 and rows[3]["grid"] == "geometric"
+    line = markdown_table(rows).splitlines()[2]
+    assert line == ("| a | 4 | 3 (isotropic) | 5.000 | +0.250 ± 0.010 | -0.125 ± 0.020 | -0.125 ± 0.020 | "
+                    "-0.125 ± 0.020 | -0.125 ± 0.020 | not run | geometric |")
+    assert main(["table", str(runs), "--mixtures", str(mixtures), "--out", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
