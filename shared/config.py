@@ -75,7 +75,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup steps before the cosine decay
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of `lr`
     grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
-    ema_decay: float = 0.999  # EMA of weights used for evaluation (0 disables EMA)
+    ema_decay: float = 0.999  # EMA of weights used for evaluation, ramped as min(decay, (1 + step) / (10 + step)) (0: off)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (passed to Accelerate)
     log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
     ckpt_every: int = 500  # steps between checkpoints (a final one is always written)
