@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.common import report, setup
 from bench.experiments.heldout_mixtures import make
-from flowdistill.api import resolve_config, train
+from flowdistill.api import load_run, resolve_config, train
 from shared.rundir import read_metrics
 from shared.timing import median
 
@@ -53,8 +53,6 @@ def measure(name: str, dim: int, data_dir: Path, out_dir: Path, steps: int, log_
     if not rates:
         raise SystemExit(f"{name}: no log interval after the first; raise --steps above 2 x --log-every")
     ms = 1000 * cfg.train.batch_size / median(rates)
-    from flowdistill.api import load_run
-
     params = sum(p.numel() for p in load_run(runs[name]).model.parameters())
     return {"recipe": name, "dim": dim, "params": params, "batch": cfg.train.batch_size, "ms_per_step": ms,
             "intervals": len(rates), "recipe_steps": defaults.train.steps,
