@@ -44,6 +44,7 @@ class MLPConfig:
     depth: int = 4  # number of hidden layers
     time_dim: int = 64  # sinusoidal time-embedding size
     layer_norm: bool = False  # LayerNorm before each hidden activation
+    dropout: float = 0.0  # dropout after each hidden activation (training only)
     second_time: bool = False  # take a second time input s (flow maps)
 
 
@@ -64,6 +65,8 @@ class TimeMLP(nn.Module):
             if cfg.layer_norm:
                 layers.append(nn.LayerNorm(cfg.hidden))
             layers.append(nn.SiLU())
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
             width = cfg.hidden
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(width, dim)
@@ -85,6 +88,8 @@ def build_mlp(cfg: MLPConfig, data_shape: tuple[int, ...]) -> TimeMLP:
     """MLP for data of any shape, flattened to prod(shape) inputs."""
     if not data_shape or min(data_shape) < 1:
         raise ValueError(f"the mlp model needs a non-empty data shape with positive sizes, got {tuple(data_shape)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"model.dropout={cfg.dropout!r} is out of range: expected a number in [0, 1)")
     return TimeMLP(cfg, math.prod(data_shape))
 
 

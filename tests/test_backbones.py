@@ -138,13 +138,23 @@ def test_gradient_step_reduces_mse(kind):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("kind,kw", [("mlp", {"layer_norm": True}), ("unet", {"dropout": 0.5})])
+@pytest.mark.parametrize("kind,kw", [("mlp", {"layer_norm": True}), ("mlp", {"dropout": 0.3}),
+                                     ("unet", {"dropout": 0.5})])
 def test_eval_mode_is_deterministic(kind, kw):
     model, shape = make(kind, **kw)
     x, t, _ = batch(shape)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x, t), model(x, t))
+
+
+def test_mlp_dropout_acts_in_training_only_and_its_range_is_checked():
+    model, shape = make("mlp", dropout=0.5)
+    x, t, _ = batch(shape)
+    model.train()
+    assert not torch.equal(model(x, t), model(x, t))
+    with pytest.raises(ValueError, match=r"model.dropout=1.0 is out of range"):
+        make("mlp", dropout=1.0)
 
 
 def test_unet_supports_forward_mode_ad():

@@ -127,3 +127,41 @@ def test_table_gathers_each_mixtures_estimates_into_one_line(tmp_path, bench_pat
                     "-0.125 ± 0.020 | -0.125 ± 0.020 | not run | geometric |")
     assert main(["table", str(runs), "--mixtures", str(mixtures), "--out", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("dim,covariance", [(2, "isotropic"), (3, "full")])
+def test_the_mixtures_exact_field_has_the_mixtures_log_p_as_its_ode_likelihood(bench_path, dim, covariance):
+    from bench.experiments.heldout_mixtures import draw_mixture, mixture_log_prob, mixture_velocity, sample_mixture
+    from shared.likelihood import log_likelihood
+
+    mix = draw_mixture(dim, seed=5, covariance=covariance)
+    x = sample_mixture(mix, 40, torch.Generator().manual_seed(0))
+    ode = log_likelihood(lambda xt, t: mixture_velocity(mix, xt, t), x, divergence="exact", rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(ode.logp.numpy(), mixture_log_prob(mix, x).numpy(), atol=2e-4)
+    # at t = 1 the marginal is N(0, I), so the field is E[z - x | z] = z - mean of the data
+    z = torch.randn(5, dim, dtype=torch.float64)
+    data_mean = (mix["weights"][:, None] * mix["means"]).sum(0)
+    torch.testing.assert_close(mixture_velocity(mix, z, torch.ones(5, dtype=torch.float64)), z - data_mean)
+
+
+def test_field_gap_by_time_splices_the_exact_field_into_a_trained_one(tmp_path, bench_path):
+    import flowdistill as fd
+    from bench.experiments.field_gap_by_time import gap_by_time
+    from bench.experiments.heldout_mixtures import make
+
+    make(2, 7, tmp_path / "m", n_train=600)
+    run_dir = fd.train(ROOT / "recipes/density/fm.yaml", [
+        f"out_dir={tmp_path}", "name=fm", "data.name=tabular", f"data.path={tmp_path}/m/train.npy",
+        f"data.test_path={tmp_path}/m/test.npy", "train.steps=60", "train.progress=false",
+        "train.sample_grid=false", "train.ckpt_every=60"])
+    run = fd.load_run(run_dir)
+    result = gap_by_time(run, tmp_path / "m", n=30, cuts=[0.3])
+    gaps = {row["field"]: row["gap"] for row in result["rows"]}
+    assert list(gaps) == ["learned on [0, 1]", "analytic on [0, 1]", "analytic on [0, 0.3), learned after",
+                          "learned on [0, 0.3), analytic after"]
+    exact = np.load(tmp_path / "m" / "test_logp.npy")[:30].astype(np.float64)
+    assert abs(gaps["analytic on [0, 1]"]) < 5e-3  # the exact field, in the run's standardised units
+    assert gaps["learned on [0, 1]"] > 0.05  # 60 steps: far from the truth
+    model_logp = fd.log_likelihood(run, run.dataset.test[:30]).double()
+    std_logdet = torch.log(run.dataset.standardization.std).sum().item()  # log p_file = log p_std - sum log std
+    assert math.isclose(gaps["learned on [0, 1]"], -(model_logp.numpy() - std_logdet - exact).mean(), abs_tol=1e-3)

@@ -68,6 +68,39 @@ def mixture_log_prob(mix: dict[str, Tensor], x: Tensor) -> Tensor:
     return torch.logsumexp(comps.log_prob(x.double()[:, None, :]) + mix["weights"].log(), dim=1)
 
 
+def mixture_velocity(mix: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+    """The exact flow-matching field of the mixture on the linear path x_t = (1 - t) x + t z (t = 0 data, t = 1
+    noise, z ~ N(0, I)): v(x_t, t) = E[z - x | x_t] (B, d), computed in float64 and returned in x's dtype.
+
+    Given component k, (x, x_t) is Gaussian with x_t ~ N((1 - t) mu_k, C_k), C_k = (1 - t)^2 S_k + t^2 I, so
+    E[z - x | x_t, k] = (t I - (1 - t) S_k) C_k^-1 (x_t - (1 - t) mu_k) - mu_k, averaged with the posterior
+    weights w_k N(x_t; (1 - t) mu_k, C_k) / p_t(x_t). Its ODE likelihood is the mixture's exact log p.
+    """
+    xd, td = x.double(), t.double().reshape(-1, 1, 1, 1)  # (B, 1, 1, 1) against (B, k, d, d)
+    cov = mix["factors"] @ mix["factors"].transpose(1, 2)  # (k, d, d)
+    eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+    c = (1 - td) ** 2 * cov + td ** 2 * eye  # (B, k, d, d)
+    r = xd[:, None, :] - (1 - td[..., 0]) * mix["means"]  # (B, k, d)
+    chol = torch.linalg.cholesky(c)
+    solved = torch.cholesky_solve(r[..., None], chol)[..., 0]  # C_k^-1 r
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_w = mix["weights"].log() - 0.5 * ((r * solved).sum(-1) + log_det)  # (B, k), constants cancel
+    per_k = (td[..., 0] * solved - (1 - td[..., 0]) * (cov @ solved[..., None])[..., 0]) - mix["means"]
+    return (torch.softmax(log_w, dim=1)[..., None] * per_k).sum(1).to(x.dtype)
+
+
+def read_mixture(mixture_dir: Path) -> dict[str, Tensor]:
+    """The parameters `make` wrote to mixture.json: weights (k,), means (k, d), factors (k, d, d), float64."""
+    info = json.loads((mixture_dir / "mixture.json").read_text())
+    return {key: torch.tensor(info[key], dtype=torch.float64) for key in ("weights", "means", "factors")}
+
+
+def standardised(mix: dict[str, Tensor], mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+    """The mixture of (x - mean) / std: what a run fitted on standardised rows models (mean, std (d,))."""
+    return {"weights": mix["weights"], "means": (mix["means"] - mean) / std,
+            "factors": mix["factors"] / std[:, None]}
+
+
 def sample_mixture(mix: dict[str, Tensor], n: int, g: torch.Generator) -> Tensor:
     """n points (n, d) float64."""
     k = torch.multinomial(mix["weights"], n, replacement=True, generator=g)
