@@ -91,8 +91,8 @@ class FlowMapMLP(TimeMLP):
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, *shape), t (B,), s (B,) -> u (B, *shape), D (B,) in nats per unit time."""
         t, s = t * self.time_scale, s * self.time_scale
-        emb_t = timestep_embedding(t, self.cfg.time_dim).to(x.dtype)
-        emb_s = timestep_embedding(s, self.cfg.time_dim).to(x.dtype)
+        emb_t = timestep_embedding(t, self.cfg.time_dim, scale=self.cfg.time_embed_scale).to(x.dtype)
+        emb_s = timestep_embedding(s, self.cfg.time_dim, scale=self.cfg.time_embed_scale).to(x.dtype)
         h = self.body[0](torch.cat([x.flatten(1), emb_t], dim=-1)) + self.s_embed(emb_s)
         h = self.body[1:](h)
         return self.out(h).view(x.shape), self.div_scale * self.div_head(h, t, s)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -227,6 +228,19 @@ def validate(cfg: F2D2Config) -> None:
         raise ValueError(f"method.boot_fraction must lie in (0, 1), got {cfg.boot_fraction}")
 
 
+def check_init_embeds_time_as_teacher(teacher: str, teacher_model: Any, run_cfg: RunConfig) -> None:
+    """A map initialised from its teacher's weights (`train.init_from` = `method.teacher`) must embed time as the
+    teacher did (`time_embed_scale`), or it starts from a different field than the teacher's."""
+    backbone = getattr(run_cfg.model, "backbone", None)
+    if not run_cfg.train.init_from or Path(run_cfg.train.init_from).resolve() != Path(teacher).resolve():
+        return
+    ours, theirs = getattr(backbone, "time_embed_scale", None), getattr(teacher_model, "time_embed_scale", None)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(f"train.init_from={run_cfg.train.init_from} is the teacher, whose model.time_embed_scale is "
+                         f"{theirs:g}, but model.backbone.time_embed_scale is {ours:g}: the map would start from a "
+                         f"different field; set model.backbone.time_embed_scale={theirs:g}")
+
+
 def build_f2d2_loss(cfg: F2D2Config, ctx: BuildContext) -> F2D2:
     """The `f2d2` method's loss (needs `model.name: flowmap`); loads the velocity teacher run when set."""
     check_f2d2(cfg, ctx.run_config)
@@ -237,6 +251,7 @@ def build_f2d2_loss(cfg: F2D2Config, ctx: BuildContext) -> F2D2:
             raise ValueError(f"method.teacher={cfg.teacher} is a flow map; the teacher must be a velocity field "
                              "(an fm run)")
         require_same_data(cfg.teacher, run.dataset.base_fingerprint, ctx.dataset, "method.teacher")
+        check_init_embeds_time_as_teacher(cfg.teacher, run.config.model, ctx.run_config)
         teacher = run.model
     return F2D2(cfg, ctx.dataset.dim, teacher)
 

@@ -16,11 +16,12 @@ from torch import Tensor, nn
 
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of t*1000, (B,) -> (B, dim), so times in [0, 1] span many frequencies."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t * scale, (B,) -> (B, dim): angles t * scale * max_period^(-i / half), i < half, so
+    times in [0, 1] span many frequencies, the fastest `scale` radians per unit of t."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -43,6 +44,7 @@ class MLPConfig:
     hidden: int = 256  # width of hidden layers
     depth: int = 4  # number of hidden layers
     time_dim: int = 64  # sinusoidal time-embedding size
+    time_embed_scale: float = 1000.0  # times are embedded as t * time_embed_scale (fastest angle, radians per unit t)
     layer_norm: bool = False  # LayerNorm before each hidden activation
     dropout: float = 0.0  # dropout after each hidden activation (training only)
     second_time: bool = False  # take a second time input s (flow maps)
@@ -76,9 +78,9 @@ class TimeMLP(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, *shape), t (B,), s (B,) or None -> (B, *shape), plus features (B, hidden) if asked."""
         _check_second_time(self.cfg.second_time, s)
-        parts = [x.flatten(1), timestep_embedding(t, self.cfg.time_dim).to(x.dtype)]
+        parts = [x.flatten(1), timestep_embedding(t, self.cfg.time_dim, scale=self.cfg.time_embed_scale).to(x.dtype)]
         if s is not None:
-            parts.append(timestep_embedding(s, self.cfg.time_dim).to(x.dtype))
+            parts.append(timestep_embedding(s, self.cfg.time_dim, scale=self.cfg.time_embed_scale).to(x.dtype))
         h = self.body(torch.cat(parts, dim=-1))
         out = self.out(h).view(x.shape)
         return (out, h) if return_features else out

@@ -148,6 +148,17 @@ def test_eval_mode_is_deterministic(kind, kw):
         assert torch.equal(model(x, t), model(x, t))
 
 
+def test_time_embed_scale_slows_every_time_feature_by_the_same_factor():
+    from shared.backbones import timestep_embedding
+
+    t = torch.rand(6)
+    torch.testing.assert_close(timestep_embedding(t, 16, scale=30.0), timestep_embedding(t * 0.03, 16))
+    slow, fast = make("mlp", time_embed_scale=30.0)[0], make("mlp")[0]  # same seed, same weights
+    x, t, _ = batch((3,))
+    with torch.no_grad():
+        torch.testing.assert_close(slow(x, t), fast(x, t * 0.03))
+
+
 def test_mlp_dropout_acts_in_training_only_and_its_range_is_checked():
     model, shape = make("mlp", dropout=0.5)
     x, t, _ = batch(shape)

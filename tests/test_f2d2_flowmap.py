@@ -69,11 +69,12 @@ def test_jvp_gives_the_eulerian_identity_of_the_exact_map():
     torch.testing.assert_close(dd, (fwd[1] - bwd[1]) / (2 * h), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2,), (1, 4, 4)])
-def test_mlp_flow_map_starts_as_its_teacher_with_a_zero_head(shape):
+@pytest.mark.parametrize("shape,embed", [((2,), 1000.0), ((1, 4, 4), 1000.0), ((2,), 30.0)])
+def test_mlp_flow_map_starts_as_its_teacher_with_a_zero_head(shape, embed):
     torch.manual_seed(0)
-    teacher = build_mlp(MLPConfig(hidden=32, depth=2, time_dim=16), shape)
-    fmap = build_flowmap(FlowMapConfig(backbone=MLPConfig(hidden=32, depth=2, time_dim=16), head_hidden=8, head_time_dim=16), shape)
+    backbone = MLPConfig(hidden=32, depth=2, time_dim=16, time_embed_scale=embed)
+    teacher = build_mlp(backbone, shape)
+    fmap = build_flowmap(FlowMapConfig(backbone=backbone, head_hidden=8, head_time_dim=16), shape)
     target = fmap.state_dict()
     matched = {k: v for k, v in teacher.state_dict().items() if k in target and target[k].shape == v.shape}
     assert set(matched) == set(teacher.state_dict())  # what train.init_from copies: every teacher tensor

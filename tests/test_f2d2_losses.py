@@ -142,3 +142,17 @@ def test_builders_of_a_valid_recipe():
     sampler = build_f2d2_sampler(F2D2Config(div_source="self", nll_steps=8), run_cfg, data)
     assert isinstance(sampler, FlowMapSampler) and sampler.nll_steps == 8 and not sampler.exact_likelihood
     assert sampler.trained_levels == 6
+
+
+def test_a_map_initialised_from_its_teacher_must_embed_time_as_the_teacher(tmp_path):
+    from f2d2.losses import check_init_embeds_time_as_teacher
+    from shared.backbones import MLPConfig
+
+    teacher = str(tmp_path / "fm")
+    run_cfg = RunConfig(model=FlowMapConfig(backbone=MLPConfig(time_embed_scale=1000.0)))
+    run_cfg.train.init_from = teacher
+    with pytest.raises(ValueError, match=r"model.time_embed_scale is 30.*set model.backbone.time_embed_scale=30"):
+        check_init_embeds_time_as_teacher(teacher, MLPConfig(time_embed_scale=30.0), run_cfg)
+    check_init_embeds_time_as_teacher(teacher, MLPConfig(time_embed_scale=1000.0), run_cfg)  # the same: fine
+    run_cfg.train.init_from = str(tmp_path / "f2d2_u")  # resumed from another map: not the teacher's weights
+    check_init_embeds_time_as_teacher(teacher, MLPConfig(time_embed_scale=30.0), run_cfg)
