@@ -146,7 +146,7 @@ def test_the_mixtures_exact_field_has_the_mixtures_log_p_as_its_ode_likelihood(b
 
 def test_field_gap_by_time_splices_the_exact_field_into_a_trained_one(tmp_path, bench_path):
     import flowdistill as fd
-    from bench.experiments.field_gap_by_time import gap_by_time
+    from bench.experiments.field_gap_by_time import field_error_by_time, gap_by_time
     from bench.experiments.heldout_mixtures import make
 
     make(2, 7, tmp_path / "m", n_train=600)
@@ -165,3 +165,14 @@ def test_field_gap_by_time_splices_the_exact_field_into_a_trained_one(tmp_path, 
     model_logp = fd.log_likelihood(run, run.dataset.test[:30]).double()
     std_logdet = torch.log(run.dataset.standardization.std).sum().item()  # log p_file = log p_std - sum log std
     assert math.isclose(gaps["learned on [0, 1]"], -(model_logp.numpy() - std_logdet - exact).mean(), abs_tol=1e-3)
+    errors = field_error_by_time(run, tmp_path / "m", n=200, times=[0.2, 0.8])
+    assert [row["t"] for row in errors] == [0.2, 0.8]
+    assert all(row["train"] > 1e-3 and row["test"] > 1e-3 for row in errors)  # 60 steps: a rough field
+    from types import SimpleNamespace
+
+    from bench.experiments.heldout_mixtures import mixture_velocity, read_mixture, standardised
+    st = run.dataset.standardization
+    mix = standardised(read_mixture(tmp_path / "m"), st.mean.double(), st.std.double())
+    exact_run = SimpleNamespace(dataset=run.dataset, model=lambda x, t: mixture_velocity(mix, x, t))
+    assert all(row[s] < 1e-9 for row in field_error_by_time(exact_run, tmp_path / "m", 200, [0.2, 0.8])
+               for s in ("train", "test"))
