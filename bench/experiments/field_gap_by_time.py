@@ -54,6 +54,15 @@ def fields(learned: nn.Module, mix: dict[str, Tensor], cuts: list[float]) -> lis
     return rows
 
 
+def mixture_in_run_units(run: Any, mixture_dir: Path) -> dict[str, Tensor]:
+    """The mixture of `mixture_dir` in the standardised units the run's model works in."""
+    std = run.dataset.standardization
+    if std is None:
+        raise SystemExit(f"{run.dir}: the run has no standardisation on record; train it on data.name=tabular")
+    return standardised(read_mixture(mixture_dir), torch.as_tensor(std.mean, dtype=torch.float64),
+                        torch.as_tensor(std.std, dtype=torch.float64))
+
+
 def gap_by_time(run: Any, mixture_dir: Path, n: int, cuts: list[float], split: str = "test") -> dict[str, Any]:
     """The gap (model NLL - exact NLL, nats per sample) of each spliced field on the first n rows of `split` of a
     loaded run (`flowdistill.api.load_run`); the mixture is mapped into the run's standardised units."""
@@ -61,11 +70,7 @@ def gap_by_time(run: Any, mixture_dir: Path, n: int, cuts: list[float], split: s
     if rows is None:
         raise SystemExit(f"{run.dir}: the run has no {split} split (data.val_fraction = 0)")
     x = rows[:n].float()
-    std = run.dataset.standardization
-    if std is None:
-        raise SystemExit(f"{run.dir}: the run has no standardisation on record; train it on data.name=tabular")
-    mix = standardised(read_mixture(mixture_dir), torch.as_tensor(std.mean, dtype=torch.float64),
-                       torch.as_tensor(std.std, dtype=torch.float64))
+    mix = mixture_in_run_units(run, mixture_dir)
     exact = mixture_log_prob(mix, x)
     result: dict[str, Any] = {"mixture": str(mixture_dir), "run": str(run.dir), "split": split, "n": len(x),
                               "rows": []}
@@ -80,9 +85,7 @@ def gap_by_time(run: Any, mixture_dir: Path, n: int, cuts: list[float], split: s
 def field_error_by_time(run: Any, mixture_dir: Path, n: int, times: list[float], seed: int = 0) -> list[dict[str, Any]]:
     """Mean squared error (B-mean of the coordinate sum) of the run's field against the exact one at x_t built from
     the first n training rows and the first n test rows, one row per t."""
-    std = run.dataset.standardization
-    mix = standardised(read_mixture(mixture_dir), torch.as_tensor(std.mean, dtype=torch.float64),
-                       torch.as_tensor(std.std, dtype=torch.float64))
+    mix = mixture_in_run_units(run, mixture_dir)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for t in times:
