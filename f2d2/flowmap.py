@@ -11,8 +11,8 @@ along the trajectory, in nats per unit time per sample; on the diagonal u(x, t, 
 D(x, t, t) = -div v(x, t). The scalar head outputs D / div_scale (div_scale = data dimension
 unless the model config sets it), so the head is O(1) while `forward` returns D itself.
 
-The backbones embed t * 1000 with frequencies up to 1 rad, so their outputs wiggle in t with a
-period near 0.006: harmless for flow matching and Shortcut jumps on a dyadic grid, but MeanFlow's
+The backbones embed t * time_embed_scale (1000 by default: up to 1,000 rad per unit t), so their outputs
+wiggle in t with a period near 0.006: harmless for flow matching and Shortcut jumps on a dyadic grid, but MeanFlow's
 target (s - t) du/dt amplifies such wiggles by |s - t| * 1000 and feeds them back. `time_scale` < 1
 slows every time feature down (0.01: at most 10 rad per unit time), at the price of a teacher init.
 
