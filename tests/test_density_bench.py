@@ -129,6 +129,34 @@ def test_table_gathers_each_mixtures_estimates_into_one_line(tmp_path, bench_pat
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
 
 
+def test_seeds_reports_each_seeds_gap_their_mean_and_spread_for_estimates_every_seed_has(tmp_path, bench_path):
+    from bench.experiments.heldout_mixtures import across_seeds, main, seeds_table
+
+    mixtures = tmp_path / "mixtures"
+    (mixtures / "heldout-a").mkdir(parents=True)
+    (mixtures / "heldout-a" / "mixture.json").write_text(json.dumps({"dim": 16, "components": 8}))
+    roots = []
+    for seed, gap in enumerate((0.10, 0.20, 0.30)):
+        root = tmp_path / f"seed{seed}"
+        (root / "a" / "fm").mkdir(parents=True)
+        rows = {"logp": {"gap": gap, "gap_se": 0.01, "mean_abs_error": 0.5}}
+        (root / "a" / "fm" / "heldout-score.json").write_text(json.dumps({"exact_nll": 7.0, "n": 5, "rows": rows}))
+        roots.append(root)
+    (roots[0] / "a" / "tarflow").mkdir()  # only one seed has a TarFlow: it is left out, not averaged over one
+    (roots[0] / "a" / "tarflow" / "heldout-score.json").write_text(
+        json.dumps({"exact_nll": 7.0, "n": 5, "rows": {"logp": {"gap": 1.0, "gap_se": 0.1, "mean_abs_error": 1.0}}}))
+    rows = across_seeds(roots, mixtures)
+    assert [r["estimate"] for r in rows] == ["FM field, ODE (dopri5)"]
+    row = rows[0]
+    assert row["gaps"] == pytest.approx([0.1, 0.2, 0.3]) and row["mean"] == pytest.approx(0.2)
+    assert row["seed_sd"] == pytest.approx(0.1) and row["mean_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert seeds_table(rows).splitlines()[2] == ("| a | 16 | 8 | FM field, ODE (dopri5) | +0.100 | +0.200 | +0.300 | "
+                                                 "+0.200 ± 0.058 | 0.100 |")
+    out = tmp_path / "s.json"
+    assert main(["seeds", *map(str, roots), "--mixtures", str(mixtures), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"] == rows
+
+
 @pytest.mark.parametrize("dim,covariance", [(2, "isotropic"), (3, "full")])
 def test_the_mixtures_exact_field_has_the_mixtures_log_p_as_its_ode_likelihood(bench_path, dim, covariance):
     from bench.experiments.heldout_mixtures import draw_mixture, mixture_log_prob, mixture_velocity, sample_mixture

@@ -24,6 +24,10 @@ claims more density than the truth) with its paired standard error and the mean 
 
 `table` gathers the scores of the runs `heldout_density.sh` wrote under RUNS/<name>/ for the mixtures
 MIXTURES/heldout-<name>/ into one JSON and prints the Markdown table docs/likelihood.md quotes.
+
+`seeds RUNS0 RUNS1 ...` does the same for the chains run again with other seeds (`heldout_density.sh M RUNS_N
+PARTS seed=N`, one RUNS folder per seed, laid out alike): each seed's gap, the mean over seeds with its standard
+error (seed s.d. / sqrt(seeds)) and the seeds' s.d., for the estimates every seed has.
 """
 from __future__ import annotations
 
@@ -195,6 +199,36 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def across_seeds(runs_roots: list[Path], mixtures_root: Path) -> list[dict[str, Any]]:
+    """The same chains run with other seeds (one `heldout_density.sh ... seed=N` folder of runs per seed): for each
+    (mixture, estimate) found under every root, the gap of each seed, their mean, the seeds' standard deviation and
+    the standard error of the mean over seeds (sd / sqrt(seeds)); the test points are the same for every seed."""
+    per_seed = [{(r["mixture"], r["estimate"]): r for r in gather(root, mixtures_root)} for root in runs_roots]
+    rows = []
+    for key, first in per_seed[0].items():
+        if not all(key in seed for seed in per_seed):
+            continue
+        gaps = np.array([seed[key]["gap"] for seed in per_seed])
+        sd = float(gaps.std(ddof=1)) if len(gaps) > 1 else float("nan")
+        rows.append({"mixture": first["mixture"], "dim": first["dim"], "components": first["components"],
+                     "estimate": first["estimate"], "exact_nll": first["exact_nll"], "gaps": gaps.tolist(),
+                     "gap_se_each": [seed[key]["gap_se"] for seed in per_seed], "mean": float(gaps.mean()),
+                     "seed_sd": sd, "mean_se": sd / len(gaps) ** 0.5})
+    return rows
+
+
+def seeds_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (mixture, estimate): each seed's gap, the mean over seeds ± its s.e., the seeds' s.d."""
+    n = len(rows[0]["gaps"]) if rows else 0
+    lines = ["| mixture | d | components | estimate | " + " | ".join(f"seed {i}" for i in range(n))
+             + " | mean ± s.e. over seeds | s.d. over seeds |", "|" + "---|" * (n + 6)]
+    for r in sorted(rows, key=lambda r: (r["dim"], r["mixture"])):
+        lines.append(f"| {r['mixture']} | {r['dim']} | {r['components']} | {r['estimate']} | "
+                     + " | ".join(f"{g:+.3f}" for g in r["gaps"])
+                     + f" | {r['mean']:+.3f} ± {r['mean_se']:.3f} | {r['seed_sd']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     tb.add_argument("runs", type=Path, help="folder of <name>/ run folders")
     tb.add_argument("--mixtures", type=Path, required=True, help="folder of heldout-<name>/ mixture folders")
     tb.add_argument("--out", type=Path, required=True)
+    sd = sub.add_parser("seeds", help="the same chains run with several seeds: each seed's gap, mean and spread")
+    sd.add_argument("runs", type=Path, nargs="+", help="one folder of <name>/ run folders per seed")
+    sd.add_argument("--mixtures", type=Path, required=True, help="folder of heldout-<name>/ mixture folders")
+    sd.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "seeds":
+        rows = across_seeds(args.runs, args.mixtures)
+        args.out.write_text(json.dumps({"runs": [str(r) for r in args.runs], "rows": rows}, indent=1) + "\n")
+        print(seeds_table(rows))
+        return 0
     if args.command == "table":
         rows = gather(args.runs, args.mixtures)
         args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
