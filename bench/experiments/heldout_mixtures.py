@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "seeds":
         rows = across_seeds(args.runs, args.mixtures)
-        args.out.write_text(json.dumps({"runs": [str(r) for r in args.runs], "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"runs": [r.name for r in args.runs], "rows": rows}, indent=1) + "\n")
         print(seeds_table(rows))
         return 0
     if args.command == "table":
