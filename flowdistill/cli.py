@@ -366,6 +366,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Average velocity-field runs trained apart (same recipe and data, one seed each) into one ensemble run
+    that nll, sample and F2D2 (method.teacher=OUT) read like any velocity field: averaging seeds lowers the
+    field's error where rows are few per dimension (docs/likelihood.md)."""
+    from flowdistill.ensemble_runs import gather_ensemble
+
+    run_dir = gather_ensemble(args.runs, args.out, args.weights, args.overwrite)
+    print(f"wrote ensemble run {run_dir} ({len(args.runs)} members)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's evaluation weights as a folder other tools load, with a model card (README.md):
     --format diffusers (unet and dit flow-matching students: UNet2DModel or DiTTransformer2DModel plus a
@@ -465,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the samples are scored against: test (reporting, eval.json), val (choosing "
                         "settings, eval-val.json; needs data.val_fraction > 0) or train (closeness to the "
                         "training images, eval-train.json)")
+
+    p = command("ensemble", cmd_ensemble)
+    p.add_argument("runs", nargs="+", help="flow-matching run directories of one recipe, trained with different seed=N")
+    p.add_argument("--out", required=True, help="the ensemble run directory to write (a new folder)")
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "ema", "model"],
+                   help="each member's weights: auto (best-on-validation, else EMA, else raw), best, ema, model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
 
     p = command("couplings", cmd_couplings)
     add_recipe_args(p, "dotted key=value overrides, e.g. method.coupling.draws=8")

@@ -5,6 +5,7 @@ registers itself on import; `CATALOG` is passed down to `shared.run` and `shared
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from f2d2.flowmap import FlowMapConfig, build_flowmap
@@ -21,11 +22,18 @@ from nfm.user_flow import UserFlowConfig, build_user_flow
 from shared.backbones import MLPConfig, UNetConfig, build_mlp, build_unet
 from shared.catalog import Catalog, Choice, MethodChoice
 from shared.dit import DiTConfig, build_dit
+from shared.ensemble import EnsembleConfig, build_ensemble
 
-MODELS: dict[str, Choice] = {
+VELOCITY_FIELDS: dict[str, Choice] = {  # the flow map's backbone (model.backbone), an ensemble's member (model.member)
     "mlp": Choice(MLPConfig, build_mlp),  # velocity field on vectors or flattened images
     "unet": Choice(UNetConfig, build_unet),  # diffusers UNet2DModel velocity field on images
     "dit": Choice(DiTConfig, build_dit),  # diffusers DiTTransformer2DModel (DiT/SiT-style) velocity field on images
+}
+
+MODELS: dict[str, Choice] = {
+    **VELOCITY_FIELDS,
+    "ensemble": Choice(EnsembleConfig, partial(  # averaged velocity fields trained apart (`flowdistill ensemble`)
+        build_ensemble, members={name: choice.build for name, choice in VELOCITY_FIELDS.items()})),
     "tarflow": Choice(TarFlowConfig, build_tarflow),  # transformer autoregressive normalizing flow
     "glow": Choice(GlowConfig, build_glow),  # multi-scale Glow normalizing flow
     "user_flow": Choice(UserFlowConfig, build_user_flow),  # a user's own flow class, by import path (save_teacher)
@@ -47,19 +55,14 @@ COUPLINGS: dict[str, Choice] = {
     "nf_teacher_ot": Choice(NFTeacherConfig, NFTeacherOTCoupling.from_config),  # NFM-OT
 }
 
-BACKBONES: dict[str, Choice] = {  # the flow map's backbone section, model.backbone
-    "mlp": MODELS["mlp"],
-    "unet": MODELS["unet"],
-    "dit": MODELS["dit"],
-}
-
 PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED: dict[str, Path] = {  # packed runs shipped with the package (`pretrained:<name>`, flowdistill.packed)
     "digits-tarflow": PRETRAINED_ROOT / "digits-tarflow",  # recipes/digits/teacher.yaml: the digits NFM teacher
     "mnist-tarflow-bpd": PRETRAINED_ROOT / "mnist-tarflow-bpd",  # recipes/mnist/teacher_bpd_bf16.yaml: MNIST-5k, 1.39 bpd
 }
 
-CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS, "model.backbone": BACKBONES},
+CATALOG = Catalog(models=MODELS, methods=METHODS, nested={"method.coupling": COUPLINGS,
+                                                   "model.backbone": VELOCITY_FIELDS, "model.member": VELOCITY_FIELDS},
                   named_runs=PRETRAINED)
 
 

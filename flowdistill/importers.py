@@ -61,9 +61,10 @@ def check_data(dataset: Dataset, shape: tuple[int, ...], num_classes: int, what:
             raise ValueError(f"{what} has {num_classes} classes but the labels of data {dataset.name!r} reach {top}")
 
 
-def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], overwrite: bool = False) -> Path:
+def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], overwrite: bool = False,
+              extra: dict[str, str] | None = None) -> Path:
     """Write `<out_dir>/<name>/` (config.yaml, a checkpoint of `model` at step `train.steps`, so the run counts as
-    finished, and imported.json) all at once."""
+    finished, imported.json and the text files `extra`, name -> content) all at once."""
     run_dir = Path(cfg.out_dir) / cfg.name
     check_new_folder(run_dir, overwrite)
     check_writable(run_dir.parent, f"run directory {run_dir}")
@@ -71,6 +72,8 @@ def write_run(cfg: RunConfig, model: nn.Module, provenance: dict[str, Any], over
         atomic_write_text(config_path(tmp), dump_yaml(cfg))
         save_checkpoint(checkpoints_dir(tmp), cfg.train.steps, model)
         atomic_write_text(tmp / IMPORTED, json.dumps(provenance, indent=1) + "\n")
+        for name, text in (extra or {}).items():
+            atomic_write_text(tmp / name, text)
     return run_dir
 
 

@@ -41,7 +41,11 @@ def init_from_run(model: nn.Module, source: str | Path) -> list[str]:
     target = model.state_dict()
     matched = {k: v for k, v in source_state.items() if k in target and target[k].shape == v.shape}
     if not matched:
-        raise CheckpointError(f"train.init_from={source}: no tensor of that run fits this model")
+        hint = ""
+        if source_state and all(k.startswith("members.") for k in source_state):
+            hint = ("; it is an ensemble of velocity fields (shared.ensemble): initialise from one of its member runs, "
+                    "listed in its imported.json, and keep the ensemble as method.teacher")
+        raise CheckpointError(f"train.init_from={source}: no tensor of that run fits this model{hint}")
     model.load_state_dict(matched, strict=False)
     return sorted(set(target) - set(matched))
 
