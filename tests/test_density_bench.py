@@ -77,6 +77,7 @@ def test_density_step_time_trains_each_recipe_of_the_chain_and_reports_its_cost(
     rows = payload["rows"][3:]
     assert [r["recipe"] for r in rows] == ["fm", "f2d2_u", "tarflow_tabular"] and {r["dim"] for r in rows} == {8}
     assert [(r["recipe"], r["dim"]) for r in payload["rows"][:2]] == [("fm", 2), ("f2d2_u", 2)]
+    assert payload["rows"][1]["teacher"] == rows[1]["teacher"] == "ensemble of 3"  # as the recipes chain it
     for row in rows:
         assert row["ms_per_step"] > 0 and row["params"] > 0 and row["intervals"] == 3
         assert math.isclose(row["recipe_minutes"], row["ms_per_step"] * row["recipe_steps"] / 60000)
