@@ -111,7 +111,7 @@ def test_table_gathers_each_mixtures_estimates_into_one_line(tmp_path, bench_pat
     (mixtures / "heldout-a" / "mixture.json").write_text(json.dumps({"dim": 4, "components": 3}))
     score = {"exact_nll": 5.0, "n": 10, "rows": {"logp": {"gap": 0.25, "gap_se": 0.01, "mean_abs_error": 0.5},
                                                    "K4": {"gap": -0.125, "gap_se": 0.02, "mean_abs_error": 0.4}}}
-    for run in ("fm", "f2d2_joint"):
+    for run in ("fm", "fm-ensemble", "f2d2_joint"):
         (runs / "a" / run).mkdir(parents=True)
         (runs / "a" / run / "heldout-score.json").write_text(json.dumps(score))
     (runs / "a" / "f2d2_joint" / "f2d2-eval.json").write_text(json.dumps({"grid": "geometric"}))
@@ -120,12 +120,12 @@ def test_table_gathers_each_mixtures_estimates_into_one_line(tmp_path, bench_pat
     score["rows"].update({f"K{k}": score["rows"]["K4"] for k in (1, 2, 8)})
     (runs / "a" / "f2d2_joint" / "heldout-score.json").write_text(json.dumps(score))
     rows = gather(runs, mixtures)
-    assert [r["estimate"] for r in rows] == ["FM field, ODE (dopri5)", "F2D2, K = 1", "F2D2, K = 2", "F2D2, K = 4",
-                                            "F2D2, K = 8"]
-    assert rows[0]["gap"] == 0.25 and rows[3]["gap"] == -0.125 and rows[3]["grid"] == "geometric"
+    assert [r["estimate"] for r in rows] == ["FM field, ODE (dopri5)", "3 FM fields averaged, ODE", "F2D2, K = 1",
+                                            "F2D2, K = 2", "F2D2, K = 4", "F2D2, K = 8"]
+    assert rows[0]["gap"] == rows[1]["gap"] == 0.25 and rows[4]["gap"] == -0.125 and rows[4]["grid"] == "geometric"
     line = markdown_table(rows).splitlines()[2]
-    assert line == ("| a | 4 | 3 (isotropic) | 5.000 | +0.250 ± 0.010 | -0.125 ± 0.020 | -0.125 ± 0.020 | "
-                    "-0.125 ± 0.020 | -0.125 ± 0.020 | not run | geometric |")
+    assert line == ("| a | 4 | 3 (isotropic) | 5.000 | +0.250 ± 0.010 | +0.250 ± 0.010 | -0.125 ± 0.020 | "
+                    "-0.125 ± 0.020 | -0.125 ± 0.020 | -0.125 ± 0.020 | not run | geometric |")
     assert main(["table", str(runs), "--mixtures", str(mixtures), "--out", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
 

@@ -160,7 +160,8 @@ def score(mixture_dir: Path, run_dir: Path, csv_name: str = "") -> dict[str, Any
     return result
 
 
-RUN_ROWS = (("fm", "logp", "FM field, ODE (dopri5)"), ("f2d2_joint", "K1", "F2D2, K = 1"),
+RUN_ROWS = (("fm", "logp", "FM field, ODE (dopri5)"), ("fm-ensemble", "logp", "3 FM fields averaged, ODE"),
+            ("f2d2_joint", "K1", "F2D2, K = 1"),
             ("f2d2_joint", "K2", "F2D2, K = 2"), ("f2d2_joint", "K4", "F2D2, K = 4"), ("f2d2_joint", "K8", "F2D2, K = 8"),
             ("tarflow", "logp", "TarFlow (exact, one pass)"))
 
