@@ -46,8 +46,8 @@ def check_diffusers_exportable(run: Run) -> str:
         raise ValueError(f"{kind.get(method, f'a {method} run')} has no diffusers model class; "
                          "export it with --format safetensors (weights, config and card)")
     if model not in DIFFUSERS_MODELS:
-        raise ValueError(f"a {model} velocity field has no diffusers model class (diffusers loads unet and dit "
-                         "students); export it with --format safetensors")
+        raise ValueError(f"a velocity field with model.name={model} has no diffusers model class (diffusers loads "
+                         "unet and dit students); export it with --format safetensors")
     cfg = run.config.model
     if getattr(cfg, "time_reversed", False) or getattr(cfg, "timestep_scale", 1000.0) != 1000.0:
         raise ValueError("this unet sees time in another convention (model.time_reversed or model.timestep_scale, "

@@ -111,7 +111,7 @@ def test_runs_without_a_diffusers_class_are_refused_and_export_as_safetensors(tm
                                                   "train.sample_grid=false", f"out_dir={tmp_path}", "name=mlp"])
     assert main(["export", str(mlp), str(tmp_path / "out"), "--format", "diffusers"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "mlp velocity field has no diffusers model class" in err
+    assert len(err.splitlines()) == 1 and "velocity field with model.name=mlp has no diffusers model class" in err
     assert not (tmp_path / "out").exists()
     assert main(["export", str(mlp), str(tmp_path / "out"), "--format", "safetensors"]) == 0
     run = fd.load_run(mlp)
