@@ -668,7 +668,7 @@ CASES = [
     C("override-into-value", "seed.x=2", "override seed.x: 'seed' is a value, not a section", lambda e: e.train("seed.x=2")),
     C("override-empty-part", "train..steps=3", "override 'train..steps=3' has an empty key part",
       lambda e: e.train("train..steps=3")),
-    C("model-unknown", "model.name=resnet", "model.name: unknown model 'resnet'; choices: dit, flowmap, glow, mlp",
+    C("model-unknown", "model.name=resnet", "model.name: unknown model 'resnet'; choices: dit, ensemble, flowmap, glow, mlp",
       lambda e: e.train("model.name=resnet")),
     C("method-unknown", "method.name=gan", "method.name: unknown method 'gan'; choices: f2d2, fm",
       lambda e: e.train("method.name=gan")),
