@@ -3,7 +3,7 @@
     v_bar(x, t) = (1 / M) * sum_m v_m(x, t),    div v_bar = (1 / M) * sum_m div v_m
 
 Members are trained as separate runs (one seed each) and gathered by `flowdistill ensemble`; the averaged field
-is an ordinary velocity field, so its ODE samples, its ODE likelihood and any distillation from it (an F2D2
+is an ordinary velocity field, so its ODE samples, its ODE likelihood and any distillation from it (a flow-map
 teacher) work unchanged. Averaging fields that each estimate the data's field from the same finite sample
 lowers the part of their error that differs between seeds; on tabular data with few rows per dimension that
 part dominates the likelihood gap (docs/likelihood.md). Training a `model.name: ensemble` directly fits the
